@@ -1,0 +1,379 @@
+"""Leave-one-out evaluation: full ranking and the sampled protocol, metrics and groups.
+
+Protocols
+    ``full``: every user's target is ranked against all items. The user's history (the
+    items of the evaluation input) is excluded by default, the target itself always stays in.
+    ``sampled``: the target against ``n_negatives`` items the user never touched, drawn by
+    :func:`h2rec._core.sample_candidates` with a fixed seed (the paper's protocol).
+
+Ranks and ties
+    The rank of the target (0 = first) is the number of competing items scoring strictly higher
+    *plus the number of competing items scoring exactly the same*: ties are resolved
+    pessimistically, so a model that gives every item the same score ranks every target last
+    rather than first. NaN scores count as ``-inf``.
+
+Metrics (per user, averaged)
+    HR@K = 1 if rank < K (with one target per user this is Recall@K);
+    NDCG@K = 1 / log2(rank + 2) if rank < K else 0; MRR = 1 / (rank + 1) over the full list.
+
+Groups
+    ``head``/``tail``: the target's popularity in the *training* prefixes
+    (``store.popularity(holdout=2)``). Pareto split: sort items by that popularity; the tail is the
+    ``tail_share`` (80%) least popular items, items tied with the last tail item included; or, with
+    ``head_threshold > 0``, head = popularity >= threshold. ``pop_<a>-<b>``: the popularity buckets
+    1-9, 10-29, 30-59, 60-99, >=100; targets never seen in training form the group ``unseen``.
+    ``short``/``long``: users by evaluation input length (before truncation to ``max_len``); the
+    ``short_share`` (80%) users with the shortest inputs are short (ties included), or with
+    ``long_threshold > 0``, long = input length >= threshold.
+
+Users: every user with at least three interactions (a training item, a validation target and a
+test target), the same set for both splits.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from h2rec import _core
+from h2rec.config import EvalConfig
+from h2rec.errors import ConfigError
+
+__all__ = [
+    "EvalResult",
+    "bucket_labels",
+    "evaluate",
+    "left_padded_inputs",
+    "metric_names",
+    "per_user_metrics",
+    "rank_metrics",
+    "ranks_against",
+    "recommend_top_k",
+    "result_from_ranks",
+]
+
+logger = logging.getLogger(__name__)
+
+Split = Literal["valid", "test"]
+_HOLDOUT = {"valid": 2, "test": 1}
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Per-user ranks and the metrics computed from them."""
+
+    split: str  # "valid" or "test"
+    protocol: str  # "full" or "sampled"
+    users: np.ndarray  # (U,) store rows of the evaluated users
+    targets: np.ndarray  # (U,) target item ids
+    ranks: np.ndarray  # (U,) 0-based rank of each target
+    input_lengths: np.ndarray  # (U,) evaluation input length before truncation
+    n_candidates: int  # items competing per user (n_items for full ranking)
+    metrics: dict[str, float]  # overall metrics
+    groups: dict[str, dict[str, Any]]  # group -> {"n": users, metric: value or None}
+    thresholds: dict[str, float] = field(default_factory=dict)  # the group boundaries used
+
+    @property
+    def ndcg10(self) -> float:
+        """NDCG@10 over all users (the model-selection metric)."""
+        return self.metrics["NDCG@10"]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (without the per-user arrays)."""
+        return {
+            "split": self.split,
+            "protocol": self.protocol,
+            "n_users": int(self.users.size),
+            "n_candidates": self.n_candidates,
+            "metrics": self.metrics,
+            "groups": self.groups,
+            "thresholds": self.thresholds,
+        }
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def metric_names(ks: tuple[int, ...]) -> list[str]:
+    """Metric names in report order: HR@K..., NDCG@K..., MRR."""
+    return [f"HR@{k}" for k in ks] + [f"NDCG@{k}" for k in ks] + ["MRR"]
+
+
+def per_user_metrics(ranks: np.ndarray, ks: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """Each metric per user (float64 arrays) from 0-based ranks."""
+    r = np.asarray(ranks, dtype=np.float64)
+    out: dict[str, np.ndarray] = {}
+    for k in ks:
+        out[f"HR@{k}"] = (r < k).astype(np.float64)
+    for k in ks:
+        out[f"NDCG@{k}"] = np.where(r < k, 1.0 / np.log2(r + 2.0), 0.0)
+    out["MRR"] = 1.0 / (r + 1.0)
+    return out
+
+
+def rank_metrics(ranks: np.ndarray, ks: tuple[int, ...] = (5, 10, 20)) -> dict[str, float]:
+    """Mean HR@K, NDCG@K and MRR of 0-based ranks; NaN for no users."""
+    per = per_user_metrics(ranks, ks)
+    return {k: (float(v.mean()) if v.size else math.nan) for k, v in per.items()}
+
+
+def ranks_against(
+    scores: torch.Tensor, target_scores: torch.Tensor, competing: torch.Tensor
+) -> torch.Tensor:
+    """0-based pessimistic ranks: #(competing > target) + #(competing == target).
+
+    scores (B, C) float, target_scores (B,), competing (B, C) bool (False for the target's own
+    column, padding and excluded items). NaN counts as -inf."""
+    neg_inf = float("-inf")
+    s = torch.nan_to_num(scores.float(), nan=neg_inf)
+    t = torch.nan_to_num(target_scores.float(), nan=neg_inf).unsqueeze(1)  # (B, 1)
+    beats = (s >= t) & competing  # (B, C)
+    return beats.sum(dim=1)
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def left_padded_inputs(store: _core.SequenceStore, users: np.ndarray, holdout: int, max_len: int):
+    """(B, max_len) int64 inputs: each user's sequence without its last ``holdout`` items,
+    the most recent ``max_len`` kept, left-padded with 0; and the untruncated lengths (B,)."""
+    offsets = store.offsets
+    items = store.items
+    users = np.asarray(users, dtype=np.int64)
+    starts = offsets[users]
+    ends = np.maximum(offsets[users + 1] - holdout, starts)
+    lengths = ends - starts
+    take = np.minimum(lengths, max_len)
+    out = np.zeros((users.size, max_len), dtype=np.int64)
+    col = np.arange(max_len, dtype=np.int64)[None, :]  # (1, T)
+    first = (max_len - take)[:, None]  # first filled column per row
+    src = ends[:, None] - max_len + col  # source index if filled
+    mask = col >= first
+    out[mask] = items[src[mask]]
+    return out, lengths
+
+
+def eval_users(store: _core.SequenceStore) -> np.ndarray:
+    """Users evaluated by both splits: at least three interactions."""
+    return np.flatnonzero(store.lengths() >= 3).astype(np.int64)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _user_states(model: nn.Module, inputs: np.ndarray, device: torch.device) -> torch.Tensor:
+    seq = torch.from_numpy(inputs).to(device)  # (B, T)
+    return model(seq)[:, -1, :].float()  # (B, E): last real item, sequences are left-padded
+
+
+# --------------------------------------------------------------------------- groups
+
+
+def bucket_labels(edges: tuple[int, ...]) -> list[str]:
+    """(10, 30, 60, 100) -> ["1-9", "10-29", "30-59", "60-99", ">=100"]."""
+    lows = (1, *edges)
+    labels = [f"{lo}-{hi - 1}" for lo, hi in zip(lows, edges)]
+    return [*labels, f">={edges[-1]}"] if edges else [">=1"]
+
+
+def _pareto_cut(values: np.ndarray, share: float) -> float:
+    """The value at the ``share`` quantile of ``values`` sorted ascending (ties join the low side)."""
+    if values.size == 0:
+        return math.inf
+    ordered = np.sort(values)
+    return float(ordered[max(math.ceil(share * values.size) - 1, 0)])
+
+
+def _groups(
+    result_ranks: np.ndarray,
+    targets: np.ndarray,
+    input_lengths: np.ndarray,
+    popularity: np.ndarray,
+    cfg: EvalConfig,
+) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:
+    item_pop = popularity[1:]
+    if cfg.head_threshold > 0:
+        head_min = float(cfg.head_threshold)
+    else:
+        head_min = _pareto_cut(item_pop, cfg.tail_share) + 1  # head: popularity above the cut
+    if cfg.long_threshold > 0:
+        long_min = float(cfg.long_threshold)
+    else:
+        long_min = _pareto_cut(input_lengths, cfg.short_share) + 1
+    tpop = popularity[targets]
+    masks: dict[str, np.ndarray] = {
+        "head": tpop >= head_min,
+        "tail": tpop < head_min,
+    }
+    lows = (1, *cfg.buckets)
+    highs = (*cfg.buckets, None)
+    for label, lo, hi in zip(bucket_labels(cfg.buckets), lows, highs):
+        masks[f"pop_{label}"] = (tpop >= lo) & (tpop < hi) if hi is not None else tpop >= lo
+    masks["unseen"] = tpop == 0
+    masks["short"] = input_lengths < long_min
+    masks["long"] = input_lengths >= long_min
+    per = per_user_metrics(result_ranks, cfg.ks)
+    groups: dict[str, dict[str, Any]] = {}
+    for name, m in masks.items():
+        n = int(m.sum())
+        entry: dict[str, Any] = {"n": n}
+        for metric, values in per.items():
+            entry[metric] = float(values[m].mean()) if n else None
+        groups[name] = entry
+    thresholds = {
+        "head_min_popularity": head_min,
+        "head_item_share": float((item_pop >= head_min).mean()) if item_pop.size else math.nan,
+        "long_min_input_length": long_min,
+    }
+    return groups, thresholds
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def result_from_ranks(
+    split: str,
+    cfg: EvalConfig,
+    store: _core.SequenceStore,
+    users: np.ndarray,
+    targets: np.ndarray,
+    ranks: np.ndarray,
+    input_lengths: np.ndarray,
+    n_candidates: int,
+) -> EvalResult:
+    """Metrics and groups of per-user ranks (also used to merge the shards of several processes)."""
+    popularity = store.popularity(holdout=2)
+    groups, thresholds = _groups(ranks, targets, input_lengths, popularity, cfg)
+    return EvalResult(
+        split=split,
+        protocol=cfg.protocol,
+        users=users,
+        targets=targets,
+        ranks=ranks,
+        input_lengths=input_lengths,
+        n_candidates=n_candidates,
+        metrics=rank_metrics(ranks, cfg.ks),
+        groups=groups,
+        thresholds=thresholds,
+    )
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module,
+    store: _core.SequenceStore,
+    split: Split,
+    cfg: EvalConfig,
+    max_len: int,
+    users: np.ndarray | None = None,
+) -> EvalResult:
+    """Rank every evaluated user's ``split`` target with ``model`` (in eval mode, restored after).
+
+    ``model`` follows the h2rec model interface: ``forward(seq (B, T)) -> (B, T, E)``,
+    ``item_vectors(items (...)) -> (..., E)``, ``all_item_vectors() -> (n_items + 1, E)``."""
+    if split not in _HOLDOUT:
+        raise ConfigError(f"split={split!r}: must be 'valid' or 'test'")
+    holdout = _HOLDOUT[split]
+    device = _device_of(model)
+    was_training = model.training
+    model.eval()
+    try:
+        users = eval_users(store) if users is None else np.asarray(users, dtype=np.int64)
+        n_items = store.n_items
+        ranks = np.empty(users.size, dtype=np.int64)
+        targets = np.empty(users.size, dtype=np.int64)
+        lengths = store.lengths()[users] - holdout
+        items_all = model.all_item_vectors().float() if cfg.protocol == "full" else None
+        for start in range(0, users.size, cfg.batch_size):
+            bu = users[start : start + cfg.batch_size]
+            inputs, tgt = store.eval_inputs(bu, max_len, split)
+            targets[start : start + bu.size] = tgt
+            states = _user_states(model, inputs, device)  # (B, E)
+            tgt_t = torch.from_numpy(np.asarray(tgt, dtype=np.int64)).to(device)
+            rows = torch.arange(bu.size, device=device)
+            if cfg.protocol == "full":
+                assert items_all is not None
+                scores = states @ items_all.T  # (B, n_items + 1)
+                competing = torch.ones_like(scores, dtype=torch.bool)
+                competing[:, 0] = False  # padding
+                if cfg.exclude_history:
+                    h_off, h_items = store.histories(bu, holdout)
+                    h_rows = np.repeat(np.arange(bu.size), np.diff(h_off))
+                    competing[
+                        torch.from_numpy(h_rows).to(device), torch.from_numpy(h_items).to(device)
+                    ] = False
+                competing[rows, tgt_t] = False  # the target does not compete with itself
+                target_scores = scores[rows, tgt_t]
+            else:
+                cands = _core.sample_candidates(store, bu, tgt, cfg.n_negatives, cfg.seed)
+                cand_t = torch.from_numpy(cands).to(device)  # (B, 1 + n)
+                vecs = model.item_vectors(cand_t).float()  # (B, 1 + n, E)
+                scores = (states.unsqueeze(1) * vecs).sum(-1)  # (B, 1 + n)
+                competing = torch.ones_like(scores, dtype=torch.bool)
+                competing[:, 0] = False
+                target_scores = scores[:, 0]
+            ranks[start : start + bu.size] = ranks_against(scores, target_scores, competing).cpu()
+        n_candidates = n_items if cfg.protocol == "full" else cfg.n_negatives + 1
+        return result_from_ranks(
+            split, cfg, store, users, targets, ranks, lengths, n_candidates
+        )
+    finally:
+        model.train(was_training)
+
+
+@torch.inference_mode()
+def recommend_top_k(
+    model: nn.Module,
+    store: _core.SequenceStore,
+    users: np.ndarray,
+    k: int,
+    max_len: int,
+    exclude_history: bool = True,
+    batch_size: int = 256,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` item ids (U, k) and scores (U, k) per user from the user's whole sequence.
+
+    Items the user already has are never recommended unless ``exclude_history=False``. Ties are
+    broken by the lower item id; a user with fewer than ``k`` candidates gets 0 (padding) items
+    with score -inf at the end of the list."""
+    if k < 1:
+        raise ConfigError(f"k={k}: must be >= 1")
+    device = _device_of(model)
+    was_training = model.training
+    model.eval()
+    try:
+        users = np.asarray(users, dtype=np.int64)
+        k_eff = min(k, store.n_items)
+        items_all = model.all_item_vectors().float()  # (N + 1, E)
+        top_items = np.zeros((users.size, k), dtype=np.int64)
+        top_scores = np.full((users.size, k), -np.inf, dtype=np.float32)
+        for start in range(0, users.size, batch_size):
+            bu = users[start : start + batch_size]
+            inputs, _ = left_padded_inputs(store, bu, 0, max_len)
+            states = _user_states(model, inputs, device)  # (B, E)
+            scores = torch.nan_to_num(states @ items_all.T, nan=float("-inf"))  # (B, N + 1)
+            scores[:, 0] = float("-inf")
+            if exclude_history:
+                h_off, h_items = store.histories(bu, 0)
+                h_rows = np.repeat(np.arange(bu.size), np.diff(h_off))
+                scores[torch.from_numpy(h_rows).to(device), torch.from_numpy(h_items).to(device)] = (
+                    float("-inf")
+                )
+            # stable descending sort keeps the lower item id first among equal scores
+            order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k_eff]
+            vals = torch.gather(scores, 1, order)
+            order = torch.where(torch.isneginf(vals), torch.zeros_like(order), order)
+            top_items[start : start + bu.size, :k_eff] = order.cpu().numpy()
+            top_scores[start : start + bu.size, :k_eff] = vals.cpu().numpy()
+        return top_items, top_scores
+    finally:
+        model.train(was_training)
