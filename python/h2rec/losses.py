@@ -1,0 +1,218 @@
+"""Recommendation losses and the two H2Rec alignment losses.
+
+Recommendation losses take the logits of the target (positive) item and of sampled negatives,
+or of every item, at each position; positions whose target is 0 (padding) are ignored, and
+``last_only=True`` keeps the last position of each row only (rows are left-padded, so that is
+the most recent item).
+
+Alignment losses:
+- item level: a symmetric multi-positive InfoNCE between L2-normalised SID and HID embeddings of
+  the batch's items, each anchor's positives weighted by a (M, M) matrix (itself, same SID tuple,
+  PPMI co-occurrence);
+- sequence level: a symmetric InfoNCE between two views of each user (masked-granularity SID
+  state and full SID or HID state), in-batch negatives.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from h2rec.errors import ConfigError
+
+if TYPE_CHECKING:
+    from h2rec.models import Recommender
+
+LossKind = Literal["bce", "sampled_softmax", "softmax"]
+LOSS_KINDS = ("bce", "sampled_softmax", "softmax")
+
+
+def _last(x: Tensor, last_only: bool) -> Tensor:
+    """Keep position T-1 only (as a length-1 time axis) when ``last_only``."""
+    return x[:, -1:] if last_only else x
+
+
+def _masked_mean(per_position: Tensor, valid: Tensor) -> Tensor:
+    """Mean of ``per_position`` over ``valid`` entries; 0 (with a graph) when there are none."""
+    valid_f = valid.to(per_position.dtype)
+    return (per_position * valid_f).sum() / valid_f.sum().clamp(min=1.0)
+
+
+def bce_loss(
+    pos_logits: Tensor, neg_logits: Tensor, targets: Tensor, last_only: bool = False
+) -> Tensor:
+    """Binary cross-entropy with sampled negatives (SASRec's loss, the paper's).
+
+    Per valid position: -log sigmoid(pos) - sum_n log(1 - sigmoid(neg_n)); mean over positions.
+
+    Args:
+        pos_logits: (B, T) scores of the targets.
+        neg_logits: (B, T, n) scores of the negatives.
+        targets: (B, T) target ids; 0 marks positions without a target.
+        last_only: use position T-1 only.
+    """
+    pos = _last(pos_logits, last_only)
+    neg = _last(neg_logits, last_only)
+    valid = _last(targets, last_only) > 0  # (B, T')
+    per_position = F.softplus(-pos) + F.softplus(neg).sum(dim=-1)  # (B, T')
+    return _masked_mean(per_position, valid)
+
+
+def sampled_softmax_loss(
+    pos_logits: Tensor,
+    neg_logits: Tensor,
+    targets: Tensor,
+    negatives: Tensor | None = None,
+    last_only: bool = False,
+) -> Tensor:
+    """Softmax cross-entropy of the target against its sampled negatives.
+
+    Per valid position: -log( e^pos / (e^pos + sum_n e^neg_n) ); mean over positions. When
+    ``negatives`` (B, T, n) is given, negatives equal to the target are left out.
+    """
+    pos = _last(pos_logits, last_only)
+    neg = _last(neg_logits, last_only)
+    tgt = _last(targets, last_only)
+    if negatives is not None:
+        hit = _last(negatives, last_only) == tgt[..., None]  # (B, T', n)
+        neg = neg.masked_fill(hit, float("-inf"))
+    logits = torch.cat([pos[..., None], neg], dim=-1)  # (B, T', 1 + n)
+    per_position = torch.logsumexp(logits, dim=-1) - pos  # (B, T')
+    return _masked_mean(per_position, tgt > 0)
+
+
+def full_softmax_loss(logits: Tensor, targets: Tensor, last_only: bool = False) -> Tensor:
+    """Softmax cross-entropy over all items.
+
+    Args:
+        logits: (B, T, n_items + 1) scores; column 0 (padding) is never a candidate.
+        targets: (B, T) target ids, 0 = no target.
+    """
+    lg = _last(logits, last_only)
+    tgt = _last(targets, last_only)
+    lg = lg.clone()
+    lg[..., 0] = float("-inf")
+    per_position = torch.logsumexp(lg, dim=-1) - lg.gather(-1, tgt[..., None]).squeeze(-1)
+    per_position = per_position.masked_fill(tgt == 0, 0.0)
+    return _masked_mean(per_position, tgt > 0)
+
+
+def recommendation_loss(
+    model: Recommender,
+    states: Tensor,
+    targets: Tensor,
+    negatives: Tensor | None = None,
+    kind: str = "bce",
+    last_only: bool = False,
+) -> Tensor:
+    """The recommendation loss of a model's user states (score = dot product).
+
+    Args:
+        model: any model of ``h2rec.models`` (``item_vectors``, ``all_item_vectors``).
+        states: (B, T, E) from ``model(seq)``.
+        targets: (B, T) next items, 0 = no target.
+        negatives: (B, T, n) sampled negatives ("bce" and "sampled_softmax").
+        kind: "bce", "sampled_softmax" or "softmax" (full softmax over all items).
+        last_only: train on the last position only.
+    """
+    if kind not in LOSS_KINDS:
+        raise ConfigError(f"loss={kind!r}: must be one of {', '.join(LOSS_KINDS)}")
+    states = _last(states, last_only)  # (B, T', E)
+    targets = _last(targets, last_only)  # (B, T')
+    if kind == "softmax":
+        valid = targets > 0
+        user = states[valid]  # (V, E)
+        logits = user @ model.all_item_vectors().T  # (V, N+1)
+        return full_softmax_loss(logits[:, None], targets[valid][:, None])
+    if negatives is None:
+        raise ConfigError(f"loss={kind!r} needs sampled negatives, got None")
+    negatives = _last(negatives, last_only)  # (B, T', n)
+    pos_logits = (states * model.item_vectors(targets)).sum(-1)  # (B, T')
+    neg_logits = torch.einsum("bte,btne->btn", states, model.item_vectors(negatives))
+    if kind == "bce":
+        return bce_loss(pos_logits, neg_logits, targets)
+    return sampled_softmax_loss(pos_logits, neg_logits, targets, negatives)
+
+
+def multi_positive_info_nce(
+    anchors: Tensor, candidates: Tensor, weights: Tensor, tau: float
+) -> Tensor:
+    """Multi-positive InfoNCE of anchors against in-batch candidates (inputs used as given).
+
+    loss_i = -log( sum_j w_ij exp(s_ij / tau) / sum_j exp(s_ij / tau) ),  s_ij = <a_i, c_j>,
+    averaged over anchors. Each row of ``weights`` must have a positive entry.
+
+    Args:
+        anchors: (M, D).
+        candidates: (M, D).
+        weights: (M, M) non-negative positive weights; row i = anchor i's positives.
+        tau: temperature.
+    """
+    logits = anchors @ candidates.T / tau  # (M, M)
+    log_w = torch.log(weights.clamp(min=0.0))  # -inf where not a positive
+    pos = torch.logsumexp(logits + log_w, dim=-1)  # (M,)
+    return (torch.logsumexp(logits, dim=-1) - pos).mean()
+
+
+def item_alignment_loss(sid: Tensor, hid: Tensor, weights: Tensor, tau: float = 0.5) -> Tensor:
+    """Code-guided item-level alignment: symmetric multi-positive InfoNCE, L2-normalised inputs.
+
+    Args:
+        sid: (M, D) SID item embeddings of the batch's items.
+        hid: (M, D) HID item embeddings of the same items.
+        weights: (M, M) positive weights, row i = positives of item i (1 on the diagonal).
+        tau: temperature.
+
+    Returns:
+        mean of the SID->HID and HID->SID directions.
+    """
+    if sid.shape[0] == 0:
+        return (sid.sum() + hid.sum()) * 0.0
+    s = F.normalize(sid, dim=-1)
+    h = F.normalize(hid, dim=-1)
+    return 0.5 * (
+        multi_positive_info_nce(s, h, weights, tau) + multi_positive_info_nce(h, s, weights, tau)
+    )
+
+
+def symmetric_info_nce(a: Tensor, b: Tensor, tau: float = 1.0) -> Tensor:
+    """Symmetric InfoNCE between paired rows of L2-normalised ``a`` and ``b`` (B, D).
+
+    Row i of ``a`` and row i of ``b`` are the positive pair; other rows are negatives.
+    """
+    if a.shape[0] == 0:
+        return (a.sum() + b.sum()) * 0.0
+    a = F.normalize(a, dim=-1)
+    b = F.normalize(b, dim=-1)
+    logits = a @ b.T / tau  # (B, B)
+    labels = torch.arange(a.shape[0], device=a.device)
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+
+
+def mask_lowest_levels(
+    levels: Tensor, gate: Tensor, mask_vectors: Tensor, real: Tensor
+) -> Tensor:
+    """Replace, for each user, the floor(L/2) levels with the lowest gate weight.
+
+    Args:
+        levels: (B, T, L, D) per-level code embeddings of each user's sequence.
+        gate: (B, L) the user's gate weights over levels (ties go to the finer level).
+        mask_vectors: (L, D) learned replacement per level.
+        real: (B, T) bool, True at real items (padding stays zero).
+
+    Returns:
+        (B, T, L, D) with masked levels replaced at every real position.
+    """
+    b, t, n_levels, d = levels.shape
+    n_mask = n_levels // 2
+    masked = torch.zeros(b, n_levels, dtype=torch.bool, device=levels.device)
+    if n_mask > 0:
+        # stable ascending sort of the gate with finer levels first among ties
+        order = torch.argsort(gate.flip(-1), dim=-1, stable=True)[:, :n_mask]
+        masked.scatter_(1, n_levels - 1 - order, True)
+    keep = real[:, :, None, None].to(levels.dtype)  # (B, T, 1, 1)
+    repl = mask_vectors[None, None].expand(b, t, n_levels, d) * keep  # (B, T, L, D)
+    return torch.where(masked[:, None, :, None], repl, levels)

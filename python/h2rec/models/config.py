@@ -1,0 +1,102 @@
+"""Configuration of the recommendation models (one frozen dataclass, validated on construction)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+from h2rec.errors import ConfigError
+
+MODEL_KINDS = ("sasrec", "sid", "h2rec")
+SID_POOLINGS = ("mean", "sum")
+SID_INITS = ("centroids", "random")
+HID_INITS = ("random", "pca")
+ALIGN_SEQ_TARGETS = ("sid", "hid")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Every architectural choice of SASRec, SID-only and H2Rec, and the alignment-loss switches.
+
+    Each ablation of the paper is one field: ``align_item=False`` (no item-level alignment),
+    ``align_item_cooccur=False`` / ``align_item_same_tuple=False`` (fewer positives),
+    ``align_seq=False`` (no sequence-level alignment), ``gate=False`` (uniform level mixing),
+    ``cross_attention=False`` (branches without cross-attention), ``shared_backbone=False``.
+    """
+
+    kind: str = "h2rec"  # "sasrec" (hash IDs only), "sid" (semantic IDs only) or "h2rec" (both)
+    hidden: int = 64  # width D of item embeddings, streams and transformer blocks
+    n_layers: int = 2  # transformer blocks in the backbone
+    n_heads: int = 1  # attention heads in every (self- and cross-) attention; divides hidden
+    dropout: float = 0.5  # dropout on inputs, attention weights, residual branches and the FFN
+    max_len: int = 50  # longest input sequence; size of the learned position table
+    causal: bool = True  # causal attention; False lets position t see later items (paper's code)
+    ffn_mult: int = 1  # inner width of the point-wise feed-forward net, in multiples of hidden
+    init_std: float = 0.02  # std of the normal init of item/position tables (and PCA init scale)
+    hid_init: str = "random"  # HID table init: "random" (normal) or "pca" of the text embeddings
+    sid_pooling: str = "mean"  # SID item embedding from its L code embeddings: "mean" or "sum"
+    sid_init: str = "centroids"  # code tables from the k-means centroids or "random" (normal)
+    codebooks_trainable: bool = True  # False freezes the code tables (the projection still learns)
+    shared_backbone: bool = True  # H2Rec: one backbone for both branches; False gives each its own
+    cross_attention: bool = True  # H2Rec: branch inputs through cross-attention (False: plain streams)
+    gate: bool = True  # H2Rec: per-user softmax gate over SID levels (False: uniform mixing)
+    gate_prior: float = 0.8  # coarse-to-fine prior: gate logit bias falls by this from level 0 to L-1
+    align_item: bool = True  # H2Rec: item-level code-guided multi-positive InfoNCE (SID vs HID)
+    align_item_weight: float = 0.1  # weight of the item-level alignment loss
+    align_item_tau: float = 0.5  # temperature of the item-level alignment loss
+    align_item_cooccur: bool = True  # positives include PPMI-weighted co-occurring items
+    align_item_same_tuple: bool = True  # positives include items sharing the full SID tuple
+    align_item_max_items: int = 1024  # most distinct batch items in one item-level loss (M x M)
+    align_seq: bool = True  # H2Rec: sequence-level masked-granularity contrastive loss
+    align_seq_weight: float = 0.1  # weight of the sequence-level alignment loss
+    align_seq_tau: float = 1.0  # temperature of the sequence-level alignment loss
+    align_seq_target: str = "sid"  # masked SID state is pulled to the full "sid" state or the "hid" one
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            _check_type(f.name, getattr(self, f.name), f.type)
+        _choice("kind", self.kind, MODEL_KINDS)
+        _choice("hid_init", self.hid_init, HID_INITS)
+        _choice("sid_pooling", self.sid_pooling, SID_POOLINGS)
+        _choice("sid_init", self.sid_init, SID_INITS)
+        _choice("align_seq_target", self.align_seq_target, ALIGN_SEQ_TARGETS)
+        for name in ("hidden", "n_layers", "n_heads", "max_len", "ffn_mult", "align_item_max_items"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model.{name}={getattr(self, name)!r}: must be >= 1")
+        if self.hidden % self.n_heads != 0:
+            raise ConfigError(
+                f"model.n_heads={self.n_heads}: must divide model.hidden={self.hidden}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout={self.dropout!r}: must be in [0, 1)")
+        for name in ("init_std", "align_item_tau", "align_seq_tau"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0.0):
+                raise ConfigError(f"model.{name}={value!r}: must be a finite number > 0")
+        for name in ("gate_prior", "align_item_weight", "align_seq_weight"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0.0):
+                raise ConfigError(f"model.{name}={value!r}: must be a finite number >= 0")
+
+    @property
+    def uses_sids(self) -> bool:
+        """Whether the model needs semantic IDs (SID-only and H2Rec)."""
+        return self.kind in ("sid", "h2rec")
+
+
+_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+
+
+def _check_type(name: str, value: object, annotation: object) -> None:
+    """Raise ConfigError unless ``value`` has the field's declared type (bool is not an int)."""
+    allowed = _TYPES[str(annotation)]
+    ok = isinstance(value, allowed) and (bool in allowed or not isinstance(value, bool))
+    if not ok:
+        raise ConfigError(
+            f"model.{name}={value!r}: expected {annotation}, got {type(value).__name__}"
+        )
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"model.{name}={value!r}: must be one of {', '.join(choices)}")

@@ -1,0 +1,232 @@
+"""H2Rec: dual-branch sequential recommender harmonising semantic IDs (SID) and hash IDs (HID).
+
+Streams (all (B, T, D), left-padded, positions and sqrt(D) scaling from ``SequenceInput``):
+  - HID stream from the HID table;
+  - one stream per SID level from that level's code table (k-means centroids -> projection);
+  - the fused SID stream (mean, or sum, over levels).
+SID branch (multi-granularity fusion): for each level l, cross-attention with queries = level-l
+stream and keys/values = HID stream; the L outputs are mixed by a softmax gate over levels
+(an MLP on the HID stream at the position, plus a fixed coarse-to-fine prior: at the user's last
+position this is the per-user gate) and encoded by the backbone.
+HID branch (cross-attention injection): cross-attention with queries = HID stream and
+keys/values = fused SID stream, encoded by the backbone (shared by default).
+Score: user vector [SID-branch state ; HID-branch state] (B, T, 2D) against item vector
+[HID embedding ; fused SID embedding] (..., 2D), i.e. the SID branch, which reads HID values,
+scores against the HID table and the HID branch, which reads SID values, against the SID one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from h2rec.losses import item_alignment_loss, mask_lowest_levels, symmetric_info_nce
+from h2rec.models.backbone import Backbone, CrossAttention, SequenceInput, attention_mask
+from h2rec.models.config import ModelConfig
+from h2rec.models.embeddings import HidEmbedding, SidEmbedding
+from h2rec.models.positives import CooccurrencePositives
+
+
+class LevelGate(nn.Module):
+    """Softmax gate over L SID levels: softmax(MLP(x) + prior), prior falling coarse -> fine.
+
+    The prior adds logits linspace(0, -strength, L) (level 0 is the coarsest). With
+    ``learned=False`` the gate is the constant uniform mixture 1/L (the "no gate" ablation).
+    """
+
+    def __init__(self, hidden: int, n_levels: int, strength: float, learned: bool = True) -> None:
+        super().__init__()
+        self.n_levels = n_levels
+        self.learned = learned
+        self.mlp = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, n_levels))
+        self.register_buffer("prior", torch.linspace(0.0, -strength, n_levels))  # (L,)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (..., D) -> gate weights (..., L), summing to one."""
+        if not self.learned:
+            return x.new_full((*x.shape[:-1], self.n_levels), 1.0 / self.n_levels)
+        return torch.softmax(self.mlp(x) + self.prior, dim=-1)
+
+
+class H2Rec(nn.Module):
+    """Dual-branch H2Rec; states and item vectors are E = 2 * cfg.hidden wide.
+
+    ``aux_losses`` returns the weighted alignment losses "align_item" and "align_seq" (each
+    only when switched on in the config).
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        n_items: int,
+        codes: np.ndarray,
+        codebooks: np.ndarray | None = None,
+        item_embeddings: np.ndarray | None = None,
+        positives: CooccurrencePositives | None = None,
+    ) -> None:
+        super().__init__()
+        d = cfg.hidden
+        self.cfg = cfg
+        self.n_items = n_items
+        self.out_dim = 2 * d
+        self.hid = HidEmbedding(n_items, d, cfg.init_std, cfg.hid_init, item_embeddings)
+        self.sid = SidEmbedding(
+            codes,
+            d,
+            codebooks,
+            init=cfg.sid_init,
+            trainable=cfg.codebooks_trainable,
+            pooling=cfg.sid_pooling,
+            init_std=cfg.init_std,
+        )
+        n_levels = self.sid.n_levels
+        self.n_levels = n_levels
+        self.input = SequenceInput(d, cfg.max_len, cfg.dropout, cfg.init_std)
+        if cfg.cross_attention:
+            self.level_attn = nn.ModuleList(
+                CrossAttention(d, cfg.n_heads, cfg.dropout) for _ in range(n_levels)
+            )
+            self.hid_attn = CrossAttention(d, cfg.n_heads, cfg.dropout)
+        self.gate = LevelGate(d, n_levels, cfg.gate_prior, learned=cfg.gate)
+        self.backbone = Backbone(d, cfg.n_layers, cfg.n_heads, cfg.dropout, cfg.ffn_mult)
+        if not cfg.shared_backbone:
+            self.backbone_hid = Backbone(d, cfg.n_layers, cfg.n_heads, cfg.dropout, cfg.ffn_mult)
+        if cfg.align_seq and n_levels >= 2:
+            self.mask_vectors = nn.Parameter(torch.randn(n_levels, d) * cfg.init_std)  # (L, D)
+        if positives is None:
+            positives = CooccurrencePositives.same_tuple_only(codes)
+        elif positives.groups is None:
+            positives = positives.with_codes(codes)
+        if positives.n_items != n_items:
+            raise ValueError(f"cooccur: built for {positives.n_items} items, model has {n_items}")
+        self._positives = positives
+
+    # ----------------------------------------------------------------------------- streams
+    def _hid_backbone(self) -> Backbone:
+        return self.backbone if self.cfg.shared_backbone else self.backbone_hid
+
+    def _branches(self, seq: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """seq (B, T) -> SID-branch states (B, T, D), HID-branch states (B, T, D),
+        gate (B, T, L) and the HID stream (B, T, D)."""
+        real = seq > 0  # (B, T)
+        allowed = attention_mask(real, self.cfg.causal)  # (B, 1, T, T)
+        hid = self.input(self.hid(seq), real)  # (B, T, D)
+        levels = self.sid.levels(seq)  # (B, T, L, D)
+        level_streams = self.input(levels, real)  # (B, T, L, D)
+        fused = self.input(self.sid.pool(levels), real)  # (B, T, D)
+        gate = self.gate(hid)  # (B, T, L)
+        if self.cfg.cross_attention:
+            outs = torch.stack(
+                [
+                    attn(level_streams[:, :, lvl], hid, real, allowed)
+                    for lvl, attn in enumerate(self.level_attn)
+                ],
+                dim=2,
+            )  # (B, T, L, D)
+            hid_in = self.hid_attn(hid, fused, real, allowed)  # (B, T, D)
+        else:
+            outs = level_streams
+            hid_in = hid
+        sid_in = (gate[..., None] * outs).sum(dim=2)  # (B, T, D)
+        sid_state = self.backbone(sid_in, real, allowed)  # (B, T, D)
+        hid_state = self._hid_backbone()(hid_in, real, allowed)  # (B, T, D)
+        return sid_state, hid_state, gate, hid
+
+    def forward(self, seq: Tensor) -> Tensor:
+        """seq (B, T) left-padded item ids -> user states (B, T, 2D): [SID branch ; HID branch]."""
+        sid_state, hid_state, _, _ = self._branches(seq)
+        return torch.cat([sid_state, hid_state], dim=-1)
+
+    def level_gate(self, seq: Tensor) -> Tensor:
+        """Gate weights over SID levels at every position (B, T, L); position T-1 is the user's."""
+        real = seq > 0
+        return self.gate(self.input(self.hid(seq), real))
+
+    # ----------------------------------------------------------------------------- scoring
+    def item_vectors(self, items: Tensor) -> Tensor:
+        """items (...) -> (..., 2D): [HID embedding ; fused SID embedding]; zero for item 0."""
+        return torch.cat([self.hid(items), self.sid(items)], dim=-1)
+
+    def all_item_vectors(self) -> Tensor:
+        """(n_items + 1, 2D); row 0 (padding) is zero."""
+        return self.item_vectors(torch.arange(self.n_items + 1, device=self.hid.weight.device))
+
+    # ----------------------------------------------------------------------------- alignment
+    def positives(self, device: torch.device) -> CooccurrencePositives:
+        """The positive-pair store on ``device`` (moved once and cached)."""
+        if self._positives.device != device:
+            self._positives = self._positives.to(device)
+        return self._positives
+
+    def batch_items(self, pos_items: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Distinct non-padding items of ``pos_items`` (B, T), at most cfg.align_item_max_items.
+
+        Without a generator the most recent targets win (last position first); with one, a
+        random subset drawn from it (a CPU generator) is kept.
+        """
+        flat = pos_items.flip(1).T.reshape(-1)  # (T*B,) last position first
+        flat = flat[flat > 0]
+        uniq, inverse = torch.unique(flat, return_inverse=True)  # (U,)
+        first = torch.full_like(uniq, flat.shape[0]).scatter_reduce(
+            0, inverse, torch.arange(flat.shape[0], device=flat.device), reduce="amin"
+        )  # (U,) first occurrence of each item
+        items = uniq[torch.argsort(first)]  # (U,) in order of first appearance
+        cap = self.cfg.align_item_max_items
+        if items.shape[0] > cap:
+            if generator is None:
+                items = items[:cap]
+            else:
+                keep = torch.randperm(items.shape[0], generator=generator)[:cap]
+                items = items[keep.to(items.device)]
+        return items
+
+    def aux_losses(
+        self,
+        seq: Tensor,
+        states: Tensor,
+        pos_items: Tensor,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, Tensor]:
+        """Weighted alignment losses.
+
+        Args:
+            seq: (B, T) the inputs given to ``forward``.
+            states: (B, T, 2D) ``forward(seq)``.
+            pos_items: (B, T) targets (0 = none); their distinct items enter the item loss.
+            generator: optional CPU generator to subsample items beyond align_item_max_items.
+
+        Returns:
+            {"align_item": weight * item-level loss, "align_seq": weight * sequence-level
+            loss}, each present only when switched on (and, for "align_seq", L >= 2).
+        """
+        cfg = self.cfg
+        out: dict[str, Tensor] = {}
+        if cfg.align_item and cfg.align_item_weight > 0:
+            items = self.batch_items(pos_items, generator)  # (M,)
+            weights = self.positives(items.device).batch_matrix(
+                items, cfg.align_item_cooccur, cfg.align_item_same_tuple
+            )  # (M, M)
+            loss = item_alignment_loss(self.sid(items), self.hid(items), weights, cfg.align_item_tau)
+            out["align_item"] = cfg.align_item_weight * loss
+        if cfg.align_seq and cfg.align_seq_weight > 0 and self.n_levels >= 2:
+            out["align_seq"] = cfg.align_seq_weight * self._sequence_alignment(seq, states)
+        return out
+
+    def _sequence_alignment(self, seq: Tensor, states: Tensor) -> Tensor:
+        """Masked-granularity contrastive loss at each user's last position (unweighted)."""
+        cfg = self.cfg
+        d = cfg.hidden
+        real = seq > 0  # (B, T)
+        allowed = attention_mask(real, cfg.causal)
+        levels = self.sid.levels(seq)  # (B, T, L, D)
+        user_gate = self.gate(self.input(self.hid(seq[:, -1:]), real[:, -1:]))[:, 0]  # (B, L)
+        masked = mask_lowest_levels(levels, user_gate.detach(), self.mask_vectors, real)
+        masked_state = self.backbone(self.input(self.sid.pool(masked), real), real, allowed)
+        if cfg.align_seq_target == "sid":
+            full = self.backbone(self.input(self.sid.pool(levels), real), real, allowed)
+            target = full[:, -1]  # (B, D)
+        else:
+            target = states[:, -1, d:]  # (B, D) HID-branch state
+        rows = real[:, -1]  # users with a real last position
+        return symmetric_info_nce(masked_state[:, -1][rows], target[rows], cfg.align_seq_tau)
