@@ -1,0 +1,40 @@
+"""h2rec: sequential recommendation with Semantic IDs and Hash IDs (H2Rec).
+
+The data hot path lives in the compiled extension ``h2rec._core``; its public names are
+re-exported here.
+"""
+
+from __future__ import annotations
+
+from h2rec._core import (
+    SequenceStore,
+    TrainSampler,
+    assign_codes,
+    build_profile,
+    code_report,
+    cooccurrence,
+    kmeans,
+    reconstruction_errors,
+    residual_kmeans,
+    sample_candidates,
+)
+from h2rec.errors import CheckpointError, ConfigError, DataError, H2RecError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "H2RecError",
+    "SequenceStore",
+    "TrainSampler",
+    "assign_codes",
+    "build_profile",
+    "code_report",
+    "cooccurrence",
+    "kmeans",
+    "reconstruction_errors",
+    "residual_kmeans",
+    "sample_candidates",
+]

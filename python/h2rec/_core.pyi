@@ -1,0 +1,155 @@
+"""Stub of the compiled extension ``h2rec._core`` (Rust, PyO3).
+
+Conventions: item ids, sequences, targets, negatives and codes are int64 with 0 meaning padding
+and real items numbered 1..n_items; CSR offsets are int64; embeddings are float32 and
+C-contiguous. Users are addressed by their row in the store, 0..n_users-1. Every random call takes
+a seed, and each output row draws from its own stream, so results do not depend on the thread
+count. ``n_threads=None`` uses the global pool (all cores, or ``RAYON_NUM_THREADS``).
+"""
+
+from collections.abc import Iterator, Sequence
+from typing import Literal
+
+import numpy as np
+from numpy.typing import NDArray
+
+__version__: str
+build_profile: Literal["release", "debug"]
+
+Int64Array = NDArray[np.int64]
+Float32Array = NDArray[np.float32]
+
+class SequenceStore:
+    """Users' chronological item sequences in CSR form, validated once at construction."""
+
+    def __init__(
+        self, offsets: Int64Array, items: Int64Array, n_items: int | None = None
+    ) -> None: ...
+    @staticmethod
+    def from_sequences(
+        sequences: Sequence[Sequence[int]], n_items: int | None = None
+    ) -> SequenceStore: ...
+    @property
+    def n_users(self) -> int: ...
+    @property
+    def n_items(self) -> int: ...
+    @property
+    def n_interactions(self) -> int: ...
+    @property
+    def offsets(self) -> Int64Array: ...
+    @property
+    def items(self) -> Int64Array: ...
+    def __len__(self) -> int: ...
+    def lengths(self) -> Int64Array: ...
+    def sequence(self, user: int) -> Int64Array: ...
+    def popularity(self, holdout: int = 0) -> Int64Array:
+        """Interaction count per item id, shape (n_items + 1,), index 0 is 0.
+
+        ``holdout=2`` counts the training prefixes only (leave-one-out)."""
+    def eval_inputs(
+        self, users: Int64Array, max_len: int, split: Literal["valid", "test"]
+    ) -> tuple[Int64Array, Int64Array]:
+        """Left-padded inputs (B, max_len) and targets (B,) of the leave-one-out split.
+
+        valid: input = training prefix, target = second-to-last item.
+        test: input = all but the last item, target = last item."""
+    def histories(self, users: Int64Array, holdout: int = 0) -> tuple[Int64Array, Int64Array]:
+        """CSR (row offsets (B+1,), items) of the given users' sequences without the last
+        ``holdout`` items, for masking seen items in full ranking."""
+
+class TrainSampler:
+    """Training batches from each user's training prefix (all but the last two items)."""
+
+    def __init__(
+        self,
+        store: SequenceStore,
+        max_len: int,
+        batch_size: int,
+        n_negatives: int = 1,
+        seed: int = 0,
+        negative_sampling: Literal["uniform", "popularity"] = "uniform",
+        last_only: bool = False,
+        skip_short: bool = False,
+        n_threads: int | None = None,
+    ) -> None: ...
+    @property
+    def n_users(self) -> int:
+        """Users that contribute at least one training position."""
+    @property
+    def n_batches(self) -> int: ...
+    def __len__(self) -> int: ...
+    def epoch(
+        self, epoch: int, rank: int = 0, world_size: int = 1
+    ) -> Iterator[tuple[Int64Array, Int64Array, Int64Array]]:
+        """Batches (inputs (B,T), targets (B,T), negatives (B,T,n)) for one epoch.
+
+        The user order is shuffled by (seed, epoch); with world_size > 1 rank r gets batches
+        r, r + world_size, ...; negatives of a row come from the stream (seed, epoch, user)."""
+    def batch_users(self, epoch: int) -> Int64Array:
+        """The shuffled user rows of one epoch, in batch order."""
+
+def sample_candidates(
+    store: SequenceStore,
+    users: Int64Array,
+    targets: Int64Array,
+    n_negatives: int = 100,
+    seed: int = 0,
+    n_threads: int | None = None,
+) -> Int64Array:
+    """(B, 1 + n_negatives): column 0 is the target, then distinct items the user never touched."""
+
+def kmeans(
+    x: Float32Array,
+    k: int,
+    n_iter: int = 20,
+    seed: int = 0,
+    balanced: bool = False,
+    n_threads: int | None = None,
+) -> tuple[Float32Array, Int64Array]:
+    """One level of k-means: centroids (k, D) and assignment (N,)."""
+
+def residual_kmeans(
+    x: Float32Array,
+    n_levels: int = 3,
+    codebook_size: int = 256,
+    n_iter: int = 20,
+    seed: int = 0,
+    normalize_residuals: bool = False,
+    balanced: bool = False,
+    n_threads: int | None = None,
+) -> tuple[Int64Array, Float32Array]:
+    """Residual k-means: codes (N, L) in 0..K-1 and codebooks (L, K, D)."""
+
+def assign_codes(
+    x: Float32Array,
+    codebooks: Float32Array,
+    normalize_residuals: bool = False,
+    n_threads: int | None = None,
+) -> Int64Array:
+    """Greedy nearest-centroid codes (N, L) of x under fixed codebooks (L, K, D)."""
+
+def reconstruction_errors(
+    x: Float32Array,
+    codes: Int64Array,
+    codebooks: Float32Array,
+    normalize_residuals: bool = False,
+) -> NDArray[np.float64]:
+    """Mean squared norm of the residual left after each level, shape (L,)."""
+
+def code_report(codes: Int64Array, codebook_size: int) -> dict[str, object]:
+    """usage (L,), entropy (L, bits), n_unique_tuples, collision_share, largest_collision_group."""
+
+def cooccurrence(
+    store: SequenceStore,
+    window: int = 3,
+    top_k: int = 50,
+    min_weight: float = 0.3,
+    max_weight: float = 1.0,
+    holdout: int = 2,
+    n_threads: int | None = None,
+) -> tuple[Int64Array, Int64Array, NDArray[np.float32], Int64Array]:
+    """PPMI co-occurrence positives as CSR rows indexed by item id 0..n_items.
+
+    Returns (indptr (n_items + 2,), indices, weights in [min_weight, max_weight], counts);
+    pairs are items within ``window`` positions of each other in the training prefixes
+    (all but the last ``holdout`` items); each row keeps its ``top_k`` by PPMI > 0."""

@@ -1,0 +1,525 @@
+//! k-means and residual k-means (RQ-KMeans) for Semantic IDs.
+//!
+//! Lloyd iterations with a GEMM distance kernel: ||x - c||² = ||x||² - 2 x·c + ||c||², the x·c
+//! block computed by `gemm` over fixed blocks of `BLOCK` rows (one block per rayon task, gemm
+//! itself single-threaded), so every number is computed the same way whatever the thread count.
+//! Centroid sums are taken per cluster in point order, in f64. Initialisation is k-means++ on a
+//! seeded subsample; an emptied cluster is repaired by splitting the largest one (as faiss does).
+
+use rayon::prelude::*;
+
+use crate::error::Result;
+use crate::ensure;
+use crate::rng::{Rng, TAG_KMEANS};
+
+/// Rows per distance block.
+const BLOCK: usize = 256;
+/// k-means++ runs on at most max(INIT_PER_CLUSTER * k, INIT_MIN) points.
+const INIT_PER_CLUSTER: usize = 32;
+const INIT_MIN: usize = 8192;
+/// Relative perturbation when a cluster is split to refill an empty one.
+const SPLIT_EPS: f32 = 1.0 / 1024.0;
+
+#[derive(Debug, Clone)]
+pub struct KMeansOpts {
+    pub k: usize,
+    pub n_iter: usize,
+    pub seed: u64,
+    pub balanced: bool,
+}
+
+/// Checks an (n × d) float matrix: non-empty and finite.
+pub fn check_matrix(name: &str, x: &[f32], n: usize, d: usize) -> Result<()> {
+    ensure!(n >= 1 && d >= 1, "{name} has shape ({n}, {d}); it needs at least one row and one column");
+    ensure!(x.len() == n * d, "{name} has {} values, expected {n} × {d}", x.len());
+    if let Some(i) = x.par_iter().position_first(|v| !v.is_finite()) {
+        return Err(crate::invalid!("{name}[{}, {}]={} is not finite", i / d, i % d, x[i]));
+    }
+    Ok(())
+}
+
+/// out (m × k, row-major) = a (m × d) · bᵀ, with b (k × d); both row-major.
+fn gemm_abt(a: &[f32], m: usize, b: &[f32], k: usize, d: usize, out: &mut [f32]) {
+    assert!(a.len() >= m * d && b.len() >= k * d && out.len() >= m * k, "gemm_abt: buffer sizes");
+    // SAFETY: the three buffers are distinct slices at least as large as the strides address
+    // (checked above); gemm reads lhs and rhs and writes dst only inside those bounds.
+    unsafe {
+        gemm::gemm(
+            m, k, d,
+            out.as_mut_ptr(), 1, k as isize, false,
+            a.as_ptr(), 1, d as isize,
+            b.as_ptr(), d as isize, 1,
+            0.0f32, 1.0f32, false, false, false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+fn row_norms(x: &[f32], d: usize) -> Vec<f32> {
+    x.par_chunks(d).map(|r| r.iter().map(|v| v * v).sum()).collect()
+}
+
+/// Nearest centroid of every row and its squared distance.
+pub fn nearest(x: &[f32], n: usize, d: usize, c: &[f32], k: usize) -> (Vec<u32>, Vec<f32>) {
+    let cn = row_norms(c, d);
+    let mut assign = vec![0u32; n];
+    let mut dist = vec![0f32; n];
+    x.par_chunks(BLOCK * d)
+        .zip(assign.par_chunks_mut(BLOCK))
+        .zip(dist.par_chunks_mut(BLOCK))
+        .for_each(|((xb, ab), db)| {
+            let m = ab.len();
+            let mut g = vec![0f32; m * k];
+            gemm_abt(xb, m, c, k, d, &mut g);
+            for i in 0..m {
+                let xi = &xb[i * d..(i + 1) * d];
+                let xn: f32 = xi.iter().map(|v| v * v).sum();
+                let gi = &g[i * k..(i + 1) * k];
+                let (mut best, mut bj) = (f32::INFINITY, 0usize);
+                for j in 0..k {
+                    let v = cn[j] - 2.0 * gi[j];
+                    if v < best {
+                        best = v;
+                        bj = j;
+                    }
+                }
+                ab[i] = bj as u32;
+                db[i] = (xn + best).max(0.0);
+            }
+        });
+    (assign, dist)
+}
+
+/// All squared distances (n × k).
+fn all_distances(x: &[f32], n: usize, d: usize, c: &[f32], k: usize) -> Vec<f32> {
+    let cn = row_norms(c, d);
+    let mut out = vec![0f32; n * k];
+    x.par_chunks(BLOCK * d).zip(out.par_chunks_mut(BLOCK * k)).for_each(|(xb, ob)| {
+        let m = ob.len() / k;
+        gemm_abt(xb, m, c, k, d, ob);
+        for i in 0..m {
+            let xn: f32 = xb[i * d..(i + 1) * d].iter().map(|v| v * v).sum();
+            for j in 0..k {
+                let g = ob[i * k + j];
+                ob[i * k + j] = (xn + cn[j] - 2.0 * g).max(0.0);
+            }
+        }
+    });
+    out
+}
+
+/// Capacity-constrained assignment: each cluster takes at most ceil(n / k) points. Points with
+/// the most to lose (largest gap between their two nearest centroids) choose first; each takes
+/// its nearest centroid that still has room. Ties go to the lower index.
+fn balanced_assign(x: &[f32], n: usize, d: usize, c: &[f32], k: usize) -> (Vec<u32>, Vec<f32>) {
+    let dist = all_distances(x, n, d, c, k);
+    let cap = n.div_ceil(k);
+    let regret: Vec<f32> = dist
+        .par_chunks(k)
+        .map(|r| {
+            let (mut a, mut b) = (f32::INFINITY, f32::INFINITY);
+            for &v in r {
+                if v < a {
+                    b = a;
+                    a = v;
+                } else if v < b {
+                    b = v;
+                }
+            }
+            if b.is_finite() { b - a } else { 0.0 }
+        })
+        .collect();
+    let mut order: Vec<u32> = (0..n as u32).collect();
+    order.par_sort_by(|&a, &b| regret[b as usize].total_cmp(&regret[a as usize]).then(a.cmp(&b)));
+    let mut fill = vec![0usize; k];
+    let mut assign = vec![0u32; n];
+    let mut best = vec![0f32; n];
+    for &i in &order {
+        let row = &dist[i as usize * k..(i as usize + 1) * k];
+        let (mut bv, mut bj) = (f32::INFINITY, usize::MAX);
+        for (j, &v) in row.iter().enumerate() {
+            if fill[j] < cap && v < bv {
+                bv = v;
+                bj = j;
+            }
+        }
+        if bj == usize::MAX {
+            // every row is infinite only if k == 0, which callers exclude; take any open cluster
+            bj = fill.iter().position(|&f| f < cap).unwrap_or(0);
+            bv = row[bj];
+        }
+        fill[bj] += 1;
+        assign[i as usize] = bj as u32;
+        best[i as usize] = bv;
+    }
+    (assign, best)
+}
+
+/// k-means++ seeding on a subsample of the rows.
+fn kmeanspp(x: &[f32], n: usize, d: usize, k: usize, seed: u64) -> Vec<f32> {
+    let mut rng = Rng::stream(seed, TAG_KMEANS, 0, 1);
+    let s = n.min((INIT_PER_CLUSTER * k).max(INIT_MIN));
+    // partial Fisher–Yates: the first s entries are a uniform sample without replacement
+    let mut idx: Vec<u32> = (0..n as u32).collect();
+    for i in 0..s {
+        let j = i + rng.below((n - i) as u64) as usize;
+        idx.swap(i, j);
+    }
+    let mut sample = vec![0f32; s * d];
+    sample.par_chunks_mut(d).zip(idx[..s].par_iter()).for_each(|(dst, &i)| {
+        dst.copy_from_slice(&x[i as usize * d..(i as usize + 1) * d]);
+    });
+    let mut cent = vec![0f32; k * d];
+    let first = rng.below(s as u64) as usize;
+    cent[..d].copy_from_slice(&sample[first * d..(first + 1) * d]);
+    let mut d2 = vec![f32::INFINITY; s];
+    for c in 0..k {
+        if c > 0 {
+            let total: f64 = d2.iter().map(|&v| v as f64).sum();
+            let pick = if total > 0.0 {
+                let target = rng.unit_f64() * total;
+                let mut acc = 0.0f64;
+                let mut p = s - 1;
+                for (i, &v) in d2.iter().enumerate() {
+                    acc += v as f64;
+                    if acc > target && v > 0.0 {
+                        p = i;
+                        break;
+                    }
+                }
+                p
+            } else {
+                rng.below(s as u64) as usize
+            };
+            cent[c * d..(c + 1) * d].copy_from_slice(&sample[pick * d..(pick + 1) * d]);
+        }
+        let cc = &cent[c * d..(c + 1) * d];
+        sample.par_chunks(d).zip(d2.par_iter_mut()).for_each(|(row, dv)| {
+            let dist: f32 = row.iter().zip(cc).map(|(a, b)| (a - b) * (a - b)).sum();
+            if dist < *dv {
+                *dv = dist;
+            }
+        });
+    }
+    cent
+}
+
+/// Means of the assigned points; returns the count per cluster. Empty clusters keep their centroid.
+fn update_centroids(x: &[f32], n: usize, d: usize, assign: &[u32], cent: &mut [f32], k: usize) -> Vec<usize> {
+    let mut counts = vec![0usize; k];
+    for &a in assign {
+        counts[a as usize] += 1;
+    }
+    let mut start = vec![0usize; k + 1];
+    for j in 0..k {
+        start[j + 1] = start[j] + counts[j];
+    }
+    let mut members = vec![0u32; n];
+    let mut pos = start.clone();
+    for (i, &a) in assign.iter().enumerate() {
+        members[pos[a as usize]] = i as u32;
+        pos[a as usize] += 1;
+    }
+    cent.par_chunks_mut(d).enumerate().for_each(|(j, cj)| {
+        let m = &members[start[j]..start[j + 1]];
+        if m.is_empty() {
+            return;
+        }
+        let mut acc = vec![0f64; d];
+        for &i in m {
+            for (a, &v) in acc.iter_mut().zip(&x[i as usize * d..(i as usize + 1) * d]) {
+                *a += v as f64;
+            }
+        }
+        let inv = 1.0 / m.len() as f64;
+        for (c, a) in cj.iter_mut().zip(&acc) {
+            *c = (a * inv) as f32;
+        }
+    });
+    counts
+}
+
+/// Refills each empty cluster by splitting the currently largest one. Returns whether any was.
+fn repair_empty(cent: &mut [f32], counts: &mut [usize], d: usize) -> bool {
+    let k = counts.len();
+    let mut repaired = false;
+    for j in 0..k {
+        if counts[j] > 0 {
+            continue;
+        }
+        let big = (0..k).max_by(|&a, &b| counts[a].cmp(&counts[b]).then(b.cmp(&a))).unwrap_or(0);
+        if counts[big] < 2 {
+            break;
+        }
+        for t in 0..d {
+            let v = cent[big * d + t];
+            let s = if t % 2 == 0 { SPLIT_EPS } else { -SPLIT_EPS };
+            cent[j * d + t] = v * (1.0 + s);
+            cent[big * d + t] = v * (1.0 - s);
+        }
+        counts[j] = counts[big] / 2;
+        counts[big] -= counts[j];
+        repaired = true;
+    }
+    repaired
+}
+
+/// One level of k-means. Returns centroids (k × d) and the assignment of each row.
+pub fn kmeans(x: &[f32], n: usize, d: usize, o: &KMeansOpts) -> Result<(Vec<f32>, Vec<u32>)> {
+    check_matrix("x", x, n, d)?;
+    ensure!(o.k >= 1, "k={} must be at least 1", o.k);
+    ensure!(o.k <= n, "k={} clusters is more than the {n} points", o.k);
+    let k = o.k;
+    let mut cent = kmeanspp(x, n, d, k, o.seed);
+    let assign_fn = |c: &[f32]| if o.balanced { balanced_assign(x, n, d, c, k) } else { nearest(x, n, d, c, k) };
+    let mut prev: Option<Vec<u32>> = None;
+    let mut repaired = false;
+    for it in 0..o.n_iter {
+        let (assign, _) = assign_fn(&cent);
+        if !repaired && prev.as_ref() == Some(&assign) {
+            break; // a fixed point: the update would reproduce the same centroids
+        }
+        let mut counts = update_centroids(x, n, d, &assign, &mut cent, k);
+        // no repair after the last update, so the final centroids are means of their points
+        repaired = it + 1 < o.n_iter && repair_empty(&mut cent, &mut counts, d);
+        prev = Some(assign);
+    }
+    let (assign, _) = assign_fn(&cent);
+    Ok((cent, assign))
+}
+
+/// Scales each row to unit L2 norm; zero rows stay zero.
+pub fn normalize_rows(x: &mut [f32], d: usize) {
+    x.par_chunks_mut(d).for_each(|r| {
+        let nrm = r.iter().map(|v| v * v).sum::<f32>().sqrt();
+        if nrm > 0.0 {
+            r.iter_mut().for_each(|v| *v /= nrm);
+        }
+    });
+}
+
+fn subtract_assigned(r: &mut [f32], d: usize, c: &[f32], assign: &[u32]) {
+    r.par_chunks_mut(d).zip(assign.par_iter()).for_each(|(row, &a)| {
+        let cj = &c[a as usize * d..(a as usize + 1) * d];
+        row.iter_mut().zip(cj).for_each(|(v, c)| *v -= c);
+    });
+}
+
+#[derive(Debug, Clone)]
+pub struct RqOpts {
+    pub n_levels: usize,
+    pub k: usize,
+    pub n_iter: usize,
+    pub seed: u64,
+    pub normalize: bool,
+    pub balanced: bool,
+}
+
+/// Residual k-means: codes (n × L, row-major) and codebooks (L × k × d).
+pub fn residual_kmeans(x: &[f32], n: usize, d: usize, o: &RqOpts) -> Result<(Vec<i64>, Vec<f32>)> {
+    check_matrix("x", x, n, d)?;
+    ensure!(o.n_levels >= 1, "n_levels={} must be at least 1", o.n_levels);
+    ensure!(o.k >= 1, "codebook_size={} must be at least 1", o.k);
+    ensure!(o.k <= n, "codebook_size={} clusters is more than the {n} points", o.k);
+    let mut r = x.to_vec();
+    let mut codes = vec![0i64; n * o.n_levels];
+    let mut books = Vec::with_capacity(o.n_levels * o.k * d);
+    for l in 0..o.n_levels {
+        if o.normalize {
+            normalize_rows(&mut r, d);
+        }
+        let level_seed = Rng::stream(o.seed, TAG_KMEANS, l as u64, 0).next_u64();
+        let ko = KMeansOpts { k: o.k, n_iter: o.n_iter, seed: level_seed, balanced: o.balanced };
+        let (c, a) = kmeans(&r, n, d, &ko)?;
+        subtract_assigned(&mut r, d, &c, &a);
+        for (i, &ai) in a.iter().enumerate() {
+            codes[i * o.n_levels + l] = ai as i64;
+        }
+        books.extend_from_slice(&c);
+    }
+    Ok((codes, books))
+}
+
+fn check_books(x: &[f32], n: usize, d: usize, books: &[f32], l: usize, k: usize, bd: usize) -> Result<()> {
+    check_matrix("x", x, n, d)?;
+    ensure!(l >= 1 && k >= 1, "codebooks has shape ({l}, {k}, {bd}); it needs at least one level and centroid");
+    ensure!(bd == d, "codebooks dimension {bd} does not match x dimension {d}");
+    check_matrix("codebooks", books, l * k, d)
+}
+
+/// Greedy nearest-centroid codes of `x` under fixed codebooks (L × k × d).
+pub fn assign_codes(x: &[f32], n: usize, d: usize, books: &[f32], l: usize, k: usize, normalize: bool) -> Result<Vec<i64>> {
+    check_books(x, n, d, books, l, k, d)?;
+    let mut r = x.to_vec();
+    let mut codes = vec![0i64; n * l];
+    for lev in 0..l {
+        if normalize {
+            normalize_rows(&mut r, d);
+        }
+        let c = &books[lev * k * d..(lev + 1) * k * d];
+        let (a, _) = nearest(&r, n, d, c, k);
+        subtract_assigned(&mut r, d, c, &a);
+        for (i, &ai) in a.iter().enumerate() {
+            codes[i * l + lev] = ai as i64;
+        }
+    }
+    Ok(codes)
+}
+
+/// Mean squared norm of the residual after each level.
+#[allow(clippy::too_many_arguments)]
+pub fn reconstruction_errors(
+    x: &[f32], n: usize, d: usize, codes: &[i64], books: &[f32], l: usize, k: usize, normalize: bool,
+) -> Result<Vec<f64>> {
+    check_books(x, n, d, books, l, k, d)?;
+    ensure!(codes.len() == n * l, "codes has {} values, expected {n} × {l}", codes.len());
+    if let Some(i) = codes.iter().position(|&c| c < 0 || c as usize >= k) {
+        return Err(crate::invalid!("codes[{}, {}]={} is not in 0..{k}", i / l, i % l, codes[i]));
+    }
+    let mut r = x.to_vec();
+    let mut out = Vec::with_capacity(l);
+    for lev in 0..l {
+        if normalize {
+            normalize_rows(&mut r, d);
+        }
+        let c = &books[lev * k * d..(lev + 1) * k * d];
+        let a: Vec<u32> = (0..n).map(|i| codes[i * l + lev] as u32).collect();
+        subtract_assigned(&mut r, d, c, &a);
+        let partial: Vec<f64> = r
+            .par_chunks(BLOCK * d)
+            .map(|b| b.iter().map(|&v| (v as f64) * (v as f64)).sum())
+            .collect();
+        out.push(partial.iter().sum::<f64>() / n as f64);
+    }
+    Ok(out)
+}
+
+/// Usage and collision statistics of a code table (n × L, values in 0..k).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CodeReport {
+    pub usage: Vec<f64>,
+    pub entropy_bits: Vec<f64>,
+    pub n_unique_tuples: usize,
+    pub collision_share: f64,
+    pub largest_collision_group: usize,
+}
+
+pub fn code_report(codes: &[i64], n: usize, l: usize, k: usize) -> Result<CodeReport> {
+    ensure!(n >= 1 && l >= 1, "codes has shape ({n}, {l}); it needs at least one row and level");
+    ensure!(k >= 1, "codebook_size={k} must be at least 1");
+    if let Some(i) = codes.iter().position(|&c| c < 0 || c as usize >= k) {
+        return Err(crate::invalid!("codes[{}, {}]={} is not in 0..{k}", i / l, i % l, codes[i]));
+    }
+    let mut usage = Vec::with_capacity(l);
+    let mut entropy = Vec::with_capacity(l);
+    for lev in 0..l {
+        let mut cnt = vec![0usize; k];
+        for i in 0..n {
+            cnt[codes[i * l + lev] as usize] += 1;
+        }
+        usage.push(cnt.iter().filter(|&&c| c > 0).count() as f64 / k as f64);
+        entropy.push(
+            cnt.iter()
+                .filter(|&&c| c > 0)
+                .map(|&c| {
+                    let p = c as f64 / n as f64;
+                    -p * p.log2()
+                })
+                .sum(),
+        );
+    }
+    let mut order: Vec<usize> = (0..n).collect();
+    order.par_sort_by(|&a, &b| codes[a * l..(a + 1) * l].cmp(&codes[b * l..(b + 1) * l]));
+    let (mut unique, mut colliding, mut largest) = (0usize, 0usize, 0usize);
+    let mut i = 0;
+    while i < n {
+        let mut j = i + 1;
+        while j < n && codes[order[j] * l..(order[j] + 1) * l] == codes[order[i] * l..(order[i] + 1) * l] {
+            j += 1;
+        }
+        unique += 1;
+        if j - i > 1 {
+            colliding += j - i;
+            largest = largest.max(j - i);
+        }
+        i = j;
+    }
+    Ok(CodeReport {
+        usage,
+        entropy_bits: entropy,
+        n_unique_tuples: unique,
+        collision_share: colliding as f64 / n as f64,
+        largest_collision_group: if colliding == 0 { 1 } else { largest },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn blobs() -> (Vec<f32>, usize, usize) {
+        // three tight blobs in 2-D
+        let mut x = Vec::new();
+        let centers = [(0.0f32, 0.0f32), (10.0, 0.0), (0.0, 10.0)];
+        let mut r = Rng::stream(1, 1, 1, 1);
+        for i in 0..300 {
+            let (cx, cy) = centers[i % 3];
+            x.push(cx + (r.unit_f64() as f32 - 0.5) * 0.1);
+            x.push(cy + (r.unit_f64() as f32 - 0.5) * 0.1);
+        }
+        (x, 300, 2)
+    }
+
+    #[test]
+    fn nearest_matches_brute_force() {
+        let (x, n, d) = blobs();
+        let c = vec![0.0, 0.0, 10.0, 0.0, 0.0, 10.0, 5.0, 5.0];
+        let (a, dist) = nearest(&x, n, d, &c, 4);
+        for i in 0..n {
+            let ds: Vec<f32> = (0..4)
+                .map(|j| (x[i * 2] - c[j * 2]).powi(2) + (x[i * 2 + 1] - c[j * 2 + 1]).powi(2))
+                .collect();
+            let bj = (0..4).min_by(|&p, &q| ds[p].total_cmp(&ds[q])).unwrap();
+            assert_eq!(a[i] as usize, bj);
+            assert!((dist[i] - ds[bj]).abs() < 1e-3);
+        }
+    }
+
+    #[test]
+    fn finds_the_blobs() {
+        let (x, n, d) = blobs();
+        let (c, a) = kmeans(&x, n, d, &KMeansOpts { k: 3, n_iter: 10, seed: 3, balanced: false }).unwrap();
+        for i in 0..n {
+            assert_eq!(a[i], a[i % 3], "point {i}");
+        }
+        let mut cs: Vec<(i32, i32)> = c.chunks(2).map(|p| (p[0].round() as i32, p[1].round() as i32)).collect();
+        cs.sort();
+        assert_eq!(cs, vec![(0, 0), (0, 10), (10, 0)]);
+    }
+
+    #[test]
+    fn balanced_respects_capacity() {
+        let (x, n, d) = blobs();
+        let (_, a) = kmeans(&x, n, d, &KMeansOpts { k: 7, n_iter: 5, seed: 3, balanced: true }).unwrap();
+        let mut cnt = [0usize; 7];
+        a.iter().for_each(|&j| cnt[j as usize] += 1);
+        assert!(cnt.iter().all(|&c| c <= 300usize.div_ceil(7)), "{cnt:?}");
+    }
+
+    #[test]
+    fn rejects_bad_input() {
+        assert!(kmeans(&[1.0, f32::NAN], 1, 2, &KMeansOpts { k: 1, n_iter: 1, seed: 0, balanced: false }).is_err());
+        assert!(kmeans(&[1.0, 2.0], 1, 2, &KMeansOpts { k: 2, n_iter: 1, seed: 0, balanced: false }).is_err());
+    }
+
+    #[test]
+    fn report_counts_collisions() {
+        // tuples: (0,1) (0,1) (0,1) (1,0) (2,2)
+        let codes = [0, 1, 0, 1, 0, 1, 1, 0, 2, 2];
+        let r = code_report(&codes, 5, 2, 4).unwrap();
+        assert_eq!(r.n_unique_tuples, 3);
+        assert_eq!(r.largest_collision_group, 3);
+        assert!((r.collision_share - 0.6).abs() < 1e-12);
+        assert_eq!(r.usage, vec![0.75, 0.75]);
+    }
+}

@@ -1,0 +1,15 @@
+//! h2rec's data hot path. Pure Rust kernels (no PyO3 type in them), one per file, and one thin
+//! binding layer (`py`) behind the `python` feature.
+
+pub mod error;
+pub mod rng;
+pub mod pool;
+pub mod csr;
+pub mod negative;
+pub mod batch;
+pub mod candidates;
+pub mod kmeans;
+pub mod cooccur;
+
+#[cfg(feature = "python")]
+mod py;

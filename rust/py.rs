@@ -1,0 +1,579 @@
+//! Every PyO3 wrapper, the error conversion and the module definition. Arguments are coerced
+//! to exact dtypes and checked here, then the kernels run with the GIL released.
+
+use std::sync::Arc;
+
+use numpy::ndarray::{Array2, Array3};
+use numpy::{IntoPyArray, PyArray1, PyArray2, PyArray3, PyUntypedArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArray3};
+use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList};
+
+use crate::batch::{SamplerConfig, TrainSampler as RsSampler};
+use crate::csr::SequenceStore as RsStore;
+use crate::error::Error;
+use crate::kmeans as km;
+use crate::{candidates, cooccur, pool};
+
+impl From<Error> for PyErr {
+    fn from(e: Error) -> PyErr {
+        match e {
+            Error::Invalid(m) => PyValueError::new_err(m),
+            Error::Invariant(m) => PyRuntimeError::new_err(format!("h2rec internal error: {m}")),
+        }
+    }
+}
+
+fn invariant(m: impl std::fmt::Display) -> PyErr {
+    PyRuntimeError::new_err(format!("h2rec internal error: {m}"))
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Int,
+    Float,
+}
+
+/// `np.ascontiguousarray(obj, dtype)` after checking the dtype family and the number of
+/// dimensions; returns the same object when it already fits (no copy).
+fn coerce<'py>(py: Python<'py>, obj: &Bound<'py, PyAny>, name: &str, kind: Kind, ndim: usize) -> PyResult<Bound<'py, PyAny>> {
+    let np = py.import("numpy")?;
+    let arr = np.call_method1("asarray", (obj,)).map_err(|e| {
+        PyTypeError::new_err(format!("{name} must be an array, could not convert it: {e}"))
+    })?;
+    let dtype = arr.getattr("dtype")?;
+    let k: String = dtype.getattr("kind")?.extract()?;
+    let ok = match kind {
+        Kind::Int => k == "i" || k == "u",
+        Kind::Float => k == "f" || k == "i" || k == "u",
+    };
+    if !ok {
+        let want = match kind {
+            Kind::Int => "integers (int64)",
+            Kind::Float => "real numbers (float32)",
+        };
+        return Err(PyTypeError::new_err(format!("{name} must be an array of {want}, got dtype {}", dtype.str()?)));
+    }
+    let nd: usize = arr.getattr("ndim")?.extract()?;
+    if nd != ndim {
+        let shape = arr.getattr("shape")?.str()?.to_string();
+        return Err(PyValueError::new_err(format!("{name} must be {ndim}-D, got shape {shape}")));
+    }
+    let target = match kind {
+        Kind::Int => "int64",
+        Kind::Float => "float32",
+    };
+    let kwargs = PyDict::new(py);
+    kwargs.set_item("dtype", target)?;
+    np.call_method("ascontiguousarray", (arr,), Some(&kwargs))
+}
+
+fn int1<'py>(py: Python<'py>, obj: &Bound<'py, PyAny>, name: &str) -> PyResult<PyReadonlyArray1<'py, i64>> {
+    Ok(coerce(py, obj, name, Kind::Int, 1)?.extract()?)
+}
+fn int2<'py>(py: Python<'py>, obj: &Bound<'py, PyAny>, name: &str) -> PyResult<PyReadonlyArray2<'py, i64>> {
+    Ok(coerce(py, obj, name, Kind::Int, 2)?.extract()?)
+}
+fn f32_2<'py>(py: Python<'py>, obj: &Bound<'py, PyAny>, name: &str) -> PyResult<PyReadonlyArray2<'py, f32>> {
+    Ok(coerce(py, obj, name, Kind::Float, 2)?.extract()?)
+}
+fn f32_3<'py>(py: Python<'py>, obj: &Bound<'py, PyAny>, name: &str) -> PyResult<PyReadonlyArray3<'py, f32>> {
+    Ok(coerce(py, obj, name, Kind::Float, 3)?.extract()?)
+}
+
+fn slice<'a, T: numpy::Element, D: numpy::ndarray::Dimension>(a: &'a numpy::PyReadonlyArray<'_, T, D>) -> PyResult<&'a [T]> {
+    a.as_slice().map_err(invariant)
+}
+
+fn seed_u64(seed: i64) -> PyResult<u64> {
+    if seed < 0 {
+        return Err(PyValueError::new_err(format!("seed={seed} must be >= 0")));
+    }
+    Ok(seed as u64)
+}
+
+fn threads(n: Option<i64>) -> PyResult<Option<usize>> {
+    match n {
+        Some(n) if n < 1 => Err(PyValueError::new_err(format!("n_threads={n} must be at least 1 (or None)"))),
+        Some(n) => Ok(Some(n as usize)),
+        None => Ok(None),
+    }
+}
+
+fn positive(name: &str, v: i64) -> PyResult<usize> {
+    if v < 1 {
+        return Err(PyValueError::new_err(format!("{name}={v} must be at least 1")));
+    }
+    Ok(v as usize)
+}
+
+fn vec2<'py>(py: Python<'py>, v: Vec<i64>, rows: usize, cols: usize) -> PyResult<Bound<'py, PyArray2<i64>>> {
+    Ok(Array2::from_shape_vec((rows, cols), v).map_err(invariant)?.into_pyarray(py))
+}
+
+// ---------------------------------------------------------------------------------------------
+// SequenceStore
+
+#[pyclass(name = "SequenceStore", module = "h2rec._core", frozen)]
+pub struct SequenceStore {
+    inner: Arc<RsStore>,
+}
+
+#[pymethods]
+impl SequenceStore {
+    #[new]
+    #[pyo3(signature = (offsets, items, n_items=None))]
+    fn new(py: Python<'_>, offsets: &Bound<'_, PyAny>, items: &Bound<'_, PyAny>, n_items: Option<i64>) -> PyResult<Self> {
+        let o = int1(py, offsets, "offsets")?;
+        let it = int1(py, items, "items")?;
+        let (os, is) = (slice(&o)?, slice(&it)?);
+        let inner = py.detach(|| RsStore::new(os, is, n_items))?;
+        Ok(SequenceStore { inner: Arc::new(inner) })
+    }
+
+    #[staticmethod]
+    #[pyo3(signature = (sequences, n_items=None))]
+    fn from_sequences(py: Python<'_>, sequences: &Bound<'_, PyAny>, n_items: Option<i64>) -> PyResult<Self> {
+        let mut seqs: Vec<Vec<i64>> = Vec::new();
+        for (i, s) in sequences.try_iter()?.enumerate() {
+            let s = s?;
+            let v: Vec<i64> = match s.extract::<Vec<i64>>() {
+                Ok(v) => v,
+                Err(_) => {
+                    let a = int1(py, &s, &format!("sequences[{i}]"))?;
+                    slice(&a)?.to_vec()
+                }
+            };
+            seqs.push(v);
+        }
+        let inner = py.detach(|| RsStore::from_sequences(&seqs, n_items))?;
+        Ok(SequenceStore { inner: Arc::new(inner) })
+    }
+
+    #[getter]
+    fn n_users(&self) -> usize {
+        self.inner.n_users()
+    }
+    #[getter]
+    fn n_items(&self) -> u32 {
+        self.inner.n_items()
+    }
+    #[getter]
+    fn n_interactions(&self) -> usize {
+        self.inner.n_interactions()
+    }
+    #[getter]
+    fn offsets<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<i64>> {
+        let v: Vec<i64> = self.inner.offsets().iter().map(|&o| o as i64).collect();
+        v.into_pyarray(py)
+    }
+    #[getter]
+    fn items<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<i64>> {
+        let v: Vec<i64> = self.inner.items().iter().map(|&o| o as i64).collect();
+        v.into_pyarray(py)
+    }
+    fn __len__(&self) -> usize {
+        self.inner.n_users()
+    }
+    fn __repr__(&self) -> String {
+        format!(
+            "SequenceStore(n_users={}, n_items={}, n_interactions={})",
+            self.inner.n_users(),
+            self.inner.n_items(),
+            self.inner.n_interactions()
+        )
+    }
+    fn lengths<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<i64>> {
+        let o = self.inner.offsets();
+        let v: Vec<i64> = o.windows(2).map(|w| (w[1] - w[0]) as i64).collect();
+        v.into_pyarray(py)
+    }
+    fn sequence<'py>(&self, py: Python<'py>, user: i64) -> PyResult<Bound<'py, PyArray1<i64>>> {
+        let u = self.inner.check_user("user", 0, user).map_err(|_| {
+            PyValueError::new_err(format!("user={user} is not a user row (0..{})", self.inner.n_users()))
+        })?;
+        let v: Vec<i64> = self.inner.seq(u).iter().map(|&x| x as i64).collect();
+        Ok(v.into_pyarray(py))
+    }
+    #[pyo3(signature = (holdout=0))]
+    fn popularity<'py>(&self, py: Python<'py>, holdout: i64) -> PyResult<Bound<'py, PyArray1<i64>>> {
+        if holdout < 0 {
+            return Err(PyValueError::new_err(format!("holdout={holdout} must be >= 0")));
+        }
+        let inner = self.inner.clone();
+        Ok(py.detach(move || inner.popularity(holdout as usize)).into_pyarray(py))
+    }
+    #[pyo3(signature = (users, max_len, split))]
+    fn eval_inputs<'py>(
+        &self,
+        py: Python<'py>,
+        users: &Bound<'py, PyAny>,
+        max_len: i64,
+        split: &str,
+    ) -> PyResult<(Bound<'py, PyArray2<i64>>, Bound<'py, PyArray1<i64>>)> {
+        let test = match split {
+            "test" => true,
+            "valid" => false,
+            other => return Err(PyValueError::new_err(format!("split={other:?} must be 'valid' or 'test'"))),
+        };
+        let t = positive("max_len", max_len)?;
+        let u = int1(py, users, "users")?;
+        let us = slice(&u)?;
+        let (inp, tgt) = py.detach(|| self.inner.eval_inputs(us, t, test))?;
+        Ok((vec2(py, inp, us.len(), t)?, tgt.into_pyarray(py)))
+    }
+    #[pyo3(signature = (users, holdout=0))]
+    fn histories<'py>(
+        &self,
+        py: Python<'py>,
+        users: &Bound<'py, PyAny>,
+        holdout: i64,
+    ) -> PyResult<(Bound<'py, PyArray1<i64>>, Bound<'py, PyArray1<i64>>)> {
+        if holdout < 0 {
+            return Err(PyValueError::new_err(format!("holdout={holdout} must be >= 0")));
+        }
+        let u = int1(py, users, "users")?;
+        let us = slice(&u)?;
+        let (p, it) = py.detach(|| self.inner.histories(us, holdout as usize))?;
+        Ok((p.into_pyarray(py), it.into_pyarray(py)))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// TrainSampler
+
+#[pyclass(name = "TrainSampler", module = "h2rec._core", frozen)]
+pub struct TrainSampler {
+    store: Arc<RsStore>,
+    inner: Arc<RsSampler>,
+    n_threads: Option<usize>,
+}
+
+#[pymethods]
+impl TrainSampler {
+    #[new]
+    #[pyo3(signature = (store, max_len, batch_size, n_negatives=1, seed=0, negative_sampling="uniform",
+                        last_only=false, skip_short=false, n_threads=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        store: &Bound<'_, SequenceStore>,
+        max_len: i64,
+        batch_size: i64,
+        n_negatives: i64,
+        seed: i64,
+        negative_sampling: &str,
+        last_only: bool,
+        skip_short: bool,
+        n_threads: Option<i64>,
+    ) -> PyResult<Self> {
+        let popularity = match negative_sampling {
+            "uniform" => false,
+            "popularity" => true,
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "negative_sampling={other:?} must be 'uniform' or 'popularity'"
+                )))
+            }
+        };
+        let cfg = SamplerConfig {
+            max_len: positive("max_len", max_len)?,
+            batch_size: positive("batch_size", batch_size)?,
+            n_negatives: positive("n_negatives", n_negatives)?,
+            seed: seed_u64(seed)?,
+            popularity,
+            last_only,
+            skip_short,
+        };
+        let st = store.get().inner.clone();
+        let n_threads = threads(n_threads)?;
+        let inner = py.detach(|| RsSampler::new(&st, cfg))?;
+        Ok(TrainSampler { store: st, inner: Arc::new(inner), n_threads })
+    }
+
+    #[getter]
+    fn n_users(&self) -> usize {
+        self.inner.n_users()
+    }
+    #[getter]
+    fn n_batches(&self) -> usize {
+        self.inner.n_batches()
+    }
+    fn __len__(&self) -> usize {
+        self.inner.n_batches()
+    }
+
+    #[pyo3(signature = (epoch, rank=0, world_size=1))]
+    fn epoch(&self, py: Python<'_>, epoch: i64, rank: i64, world_size: i64) -> PyResult<EpochIter> {
+        if epoch < 0 {
+            return Err(PyValueError::new_err(format!("epoch={epoch} must be >= 0")));
+        }
+        if world_size < 1 || rank < 0 || rank >= world_size {
+            return Err(PyValueError::new_err(format!(
+                "rank={rank} must be in 0..world_size and world_size={world_size} at least 1"
+            )));
+        }
+        let batches = self.inner.rank_batches(rank as usize, world_size as usize)?;
+        let inner = self.inner.clone();
+        let perm = py.detach(move || inner.permutation(epoch as u64));
+        Ok(EpochIter {
+            store: self.store.clone(),
+            sampler: self.inner.clone(),
+            perm: Arc::new(perm),
+            epoch: epoch as u64,
+            batches,
+            pos: std::sync::atomic::AtomicUsize::new(0),
+            n_threads: self.n_threads,
+        })
+    }
+
+    fn batch_users<'py>(&self, py: Python<'py>, epoch: i64) -> PyResult<Bound<'py, PyArray1<i64>>> {
+        if epoch < 0 {
+            return Err(PyValueError::new_err(format!("epoch={epoch} must be >= 0")));
+        }
+        let p: Vec<i64> = self.inner.permutation(epoch as u64).into_iter().map(|u| u as i64).collect();
+        Ok(p.into_pyarray(py))
+    }
+}
+
+/// The batches of one epoch, built one at a time on `next`.
+#[pyclass(module = "h2rec._core", frozen)]
+pub struct EpochIter {
+    store: Arc<RsStore>,
+    sampler: Arc<RsSampler>,
+    perm: Arc<Vec<u32>>,
+    epoch: u64,
+    batches: Vec<usize>,
+    pos: std::sync::atomic::AtomicUsize,
+    n_threads: Option<usize>,
+}
+
+type BatchArrays<'py> = (Bound<'py, PyArray2<i64>>, Bound<'py, PyArray2<i64>>, Bound<'py, PyArray3<i64>>);
+
+#[pymethods]
+impl EpochIter {
+    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+    fn __len__(&self) -> usize {
+        self.batches.len()
+    }
+    fn __next__<'py>(&self, py: Python<'py>) -> PyResult<Option<BatchArrays<'py>>> {
+        use std::sync::atomic::Ordering;
+        let i = self.pos.fetch_add(1, Ordering::SeqCst);
+        let Some(&b) = self.batches.get(i) else {
+            self.pos.store(self.batches.len(), Ordering::SeqCst);
+            return Ok(None);
+        };
+        let (store, sampler, perm, epoch) = (&self.store, &self.sampler, &self.perm, self.epoch);
+        let batch = py.detach(|| pool::run(self.n_threads, || sampler.batch(store, perm, epoch, b)))?;
+        let cfg = self.sampler.config();
+        let (t, n) = (cfg.max_len, cfg.n_negatives);
+        let inputs = vec2(py, batch.inputs, batch.rows, t)?;
+        let targets = vec2(py, batch.targets, batch.rows, t)?;
+        let negs = Array3::from_shape_vec((batch.rows, t, n), batch.negatives).map_err(invariant)?.into_pyarray(py);
+        Ok(Some((inputs, targets, negs)))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// functions
+
+#[pyfunction]
+#[pyo3(signature = (store, users, targets, n_negatives=100, seed=0, n_threads=None))]
+fn sample_candidates<'py>(
+    py: Python<'py>,
+    store: &Bound<'py, SequenceStore>,
+    users: &Bound<'py, PyAny>,
+    targets: &Bound<'py, PyAny>,
+    n_negatives: i64,
+    seed: i64,
+    n_threads: Option<i64>,
+) -> PyResult<Bound<'py, PyArray2<i64>>> {
+    let n = positive("n_negatives", n_negatives)?;
+    let seed = seed_u64(seed)?;
+    let nt = threads(n_threads)?;
+    let u = int1(py, users, "users")?;
+    let t = int1(py, targets, "targets")?;
+    let (us, ts) = (slice(&u)?, slice(&t)?);
+    let st = store.get().inner.clone();
+    let out = py.detach(|| pool::run(nt, || candidates::sample_candidates(&st, us, ts, n, seed)))??;
+    vec2(py, out, us.len(), n + 1)
+}
+
+#[pyfunction]
+#[pyo3(signature = (x, k, n_iter=20, seed=0, balanced=false, n_threads=None))]
+fn kmeans<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+    k: i64,
+    n_iter: i64,
+    seed: i64,
+    balanced: bool,
+    n_threads: Option<i64>,
+) -> PyResult<(Bound<'py, PyArray2<f32>>, Bound<'py, PyArray1<i64>>)> {
+    let x = f32_2(py, x, "x")?;
+    let (n, d) = (x.shape()[0], x.shape()[1]);
+    let o = km::KMeansOpts { k: positive("k", k)?, n_iter: non_negative("n_iter", n_iter)?, seed: seed_u64(seed)?, balanced };
+    let nt = threads(n_threads)?;
+    let xs = slice(&x)?;
+    let (c, a) = py.detach(|| pool::run(nt, || km::kmeans(xs, n, d, &o)))??;
+    let c = Array2::from_shape_vec((o.k, d), c).map_err(invariant)?.into_pyarray(py);
+    let a: Vec<i64> = a.into_iter().map(|v| v as i64).collect();
+    Ok((c, a.into_pyarray(py)))
+}
+
+fn non_negative(name: &str, v: i64) -> PyResult<usize> {
+    if v < 0 {
+        return Err(PyValueError::new_err(format!("{name}={v} must be >= 0")));
+    }
+    Ok(v as usize)
+}
+
+#[pyfunction]
+#[pyo3(signature = (x, n_levels=3, codebook_size=256, n_iter=20, seed=0, normalize_residuals=false,
+                    balanced=false, n_threads=None))]
+#[allow(clippy::too_many_arguments)]
+fn residual_kmeans<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+    n_levels: i64,
+    codebook_size: i64,
+    n_iter: i64,
+    seed: i64,
+    normalize_residuals: bool,
+    balanced: bool,
+    n_threads: Option<i64>,
+) -> PyResult<(Bound<'py, PyArray2<i64>>, Bound<'py, PyArray3<f32>>)> {
+    let x = f32_2(py, x, "x")?;
+    let (n, d) = (x.shape()[0], x.shape()[1]);
+    let o = km::RqOpts {
+        n_levels: positive("n_levels", n_levels)?,
+        k: positive("codebook_size", codebook_size)?,
+        n_iter: non_negative("n_iter", n_iter)?,
+        seed: seed_u64(seed)?,
+        normalize: normalize_residuals,
+        balanced,
+    };
+    let nt = threads(n_threads)?;
+    let xs = slice(&x)?;
+    let (codes, books) = py.detach(|| pool::run(nt, || km::residual_kmeans(xs, n, d, &o)))??;
+    let codes = vec2(py, codes, n, o.n_levels)?;
+    let books = Array3::from_shape_vec((o.n_levels, o.k, d), books).map_err(invariant)?.into_pyarray(py);
+    Ok((codes, books))
+}
+
+#[pyfunction]
+#[pyo3(signature = (x, codebooks, normalize_residuals=false, n_threads=None))]
+fn assign_codes<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+    codebooks: &Bound<'py, PyAny>,
+    normalize_residuals: bool,
+    n_threads: Option<i64>,
+) -> PyResult<Bound<'py, PyArray2<i64>>> {
+    let x = f32_2(py, x, "x")?;
+    let b = f32_3(py, codebooks, "codebooks")?;
+    let (n, d) = (x.shape()[0], x.shape()[1]);
+    let (l, k, bd) = (b.shape()[0], b.shape()[1], b.shape()[2]);
+    if bd != d {
+        return Err(PyValueError::new_err(format!("codebooks dimension {bd} does not match x dimension {d}")));
+    }
+    let nt = threads(n_threads)?;
+    let (xs, bs) = (slice(&x)?, slice(&b)?);
+    let codes = py.detach(|| pool::run(nt, || km::assign_codes(xs, n, d, bs, l, k, normalize_residuals)))??;
+    vec2(py, codes, n, l)
+}
+
+#[pyfunction]
+#[pyo3(signature = (x, codes, codebooks, normalize_residuals=false))]
+fn reconstruction_errors<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+    codes: &Bound<'py, PyAny>,
+    codebooks: &Bound<'py, PyAny>,
+    normalize_residuals: bool,
+) -> PyResult<Bound<'py, PyArray1<f64>>> {
+    let x = f32_2(py, x, "x")?;
+    let c = int2(py, codes, "codes")?;
+    let b = f32_3(py, codebooks, "codebooks")?;
+    let (n, d) = (x.shape()[0], x.shape()[1]);
+    let (l, k, bd) = (b.shape()[0], b.shape()[1], b.shape()[2]);
+    if bd != d {
+        return Err(PyValueError::new_err(format!("codebooks dimension {bd} does not match x dimension {d}")));
+    }
+    if c.shape() != [n, l] {
+        return Err(PyValueError::new_err(format!(
+            "codes has shape {:?}, expected ({n}, {l}) for x with {n} rows and {l} codebook levels",
+            c.shape()
+        )));
+    }
+    let (xs, cs, bs) = (slice(&x)?, slice(&c)?, slice(&b)?);
+    let e = py.detach(|| km::reconstruction_errors(xs, n, d, cs, bs, l, k, normalize_residuals))?;
+    Ok(e.into_pyarray(py))
+}
+
+#[pyfunction]
+#[pyo3(signature = (codes, codebook_size))]
+fn code_report<'py>(py: Python<'py>, codes: &Bound<'py, PyAny>, codebook_size: i64) -> PyResult<Bound<'py, PyDict>> {
+    let c = int2(py, codes, "codes")?;
+    let (n, l) = (c.shape()[0], c.shape()[1]);
+    let k = positive("codebook_size", codebook_size)?;
+    let cs = slice(&c)?;
+    let r = py.detach(|| km::code_report(cs, n, l, k))?;
+    let d = PyDict::new(py);
+    d.set_item("n_items", n)?;
+    d.set_item("n_levels", l)?;
+    d.set_item("codebook_size", k)?;
+    d.set_item("usage", PyList::new(py, &r.usage)?)?;
+    d.set_item("entropy", PyList::new(py, &r.entropy_bits)?)?;
+    d.set_item("n_unique_tuples", r.n_unique_tuples)?;
+    d.set_item("collision_share", r.collision_share)?;
+    d.set_item("largest_collision_group", r.largest_collision_group)?;
+    Ok(d)
+}
+
+type Csr<'py> = (Bound<'py, PyArray1<i64>>, Bound<'py, PyArray1<i64>>, Bound<'py, PyArray1<f32>>, Bound<'py, PyArray1<i64>>);
+
+#[pyfunction]
+#[pyo3(signature = (store, window=3, top_k=50, min_weight=0.3, max_weight=1.0, holdout=2, n_threads=None))]
+#[allow(clippy::too_many_arguments)]
+fn cooccurrence<'py>(
+    py: Python<'py>,
+    store: &Bound<'py, SequenceStore>,
+    window: i64,
+    top_k: i64,
+    min_weight: f32,
+    max_weight: f32,
+    holdout: i64,
+    n_threads: Option<i64>,
+) -> PyResult<Csr<'py>> {
+    let o = cooccur::CooccurOpts {
+        window: positive("window", window)?,
+        top_k: positive("top_k", top_k)?,
+        min_weight,
+        max_weight,
+        holdout: non_negative("holdout", holdout)?,
+    };
+    let nt = threads(n_threads)?;
+    let st = store.get().inner.clone();
+    let c = py.detach(|| pool::run(nt, || cooccur::cooccurrence(&st, &o)))??;
+    Ok((c.indptr.into_pyarray(py), c.indices.into_pyarray(py), c.weights.into_pyarray(py), c.counts.into_pyarray(py)))
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("build_profile", if cfg!(debug_assertions) { "debug" } else { "release" })?;
+    m.add_class::<SequenceStore>()?;
+    m.add_class::<TrainSampler>()?;
+    m.add_class::<EpochIter>()?;
+    m.add_function(wrap_pyfunction!(sample_candidates, m)?)?;
+    m.add_function(wrap_pyfunction!(kmeans, m)?)?;
+    m.add_function(wrap_pyfunction!(residual_kmeans, m)?)?;
+    m.add_function(wrap_pyfunction!(assign_codes, m)?)?;
+    m.add_function(wrap_pyfunction!(reconstruction_errors, m)?)?;
+    m.add_function(wrap_pyfunction!(code_report, m)?)?;
+    m.add_function(wrap_pyfunction!(cooccurrence, m)?)?;
+    Ok(())
+}
