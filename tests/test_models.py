@@ -1,0 +1,342 @@
+"""Model properties: causality, padding invariance, leaks without the causal mask, the gate and
+its prior, shapes, gradients into both H2Rec branches, SID pooling and PCA init oracles."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+import pytest
+import torch
+
+from h2rec.errors import ConfigError, DataError
+from h2rec.losses import recommendation_loss
+from h2rec.models import (
+    CrossAttention,
+    H2Rec,
+    HidEmbedding,
+    ModelConfig,
+    SidRec,
+    attention_mask,
+    build_model,
+)
+
+N_ITEMS = 40
+T = 10
+MAX_LEN = 16
+
+
+@dataclass(frozen=True)
+class FakeSids:
+    codes: np.ndarray
+    codebooks: np.ndarray | None
+
+
+@pytest.fixture(scope="module")
+def sids() -> FakeSids:
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 5, size=(N_ITEMS, 3))
+    codes[7] = codes[3]  # a collision: items 4 and 8 share their full tuple
+    codebooks = rng.normal(scale=0.3, size=(3, 5, 12)).astype(np.float32)
+    return FakeSids(codes, codebooks)
+
+
+def _cfg(kind: str, **kw: object) -> ModelConfig:
+    base = dict(kind=kind, hidden=16, n_layers=2, n_heads=2, max_len=MAX_LEN, dropout=0.3)
+    base.update(kw)
+    return ModelConfig(**base)  # type: ignore[arg-type]
+
+
+CONFIGS = {
+    "sasrec": _cfg("sasrec"),
+    "sid-mean": _cfg("sid"),
+    "sid-sum": _cfg("sid", sid_pooling="sum"),
+    "h2rec": _cfg("h2rec"),
+    "h2rec-separate": _cfg("h2rec", shared_backbone=False),
+    "h2rec-no-cross": _cfg("h2rec", cross_attention=False),
+    "h2rec-no-gate": _cfg("h2rec", gate=False, sid_init="random"),
+}
+
+
+def _model(cfg: ModelConfig, sids: FakeSids, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = build_model(cfg, N_ITEMS, sids)
+    model.eval()
+    return model
+
+
+def _batch(seed: int = 1) -> torch.Tensor:
+    """(4, T) left-padded sequences of lengths 10, 7, 3, 1."""
+    g = torch.Generator().manual_seed(seed)
+    seq = torch.randint(1, N_ITEMS + 1, (4, T), generator=g)
+    for row, length in enumerate([10, 7, 3, 1]):
+        seq[row, : T - length] = 0
+    return seq
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_changing_later_items_changes_no_earlier_output(name: str, sids: FakeSids) -> None:
+    model = _model(CONFIGS[name], sids)
+    seq = _batch()
+    with torch.no_grad():
+        base = model(seq)
+        for t in range(T - 1):
+            changed = seq.clone()
+            later = changed[:, t + 1 :]
+            changed[:, t + 1 :] = torch.where(later > 0, later % N_ITEMS + 1, later)
+            out = model(changed)
+            torch.testing.assert_close(out[:, : t + 1], base[:, : t + 1], atol=1e-5, rtol=0)
+            assert not torch.allclose(out[0, t + 1 :], base[0, t + 1 :], atol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_without_causal_mask_later_items_leak(name: str, sids: FakeSids) -> None:
+    model = _model(replace(CONFIGS[name], causal=False), sids)
+    seq = _batch()
+    changed = seq.clone()
+    changed[0, -1] = seq[0, -1] % N_ITEMS + 1
+    with torch.no_grad():
+        diff = (model(changed)[0, :-1] - model(seq)[0, :-1]).abs().max()
+    assert diff > 1e-4
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_more_left_padding_changes_nothing(name: str, sids: FakeSids) -> None:
+    for causal in (True, False):
+        model = _model(replace(CONFIGS[name], causal=causal), sids)
+        seq = _batch()
+        padded = torch.cat([torch.zeros(4, MAX_LEN - T, dtype=seq.dtype), seq], dim=1)
+        with torch.no_grad():
+            a = model(seq)
+            b = model(padded)
+        real = seq > 0
+        torch.testing.assert_close(b[:, MAX_LEN - T :][real], a[real], atol=1e-5, rtol=0)
+        assert (b[:, : MAX_LEN - T] == 0).all() and (a[~real] == 0).all()
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_cross_attention_causal_and_padding_safe(causal: bool) -> None:
+    torch.manual_seed(0)
+    attn = CrossAttention(8, 2, dropout=0.5).eval()
+    g = torch.Generator().manual_seed(3)
+    q, kv = torch.randn(2, 6, 8, generator=g), torch.randn(2, 6, 8, generator=g)
+    real = torch.tensor([[False, False, True, True, True, True], [True] * 6])
+    with torch.no_grad():
+        base = attn(q, kv, real, attention_mask(real, causal))
+        # later keys/values and queries changed
+        q2, kv2 = q.clone(), kv.clone()
+        q2[:, 4:] = torch.randn(2, 2, 8, generator=g)
+        kv2[:, 4:] = torch.randn(2, 2, 8, generator=g)  # (a shift alone vanishes in LayerNorm)
+        out = attn(q2, kv2, real, attention_mask(real, causal))
+        if causal:
+            torch.testing.assert_close(out[:, :4], base[:, :4], atol=1e-6, rtol=0)
+        else:
+            assert (out[:, 2:4] - base[:, 2:4]).abs().max() > 1e-3
+        # what sits at padded key positions never matters; padded outputs are zero
+        kv3 = kv.clone()
+        kv3[0, :2] = torch.randn(2, 8, generator=g) * 100.0
+        out3 = attn(q, kv3, real, attention_mask(real, causal))
+        torch.testing.assert_close(out3, base, atol=1e-6, rtol=0)
+        assert (base[0, :2] == 0).all()
+
+
+def test_attention_mask_rule() -> None:
+    real = torch.tensor([[False, True, True]])
+    causal = attention_mask(real, True)[0, 0]
+    assert causal.tolist() == [[True, False, False], [False, True, False], [False, True, True]]
+    full = attention_mask(real, False)[0, 0]
+    assert full.tolist() == [[False, True, True]] * 3
+
+
+def test_gate_sums_to_one_and_has_the_coarse_to_fine_prior(sids: FakeSids) -> None:
+    model = _model(CONFIGS["h2rec"], sids)
+    assert isinstance(model, H2Rec)
+    seq = _batch()
+    with torch.no_grad():
+        gate = model.level_gate(seq)
+    assert gate.shape == (4, T, 3)
+    torch.testing.assert_close(gate.sum(-1), torch.ones(4, T))
+    assert (gate > 0).all()
+    # with the MLP silenced the gate is exactly the prior: softmax(0, -0.4, -0.8)
+    with torch.no_grad():
+        model.gate.mlp[-1].weight.zero_()
+        model.gate.mlp[-1].bias.zero_()
+        prior = model.level_gate(seq)
+    e = np.exp([0.0, -0.4, -0.8])
+    expected = torch.tensor(e / e.sum(), dtype=torch.float32)
+    torch.testing.assert_close(prior, expected.expand(4, T, 3))
+    assert prior[0, 0, 0] > prior[0, 0, 1] > prior[0, 0, 2]
+    # no gate: the uniform mixture
+    flat = _model(replace(CONFIGS["h2rec"], gate=False), sids)
+    with torch.no_grad():
+        torch.testing.assert_close(flat.level_gate(seq), torch.full((4, T, 3), 1 / 3))
+
+
+def test_user_gate_depends_on_the_user(sids: FakeSids) -> None:
+    model = _model(CONFIGS["h2rec"], sids)
+    with torch.no_grad():
+        gate = model.level_gate(_batch())[:, -1]  # (B, L)
+    assert (gate[0] - gate[1]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_shapes_and_scores(name: str, sids: FakeSids) -> None:
+    model = _model(CONFIGS[name], sids)
+    e = 32 if name.startswith("h2rec") else 16
+    assert model.out_dim == e
+    seq = _batch()
+    with torch.no_grad():
+        states = model(seq)
+        items = torch.randint(1, N_ITEMS + 1, (4, T, 5))
+        vecs = model.item_vectors(items)
+        table = model.all_item_vectors()
+    assert states.shape == (4, T, e)
+    assert vecs.shape == (4, T, 5, e)
+    assert table.shape == (N_ITEMS + 1, e)
+    assert (table[0] == 0).all()
+    scores = states[:, -1] @ table.T  # (B, N+1)
+    direct = (states[:, -1, None, :] * model.item_vectors(torch.arange(N_ITEMS + 1))).sum(-1)
+    torch.testing.assert_close(scores, direct, atol=1e-5, rtol=1e-5)
+
+
+def test_input_longer_than_max_len_is_an_error(sids: FakeSids) -> None:
+    model = _model(CONFIGS["sasrec"], sids)
+    with pytest.raises(DataError, match="max_len=16"):
+        model(torch.ones(2, MAX_LEN + 1, dtype=torch.long))
+
+
+def _grad_norm(module: torch.nn.Module) -> float:
+    return sum(float(p.grad.abs().sum()) for p in module.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_gradients_reach_both_branches(shared: bool, sids: FakeSids) -> None:
+    model = _model(_cfg("h2rec", shared_backbone=shared, dropout=0.0), sids)
+    model.train()
+    seq = _batch()
+    targets = torch.roll(seq, -1, 1) * (seq > 0)
+    negatives = torch.randint(1, N_ITEMS + 1, (4, T, 2), generator=torch.Generator().manual_seed(5))
+    states = model(seq)
+    loss = recommendation_loss(model, states, targets, negatives)
+    aux = model.aux_losses(seq, states, targets)
+    assert set(aux) == {"align_item", "align_seq"}
+    (loss + sum(aux.values())).backward()
+    parts = [model.hid, model.sid, model.hid_attn, model.gate, model.backbone, model.input]
+    parts += list(model.level_attn)
+    if not shared:
+        parts.append(model.backbone_hid)
+    for part in parts:
+        assert _grad_norm(part) > 0, type(part).__name__
+    assert model.mask_vectors.grad is not None and model.mask_vectors.grad.abs().sum() > 0
+    # each branch on its own: the recommendation loss alone reaches both
+    model.zero_grad(set_to_none=True)
+    states = model(seq)
+    (states[..., :16].sum()).backward()  # SID branch only
+    assert _grad_norm(model.level_attn[0]) > 0 and _grad_norm(model.gate) > 0
+    assert _grad_norm(model.hid_attn) == 0
+    model.zero_grad(set_to_none=True)
+    (model(seq)[..., 16:].sum()).backward()  # HID branch only
+    assert _grad_norm(model.hid_attn) > 0 and _grad_norm(model.level_attn[0]) == 0
+
+
+def test_frozen_codebooks_get_no_gradient(sids: FakeSids) -> None:
+    model = _model(_cfg("h2rec", codebooks_trainable=False), sids)
+    model.train()
+    model(_batch()).sum().backward()
+    assert model.sid.table.grad is None and not model.sid.table.requires_grad
+    assert model.sid.proj.weight.grad is not None
+
+
+@pytest.mark.parametrize("pooling", ["mean", "sum"])
+def test_sid_item_is_the_pool_of_its_projected_centroids(pooling: str, sids: FakeSids) -> None:
+    model = _model(_cfg("sid", sid_pooling=pooling), sids)
+    assert isinstance(model, SidRec)
+    w = model.sid.proj.weight.detach().numpy()  # (D, Dt)
+    items = np.array([1, 4, 8, 40])
+    with torch.no_grad():
+        got = model.item_vectors(torch.from_numpy(items)).numpy()
+    for row, item in enumerate(items):
+        per_level = [sids.codebooks[lvl, sids.codes[item - 1, lvl]] @ w.T for lvl in range(3)]
+        want = np.mean(per_level, axis=0) if pooling == "mean" else np.sum(per_level, axis=0)
+        np.testing.assert_allclose(got[row], want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(got[1], got[2])  # items 4 and 8 collide
+
+
+def test_dedup_level_without_centroids(sids: FakeSids) -> None:
+    codes = np.concatenate([sids.codes, np.zeros((N_ITEMS, 1), dtype=np.int64)], axis=1)
+    codes[7, 3] = 1  # the dedup level tells items 4 and 8 apart
+    model = _model(CONFIGS["sid-mean"], FakeSids(codes, sids.codebooks))
+    with torch.no_grad():
+        v = model.item_vectors(torch.tensor([4, 8]))
+    assert model.sid.n_levels == 4
+    assert (v[0] - v[1]).abs().max() > 1e-6
+
+
+def test_pca_init_matches_numpy_svd() -> None:
+    rng = np.random.default_rng(4)
+    emb = rng.normal(size=(N_ITEMS, 24)) @ rng.normal(size=(24, 24))
+    table = HidEmbedding(N_ITEMS, 6, init_std=0.02, init="pca", item_embeddings=emb)
+    got = table.weight.detach().numpy().astype(np.float64)
+    assert (got[0] == 0).all()
+    centred = emb - emb.mean(0)
+    u, s, _ = np.linalg.svd(centred, full_matrices=False)
+    oracle = u[:, :6] * s[:6]
+    oracle *= 0.02 / oracle.std()
+    for c in range(6):
+        sign = np.sign(got[1:, c] @ oracle[:, c])
+        np.testing.assert_allclose(got[1:, c], sign * oracle[:, c], rtol=1e-4, atol=1e-6)
+    assert abs(got[1:].std() - 0.02) < 1e-6
+
+
+def test_pca_init_through_build_model(sids: FakeSids) -> None:
+    rng = np.random.default_rng(5)
+    emb = rng.normal(size=(N_ITEMS, 20)).astype(np.float32)
+    torch.manual_seed(0)
+    model = build_model(_cfg("h2rec", hid_init="pca"), N_ITEMS, sids, item_embeddings=emb)
+    direct = HidEmbedding(N_ITEMS, 16, 0.02, "pca", emb)
+    torch.testing.assert_close(model.hid.weight, direct.weight)
+    with pytest.raises(ConfigError, match="hidden=32"):
+        build_model(_cfg("sasrec", hid_init="pca", hidden=32), N_ITEMS, None, emb)
+    with pytest.raises(ConfigError, match="hid_init='pca'"):
+        build_model(_cfg("sasrec", hid_init="pca"), N_ITEMS)
+
+
+def test_build_model_rejects_bad_inputs(sids: FakeSids) -> None:
+    with pytest.raises(DataError, match=r"codes: shape \(40, 3\).*n_items=41"):
+        build_model(CONFIGS["h2rec"], N_ITEMS + 1, sids)
+    with pytest.raises(ConfigError, match="kind='sid' needs semantic IDs"):
+        build_model(CONFIGS["sid-mean"], N_ITEMS)
+    bad = FakeSids(sids.codes.copy(), sids.codebooks)
+    bad.codes[2, 1] = 9
+    with pytest.raises(DataError, match=r"codes\[:, 1\]: value 9 >= codebook_size=5"):
+        build_model(CONFIGS["h2rec"], N_ITEMS, bad)
+    with pytest.raises(DataError, match="item_embeddings"):
+        build_model(_cfg("sasrec", hid_init="pca"), N_ITEMS, None, np.zeros((3, 20)))
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("kind", "bert", "model.kind='bert'"),
+        ("hidden", "64", "model.hidden='64': expected int"),
+        ("n_layers", True, "model.n_layers=True: expected int"),
+        ("n_heads", 3, "model.n_heads=3: must divide model.hidden=16"),
+        ("dropout", 1.0, "model.dropout=1.0"),
+        ("align_item_tau", 0.0, "model.align_item_tau=0.0"),
+        ("align_seq_target", "both", "model.align_seq_target='both'"),
+        ("sid_pooling", "max", "model.sid_pooling='max'"),
+        ("causal", 1, "model.causal=1: expected bool"),
+    ],
+)
+def test_model_config_rejects_bad_values(field: str, value: object, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        ModelConfig(**{"hidden": 16, field: value})  # type: ignore[arg-type]
+
+
+def test_model_config_defaults() -> None:
+    cfg = ModelConfig()
+    assert (cfg.kind, cfg.hidden, cfg.n_layers, cfg.dropout, cfg.max_len) == ("h2rec", 64, 2, 0.5, 50)
+    assert cfg.causal and cfg.shared_backbone
+    assert (cfg.align_item_weight, cfg.align_item_tau) == (0.1, 0.5)
+    assert (cfg.align_seq_weight, cfg.align_seq_tau) == (0.1, 1.0)
+    assert ModelConfig(align_item_tau=1).align_item_tau == 1  # ints are fine for floats
