@@ -214,7 +214,7 @@ impl SequenceStore {
         let test = match split {
             "test" => true,
             "valid" => false,
-            other => return Err(PyValueError::new_err(format!("split={other:?} must be 'valid' or 'test'"))),
+            other => return Err(PyValueError::new_err(format!("split='{other}' must be 'valid' or 'test'"))),
         };
         let t = positive("max_len", max_len)?;
         let u = int1(py, users, "users")?;
@@ -272,7 +272,7 @@ impl TrainSampler {
             "popularity" => true,
             other => {
                 return Err(PyValueError::new_err(format!(
-                    "negative_sampling={other:?} must be 'uniform' or 'popularity'"
+                    "negative_sampling='{other}' must be 'uniform' or 'popularity'"
                 )))
             }
         };
