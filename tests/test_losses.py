@@ -178,8 +178,9 @@ def test_symmetric_info_nce_by_hand() -> None:
     b = torch.tensor([[1.0, 1.0], [0.0, -1.0]])  # normalised: (1,1)/sqrt2, -e2
     r = 1 / math.sqrt(2)
     # logits (tau=1): [[r, 0], [r, -1]]
-    a_to_b = -math.log(math.exp(r) / (math.exp(r) + 1)) - math.log(math.exp(-1) / (math.exp(r) + math.exp(-1)))
-    b_to_a = -math.log(math.exp(r) / (math.exp(r) + math.exp(r))) - math.log(math.exp(-1) / (1 + math.exp(-1)))
+    e = math.exp
+    a_to_b = -math.log(e(r) / (e(r) + 1)) - math.log(e(-1) / (e(r) + e(-1)))
+    b_to_a = -math.log(e(r) / (e(r) + e(r))) - math.log(e(-1) / (1 + e(-1)))
     want = 0.5 * (a_to_b / 2 + b_to_a / 2)
     assert float(symmetric_info_nce(a, b, tau=1.0)) == pytest.approx(want, rel=1e-6)
 
@@ -295,7 +296,8 @@ def test_positives_from_rust_store_come_from_training_windows() -> None:
 
 def _h2rec(**kw: object) -> H2Rec:
     torch.manual_seed(0)
-    cfg = ModelConfig(kind="h2rec", hidden=8, max_len=6, dropout=0.0, **kw)  # type: ignore[arg-type]
+    base: dict[str, object] = dict(kind="h2rec", hidden=8, max_len=6, dropout=0.0)
+    cfg = ModelConfig(**{**base, **kw})  # type: ignore[arg-type]
     model = build_model(cfg, 12, _sids(12))
     assert isinstance(model, H2Rec)
     return model
@@ -368,7 +370,8 @@ def test_alignment_switches() -> None:
     assert model.aux_losses(SEQ, model(SEQ), TARGETS) == {}
     model = _h2rec(align_item_cooccur=False, align_item_same_tuple=False, align_seq=False)
     items = model.batch_items(TARGETS)
-    want = 0.1 * item_alignment_loss(model.sid(items), model.hid(items), torch.eye(len(items)), 0.5)
+    eye = torch.eye(len(items))
+    want = 0.1 * item_alignment_loss(model.sid(items), model.hid(items), eye, 0.5)
     torch.testing.assert_close(model.aux_losses(SEQ, model(SEQ), TARGETS)["align_item"], want)
     for kind in ("sasrec", "sid"):
         other = build_model(ModelConfig(kind=kind, hidden=8, max_len=6), 12, _sids(12))

@@ -335,7 +335,8 @@ def test_model_config_rejects_bad_values(field: str, value: object, match: str) 
 
 def test_model_config_defaults() -> None:
     cfg = ModelConfig()
-    assert (cfg.kind, cfg.hidden, cfg.n_layers, cfg.dropout, cfg.max_len) == ("h2rec", 64, 2, 0.5, 50)
+    got = (cfg.kind, cfg.hidden, cfg.n_layers, cfg.dropout, cfg.max_len)
+    assert got == ("h2rec", 64, 2, 0.5, 50)
     assert cfg.causal and cfg.shared_backbone
     assert (cfg.align_item_weight, cfg.align_item_tau) == (0.1, 0.5)
     assert (cfg.align_seq_weight, cfg.align_seq_tau) == (0.1, 1.0)

@@ -30,17 +30,17 @@ class ModelConfig:
     n_heads: int = 1  # attention heads in every (self- and cross-) attention; divides hidden
     dropout: float = 0.5  # dropout on inputs, attention weights, residual branches and the FFN
     max_len: int = 50  # longest input sequence; size of the learned position table
-    causal: bool = True  # causal attention; False lets position t see later items (paper's code)
+    causal: bool = True  # causal attention; False lets t see later items (the paper's code)
     ffn_mult: int = 1  # inner width of the point-wise feed-forward net, in multiples of hidden
-    init_std: float = 0.02  # std of the normal init of item/position tables (and PCA init scale)
+    init_std: float = 0.02  # std of the normal init of item/position tables (and of PCA init)
     hid_init: str = "random"  # HID table init: "random" (normal) or "pca" of the text embeddings
     sid_pooling: str = "mean"  # SID item embedding from its L code embeddings: "mean" or "sum"
     sid_init: str = "centroids"  # code tables from the k-means centroids or "random" (normal)
     codebooks_trainable: bool = True  # False freezes the code tables (the projection still learns)
     shared_backbone: bool = True  # H2Rec: one backbone for both branches; False gives each its own
-    cross_attention: bool = True  # H2Rec: branch inputs through cross-attention (False: plain streams)
+    cross_attention: bool = True  # H2Rec: branch inputs via cross-attention (False: plain streams)
     gate: bool = True  # H2Rec: per-user softmax gate over SID levels (False: uniform mixing)
-    gate_prior: float = 0.8  # coarse-to-fine prior: gate logit bias falls by this from level 0 to L-1
+    gate_prior: float = 0.8  # coarse-to-fine prior: gate logit bias drops this much, level 0 -> L-1
     align_item: bool = True  # H2Rec: item-level code-guided multi-positive InfoNCE (SID vs HID)
     align_item_weight: float = 0.1  # weight of the item-level alignment loss
     align_item_tau: float = 0.5  # temperature of the item-level alignment loss
@@ -50,7 +50,7 @@ class ModelConfig:
     align_seq: bool = True  # H2Rec: sequence-level masked-granularity contrastive loss
     align_seq_weight: float = 0.1  # weight of the sequence-level alignment loss
     align_seq_tau: float = 1.0  # temperature of the sequence-level alignment loss
-    align_seq_target: str = "sid"  # masked SID state is pulled to the full "sid" state or the "hid" one
+    align_seq_target: str = "sid"  # masked SID state is pulled to the full "sid" or the "hid" state
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -60,7 +60,8 @@ class ModelConfig:
         _choice("sid_pooling", self.sid_pooling, SID_POOLINGS)
         _choice("sid_init", self.sid_init, SID_INITS)
         _choice("align_seq_target", self.align_seq_target, ALIGN_SEQ_TARGETS)
-        for name in ("hidden", "n_layers", "n_heads", "max_len", "ffn_mult", "align_item_max_items"):
+        positive = ("hidden", "n_layers", "n_heads", "max_len", "ffn_mult", "align_item_max_items")
+        for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"model.{name}={getattr(self, name)!r}: must be >= 1")
         if self.hidden % self.n_heads != 0:
@@ -84,7 +85,12 @@ class ModelConfig:
         return self.kind in ("sid", "h2rec")
 
 
-_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+_TYPES: dict[str, tuple[type, ...]] = {
+    "int": (int,),
+    "float": (int, float),
+    "bool": (bool,),
+    "str": (str,),
+}
 
 
 def _check_type(name: str, value: object, annotation: object) -> None:

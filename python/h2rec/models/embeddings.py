@@ -105,6 +105,9 @@ class SidEmbedding(nn.Module):
     Item 0 (padding) embeds to zero at every level.
     """
 
+    codes: Tensor  # (N+1, L) buffer, row 0 = padding
+    offsets: Tensor  # (L,) buffer, start of each level in ``table``
+
     def __init__(
         self,
         codes: np.ndarray,

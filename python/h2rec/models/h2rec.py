@@ -35,6 +35,8 @@ class LevelGate(nn.Module):
     ``learned=False`` the gate is the constant uniform mixture 1/L (the "no gate" ablation).
     """
 
+    prior: Tensor  # (L,) buffer
+
     def __init__(self, hidden: int, n_levels: int, strength: float, learned: bool = True) -> None:
         super().__init__()
         self.n_levels = n_levels
@@ -207,7 +209,8 @@ class H2Rec(nn.Module):
             weights = self.positives(items.device).batch_matrix(
                 items, cfg.align_item_cooccur, cfg.align_item_same_tuple
             )  # (M, M)
-            loss = item_alignment_loss(self.sid(items), self.hid(items), weights, cfg.align_item_tau)
+            sid, hid = self.sid(items), self.hid(items)  # (M, D) each
+            loss = item_alignment_loss(sid, hid, weights, cfg.align_item_tau)
             out["align_item"] = cfg.align_item_weight * loss
         if cfg.align_seq and cfg.align_seq_weight > 0 and self.n_levels >= 2:
             out["align_seq"] = cfg.align_seq_weight * self._sequence_alignment(seq, states)

@@ -64,7 +64,9 @@ class CooccurrencePositives:
         ix = np.asarray(indices, dtype=np.int64)
         w = np.asarray(weights, dtype=np.float32)
         if ip.shape != (n_items + 2,):
-            raise DataError(f"indptr: shape {ip.shape}, expected ({n_items + 2},) for n_items={n_items}")
+            raise DataError(
+                f"indptr: shape {ip.shape}, expected ({n_items + 2},) for n_items={n_items}"
+            )
         if ip[0] != 0 or (np.diff(ip) < 0).any() or ip[-1] != ix.shape[0]:
             raise DataError(
                 f"indptr: must start at 0, not decrease and end at len(indices)={ix.shape[0]}"

@@ -44,7 +44,11 @@ class SASRec(nn.Module):
         return self.hid.weight
 
     def aux_losses(
-        self, seq: Tensor, states: Tensor, pos_items: Tensor, generator: torch.Generator | None = None
+        self,
+        seq: Tensor,
+        states: Tensor,
+        pos_items: Tensor,
+        generator: torch.Generator | None = None,
     ) -> dict[str, Tensor]:
         """No auxiliary losses for SASRec."""
         return {}

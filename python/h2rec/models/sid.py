@@ -53,7 +53,11 @@ class SidRec(nn.Module):
         return self.sid(torch.arange(self.n_items + 1, device=self.sid.codes.device))
 
     def aux_losses(
-        self, seq: Tensor, states: Tensor, pos_items: Tensor, generator: torch.Generator | None = None
+        self,
+        seq: Tensor,
+        states: Tensor,
+        pos_items: Tensor,
+        generator: torch.Generator | None = None,
     ) -> dict[str, Tensor]:
         """No auxiliary losses for the SID-only model."""
         return {}
