@@ -314,7 +314,10 @@ def evaluate(
                 competing[rows, tgt_t] = False  # the target does not compete with itself
                 target_scores = scores[rows, tgt_t]
             else:
-                cands = _core.sample_candidates(store, bu, tgt, cfg.n_negatives, cfg.seed)
+                try:
+                    cands = _core.sample_candidates(store, bu, tgt, cfg.n_negatives, cfg.seed)
+                except ValueError as err:  # a user has touched too many items
+                    raise ConfigError(f"eval.n_negatives={cfg.n_negatives}: {err}") from err
                 cand_t = torch.from_numpy(cands).to(device)  # (B, 1 + n)
                 vecs = model.item_vectors(cand_t).float()  # (B, 1 + n, E)
                 scores = (states.unsqueeze(1) * vecs).sum(-1)  # (B, 1 + n)

@@ -306,12 +306,6 @@ def _verify_checkpoint(
         raise CheckpointError(
             f"{path}: checkpoint was trained on another dataset ({'; '.join(diff)})"
         )
-    codes = codes_fingerprint(getattr(sids, "codes", None))
-    if ckpt["codes"] != codes:
-        raise CheckpointError(
-            f"{path}: checkpoint was trained with other semantic IDs "
-            f"(checkpoint {ckpt['codes']!r}, given {codes!r})"
-        )
     if cfg is not None:
         old = _flat(ckpt["config"])
         new = _flat(config_to_dict(cfg))
@@ -325,6 +319,12 @@ def _verify_checkpoint(
             raise CheckpointError(
                 f"{path}: checkpoint is from another configuration ({detail})"
             )
+    codes = codes_fingerprint(getattr(sids, "codes", None))
+    if ckpt["codes"] != codes:
+        raise CheckpointError(
+            f"{path}: checkpoint was trained with other semantic IDs "
+            f"(checkpoint {ckpt['codes']!r}, given {codes!r})"
+        )
 
 
 def load_checkpoint(
@@ -337,7 +337,12 @@ def load_checkpoint(
     """The model of a checkpoint (eval mode) and its config, after checking dataset and codes."""
     path = Path(path)
     ckpt = _read_checkpoint(path)
-    cfg = config_from_dict(ckpt["config"])
+    try:
+        cfg = config_from_dict(ckpt["config"])
+    except ConfigError as err:
+        raise CheckpointError(f"{path}: its config does not load: {err}") from err
+    if not cfg.model.uses_sids:
+        sids = None  # SASRec ignores semantic IDs
     check_codes(sids, store.n_items)
     _verify_checkpoint(path, ckpt, store, sids, None, resumable_only=False)
     seed_everything(cfg.train.seed)
@@ -393,6 +398,8 @@ def train(
     after each epoch's checkpoint is written."""
     # 1. checks before anything is trained
     rank, world, local_rank = _dist_env()
+    if not cfg.model.uses_sids:
+        sids = None  # SASRec ignores semantic IDs
     check_codes(sids, store.n_items)
     _check_embeddings(embeddings, store.n_items, "embeddings")
     out = Path(run_dir) if run_dir is not None else None

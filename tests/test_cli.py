@@ -1,0 +1,160 @@
+"""The command line end to end, in-process, on a tiny generated dataset."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pytest
+
+from h2rec.cli import main, train_main
+from h2rec.data import load_dataset
+
+TINY = [
+    "--set", "data.synthetic_users=150",
+    "--set", "data.synthetic_items=130",
+    "--set", "data.embed_dim=16",
+    "--set", "sid.codebook_size=8",
+    "--set", "sid.n_iter=5",
+    "--set", "model.hidden=16",
+    "--set", "model.max_len=10",
+    "--set", "train.epochs=1",
+    "--set", "train.batch_size=64",
+    "--set", "train.device=cpu",
+    "--set", "train.num_threads=1",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("runs")
+    code = train_main(["--models", "sasrec,sid,h2rec", "--name", "tiny", "--output-dir", str(out), *TINY])
+    return {"code": code, "out": out, "base": out / "tiny"}
+
+
+def test_h2rec_train_runs_the_whole_pipeline(pipeline: dict[str, Any]) -> None:
+    assert pipeline["code"] == 0
+    base: Path = pipeline["base"]
+    for name in ("config.json", "metrics.json", "results.md", "ndcg10_by_popularity.png",
+                 "embeddings.npy", "sid/codes.npy", "builtin/dataset/meta.json"):
+        assert (base / name).is_file(), name
+    for kind in ("sasrec", "sid", "h2rec"):
+        assert (base / kind / "best.pt").is_file() and (base / kind / "config.json").is_file()
+    metrics = json.loads((base / "metrics.json").read_text())
+    assert list(metrics["models"]) == ["sasrec", "sid", "h2rec"]
+    for res in metrics["models"].values():
+        assert res["n_users"] == 150 and res["split"] == "test"
+        assert 0.0 <= res["metrics"]["NDCG@10"] <= res["metrics"]["HR@10"] <= 1.0
+        assert res["groups"]["head"]["n"] + res["groups"]["tail"]["n"] == 150
+    table = (base / "results.md").read_text()
+    for kind in ("sasrec", "sid", "h2rec"):
+        assert f"| {kind} | overall | 150 |" in table and f"| {kind} | tail |" in table
+    assert (base / "ndcg10_by_popularity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    resolved = json.loads((base / "sasrec" / "config.json").read_text())
+    assert resolved["model"]["kind"] == "sasrec" and resolved["model"]["hidden"] == 16
+    assert Path(resolved["data"]["path"]).is_absolute()
+
+
+def test_nothing_is_overwritten_without_flag(
+    pipeline: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = (pipeline["base"] / "metrics.json").stat().st_mtime_ns
+    code = train_main(["--name", "tiny", "--output-dir", str(pipeline["out"]), *TINY])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].startswith("h2rec: error:") and "--overwrite" in err[-1]
+    assert (pipeline["base"] / "metrics.json").stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--set", "train.lr=fast"], "train.lr='fast'"),
+        (["--set", "train.nosuch=1"], "train.nosuch"),
+        (["--set", "model.kind=bert"], "model.kind='bert'"),
+    ],
+)
+def test_bad_config_exits_with_code_2(
+    args: list[str], fragment: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = train_main(["--output-dir", str(tmp_path), *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and fragment in err[0]
+    assert not any(tmp_path.iterdir())  # failed before writing anything
+
+
+def test_train_evaluate_recommend(
+    pipeline: dict[str, Any],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    base: Path = pipeline["base"]
+    data = base / "builtin" / "dataset"
+    monkeypatch.chdir(tmp_path)
+    code = main(["train", str(data), "--sids", str(base / "sid"), "--name", "one",
+                 "--set", "model.kind=sid", *TINY])
+    assert code == 0
+    run = tmp_path / "runs" / "one"  # the default output location
+    assert (run / "best.pt").is_file() and "| sid | overall |" in capsys.readouterr().out
+
+    # evaluate: the sampled protocol, written as JSON
+    assert main(["evaluate", str(run), "--protocol", "sampled"]) == 2  # 130 items: too few
+    assert "eval.n_negatives=100" in capsys.readouterr().err
+    code = main(["evaluate", str(run), "--protocol", "sampled", "--set", "eval.n_negatives=50",
+                 "--out", "m.json"])
+    assert code == 0
+    m = json.loads((tmp_path / "m.json").read_text())["models"]["sid"]
+    assert m["protocol"] == "sampled" and m["n_candidates"] == 51
+    assert main(["evaluate", str(run), "--out", "m.json"]) == 2  # exists, no --overwrite
+    assert main(["evaluate", str(run), "--split", "valid", "--out", "m.json", "--overwrite"]) == 0
+    assert json.loads((tmp_path / "m.json").read_text())["models"]["sid"]["split"] == "valid"
+
+    # recommend: original ids, history excluded, K per user, in both formats
+    ds = load_dataset(data)
+    for out in ("recs.parquet", "recs.csv"):
+        assert main(["recommend", str(run), "--out", out, "-k", "5"]) == 0
+        frame = pl.read_parquet(out) if out.endswith("parquet") else pl.read_csv(
+            out, schema_overrides={"user": pl.String, "item": pl.String}
+        )
+        assert frame.height == 5 * ds.n_users
+        assert set(frame["item"].to_list()) <= set(ds.item_ids)
+        assert set(frame["user"].to_list()) == set(ds.user_ids)
+        index = ds.user_index()
+        for user, group in frame.group_by("user"):
+            row = index[str(user[0])]
+            seen = {ds.item_ids[i - 1] for i in ds.store.sequence(row).tolist()}
+            assert not seen & set(group["item"].to_list())
+            assert sorted(group["rank"].to_list()) == [1, 2, 3, 4, 5]
+            scores = group.sort("rank")["score"].to_numpy()
+            assert np.all(np.diff(scores) <= 0)
+    assert main(["recommend", str(run), "--out", "recs.json"]) == 2
+
+
+def test_compare_trains_then_loads(
+    pipeline: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base: Path = pipeline["base"]
+    data = base / "builtin" / "dataset"
+    args = ["compare", str(data), "--sids", str(base / "sid"), "--models", "sasrec,sid",
+            "--name", "cmp", "--output-dir", str(tmp_path), *TINY]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    ckpt = tmp_path / "cmp" / "sasrec" / "best.pt"
+    stamp = ckpt.stat().st_mtime_ns
+    assert main(args) == 0  # finished runs are loaded, not retrained
+    second = capsys.readouterr().out
+    assert ckpt.stat().st_mtime_ns == stamp
+    table = lambda text: [l for l in text.splitlines() if l.startswith("|")]  # noqa: E731
+    assert table(first) == table(second) and len(table(first)) == 2 + 2 * 3
+    assert (tmp_path / "cmp" / "ndcg10_by_popularity.png").is_file()
+
+
+def test_missing_inputs_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", str(tmp_path / "nope"), "--output-dir", str(tmp_path)]) == 2
+    assert main(["evaluate", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(e.startswith("h2rec: error:") for e in err)

@@ -1,0 +1,222 @@
+"""Training: learning happens, resume is exact, two-process DDP on gloo, errors before training."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from h2rec import _core
+from h2rec.config import RunConfig, apply_overrides
+from h2rec.data import load_dataset
+from h2rec.embed import EmbedOptions, embed_texts
+from h2rec.errors import CheckpointError, ConfigError, DataError, H2RecError
+from h2rec.evaluate import evaluate
+from h2rec.semantic_ids import build_sid
+from h2rec.synthetic import SyntheticConfig, builtin_dataset
+from h2rec.train import build_for, load_checkpoint, seed_everything, train
+
+FAST = [
+    "model.hidden=32",
+    "model.max_len=20",
+    "train.batch_size=64",
+    "train.num_threads=1",
+    "train.device=cpu",
+    "train.patience=0",
+    "sid.codebook_size=16",
+]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("builtin")
+    path = builtin_dataset(root, SyntheticConfig(n_users=300, n_items=200, seed=0))
+    ds = load_dataset(path)
+    emb = embed_texts(ds.item_text, EmbedOptions(dim=32))
+    sids = build_sid(emb, n_levels=3, codebook_size=16, n_iter=10, seed=0)
+    return {"dataset": ds, "store": ds.store, "sids": sids, "embeddings": emb, "root": root}
+
+
+def _cfg(*overrides: str) -> RunConfig:
+    return apply_overrides(RunConfig(), [*FAST, *overrides])
+
+
+def test_training_improves_validation_ndcg(data: dict[str, Any], tmp_path: Path) -> None:
+    cfg = _cfg("model.kind=h2rec", "train.epochs=3", "train.lr=3e-3")
+    seed_everything(cfg.train.seed)
+    untrained = build_for(cfg, data["store"], data["sids"], None)
+    before = evaluate(untrained, data["store"], "valid", cfg.eval, cfg.model.max_len).ndcg10
+    result = train(cfg, data["store"], data["sids"], run_dir=tmp_path / "run")
+    assert result.epochs_run == 3 and len(result.history) == 3
+    assert result.best_valid_ndcg10 > before + 0.02
+    # the model handed back is the best one: its validation NDCG@10 is the recorded best
+    again = evaluate(result.model, data["store"], "valid", cfg.eval, cfg.model.max_len)
+    assert again.ndcg10 == pytest.approx(result.best_valid_ndcg10)
+    for name in ("config.json", "best.pt", "last.pt", "metrics.jsonl", "metrics.json",
+                 "results.md", "ndcg10_by_popularity.png"):
+        assert (tmp_path / "run" / name).is_file(), name
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_resume_reproduces_the_uninterrupted_run(data: dict[str, Any], tmp_path: Path) -> None:
+    cfg = _cfg("model.kind=h2rec", "train.epochs=3")
+    full = train(cfg, data["store"], data["sids"], run_dir=tmp_path / "full")
+
+    def stop_after_first(epoch: int, record: dict[str, Any]) -> None:
+        if epoch == 1:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        train(cfg, data["store"], data["sids"], run_dir=tmp_path / "cut", on_epoch_end=stop_after_first)
+    # a second process would start with other global RNG states: scramble them
+    torch.manual_seed(12345)
+    np.random.seed(54321)
+    resumed = train(cfg, data["store"], data["sids"], run_dir=tmp_path / "cut", resume=True)
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    strip = ("train_seconds", "sequences_per_second")
+    for ra, rb in zip(full.history, resumed.history, strict=True):
+        assert {k: v for k, v in ra.items() if k not in strip} == {
+            k: v for k, v in rb.items() if k not in strip
+        }
+    assert full.test is not None and resumed.test is not None
+    assert full.test.ranks.tolist() == resumed.test.ranks.tolist()
+    last_full = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
+    last_cut = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
+    for k, v in last_full["optimizer"]["state"].items():
+        assert torch.equal(v["exp_avg"], last_cut["optimizer"]["state"][k]["exp_avg"])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _ddp_worker(rank: int, world: int, port: int, root: str, cfg: RunConfig) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
+    import torch.distributed as dist
+
+    store = load_dataset(Path(root) / "dataset").store
+    try:
+        result = train(cfg, store, None, run_dir=Path(root) / "run")
+        seqs = sum(r["sequences_per_second"] * r["train_seconds"] for r in result.history)
+        torch.save(
+            {"state": result.model.state_dict(), "seqs": round(seqs), "test": result.test.ranks},
+            Path(root) / f"rank{rank}.pt",
+        )
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_two_process_gloo_ddp(data: dict[str, Any], tmp_path: Path) -> None:
+    link = tmp_path / "dataset"
+    link.symlink_to(data["dataset"].path, target_is_directory=True)
+    cfg = _cfg("model.kind=sasrec", "train.epochs=2")
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path), cfg), nprocs=2, join=True)
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
+    # gradients were all-reduced: both ranks hold the same weights after different batches
+    for k, v in r0["state"].items():
+        assert torch.equal(v, r1["state"][k]), k
+    # rank r trains on batches r, r + 2, ... (wrapped so both ranks get as many batches)
+    sampler = _core.TrainSampler(data["store"], cfg.model.max_len, cfg.train.batch_size)
+    expected = [0, 0]
+    for epoch in (1, 2):
+        n = sampler.batch_users(epoch).size
+        sizes = [min(cfg.train.batch_size, n - s) for s in range(0, n, cfg.train.batch_size)]
+        per_rank = -(-len(sizes) // 2)
+        for rank in (0, 1):
+            expected[rank] += sum(sizes[(rank + 2 * i) % len(sizes)] for i in range(per_rank))
+    assert [r0["seqs"], r1["seqs"]] == expected
+    # each rank evaluated half of the users; the gathered test ranks agree
+    assert np.array_equal(r0["test"], r1["test"])
+    assert (tmp_path / "run" / "metrics.json").is_file()
+    # the weights differ from a single-process run's (the data were split, not repeated)
+    single = train(cfg, data["store"], None, run_dir=None)
+    assert any(not torch.equal(v, single.model.state_dict()[k]) for k, v in r0["state"].items())
+
+
+# --------------------------------------------------------------------------- errors first
+
+
+def _assert_untouched(run: Path) -> None:
+    assert not (run / "last.pt").exists() and not (run / "best.pt").exists()
+
+
+def test_codes_of_another_dataset_fail_before_training(data: dict[str, Any], tmp_path: Path) -> None:
+    bad = dataclasses.replace(data["sids"], codes=data["sids"].codes[:-3])
+    with pytest.raises(DataError, match=r"codes.*\(197, 3\).*n_items=200"):
+        train(_cfg("model.kind=h2rec"), data["store"], bad, run_dir=tmp_path / "run")
+    _assert_untouched(tmp_path / "run")
+    emb = np.zeros((5, 4), np.float32)
+    with pytest.raises(DataError, match="embeddings"):
+        train(_cfg("model.kind=sasrec"), data["store"], None, emb, run_dir=tmp_path / "run")
+    _assert_untouched(tmp_path / "run")
+
+
+def test_bad_config_fails_before_training(data: dict[str, Any], tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="semantic IDs"):
+        train(_cfg("model.kind=sid"), data["store"], None, run_dir=tmp_path / "run")
+    _assert_untouched(tmp_path / "run")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="cuda"):
+            train(_cfg("train.device=cuda"), data["store"], None, run_dir=tmp_path / "run")
+    with pytest.raises(ConfigError, match="resume"):
+        train(_cfg(), data["store"], data["sids"], resume=True)
+
+
+@pytest.fixture(scope="module")
+def sasrec_run(data: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("sasrec") / "run"
+    train(_cfg("model.kind=sasrec", "train.epochs=1"), data["store"], None, run_dir=run)
+    return run
+
+
+def test_checkpoint_from_another_dataset_or_model(
+    data: dict[str, Any], sasrec_run: Path, tmp_path: Path
+) -> None:
+    other = _core.SequenceStore.from_sequences([[1, 2, 3, 4]] * 5, n_items=200)
+    with pytest.raises(CheckpointError, match="another dataset"):
+        load_checkpoint(sasrec_run / "best.pt", other)
+    with pytest.raises(CheckpointError, match="another dataset"):
+        train(_cfg("model.kind=sasrec", "train.epochs=2"), other, None, run_dir=sasrec_run, resume=True)
+    with pytest.raises(CheckpointError, match=r"another configuration.*model.kind"):
+        train(_cfg("model.kind=h2rec", "train.epochs=2"), data["store"], data["sids"],
+              run_dir=sasrec_run, resume=True)
+    other_sids = build_sid(data["embeddings"], n_levels=3, codebook_size=16, n_iter=10, seed=1)
+    sid_run = tmp_path / "sid"
+    train(_cfg("model.kind=sid", "train.epochs=1"), data["store"], data["sids"], run_dir=sid_run)
+    with pytest.raises(CheckpointError, match="other semantic IDs"):
+        load_checkpoint(sid_run / "best.pt", data["store"], other_sids)
+    with pytest.raises(CheckpointError, match="other semantic IDs"):
+        train(_cfg("model.kind=sid", "train.epochs=2"), data["store"], other_sids,
+              run_dir=sid_run, resume=True)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="garbage.pt"):
+        load_checkpoint(garbage, data["store"])
+    with pytest.raises(H2RecError, match="--overwrite"):
+        train(_cfg("model.kind=sasrec"), data["store"], None, run_dir=sasrec_run)
+    model, cfg = load_checkpoint(sasrec_run / "best.pt", data["store"])
+    assert cfg.model.kind == "sasrec" and not model.training
