@@ -15,8 +15,8 @@ use crate::rng::{Rng, TAG_KMEANS};
 /// Rows per distance block.
 const BLOCK: usize = 256;
 /// k-means++ runs on at most max(INIT_PER_CLUSTER * k, INIT_MIN) points.
-const INIT_PER_CLUSTER: usize = 32;
-const INIT_MIN: usize = 8192;
+const INIT_PER_CLUSTER: usize = 8;
+const INIT_MIN: usize = 1024;
 /// Relative perturbation when a cluster is split to refill an empty one.
 const SPLIT_EPS: f32 = 1.0 / 1024.0;
 
@@ -26,6 +26,16 @@ pub struct KMeansOpts {
     pub n_iter: usize,
     pub seed: u64,
     pub balanced: bool,
+    pub init: Init,
+}
+
+/// How the first centroids are chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Init {
+    /// k-means++ (D² sampling) on a seeded subsample.
+    KMeansPlusPlus,
+    /// k distinct points drawn uniformly (what faiss does).
+    Random,
 }
 
 /// Checks an (n × d) float matrix: non-empty and finite.
@@ -55,8 +65,43 @@ fn gemm_abt(a: &[f32], m: usize, b: &[f32], k: usize, d: usize, out: &mut [f32])
     }
 }
 
+/// Squared distance with 16 independent accumulators, so the compiler can vectorise it (a
+/// single running f32 sum has a fixed order and would stay scalar). The order is fixed too, so
+/// the result does not depend on threads.
+#[inline]
+pub fn sqdist(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..16 {
+            let t = x[l] - y[l];
+            acc[l] += t * t;
+        }
+    }
+    let mut tail = 0f32;
+    for (x, y) in ra.iter().zip(rb) {
+        tail += (x - y) * (x - y);
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Squared norm, vectorised like `sqdist`.
+#[inline]
+pub fn sqnorm(a: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let ca = a.chunks_exact(16);
+    let ra = ca.remainder();
+    for x in ca {
+        for l in 0..16 {
+            acc[l] += x[l] * x[l];
+        }
+    }
+    acc.iter().sum::<f32>() + ra.iter().map(|v| v * v).sum::<f32>()
+}
+
 fn row_norms(x: &[f32], d: usize) -> Vec<f32> {
-    x.par_chunks(d).map(|r| r.iter().map(|v| v * v).sum()).collect()
+    x.par_chunks(d).map(sqnorm).collect()
 }
 
 /// Nearest centroid of every row and its squared distance.
@@ -72,8 +117,7 @@ pub fn nearest(x: &[f32], n: usize, d: usize, c: &[f32], k: usize) -> (Vec<u32>,
             let mut g = vec![0f32; m * k];
             gemm_abt(xb, m, c, k, d, &mut g);
             for i in 0..m {
-                let xi = &xb[i * d..(i + 1) * d];
-                let xn: f32 = xi.iter().map(|v| v * v).sum();
+                let xn = sqnorm(&xb[i * d..(i + 1) * d]);
                 let gi = &g[i * k..(i + 1) * k];
                 let (mut best, mut bj) = (f32::INFINITY, 0usize);
                 for j in 0..k {
@@ -98,7 +142,7 @@ fn all_distances(x: &[f32], n: usize, d: usize, c: &[f32], k: usize) -> Vec<f32>
         let m = ob.len() / k;
         gemm_abt(xb, m, c, k, d, ob);
         for i in 0..m {
-            let xn: f32 = xb[i * d..(i + 1) * d].iter().map(|v| v * v).sum();
+            let xn = sqnorm(&xb[i * d..(i + 1) * d]);
             for j in 0..k {
                 let g = ob[i * k + j];
                 ob[i * k + j] = (xn + cn[j] - 2.0 * g).max(0.0);
@@ -155,6 +199,20 @@ fn balanced_assign(x: &[f32], n: usize, d: usize, c: &[f32], k: usize) -> (Vec<u
     (assign, best)
 }
 
+/// k distinct rows drawn uniformly.
+fn random_init(x: &[f32], n: usize, d: usize, k: usize, seed: u64) -> Vec<f32> {
+    let mut rng = Rng::stream(seed, TAG_KMEANS, 0, 2);
+    let mut idx: Vec<u32> = (0..n as u32).collect();
+    let mut cent = vec![0f32; k * d];
+    for i in 0..k {
+        let j = i + rng.below((n - i) as u64) as usize;
+        idx.swap(i, j);
+        let r = idx[i] as usize;
+        cent[i * d..(i + 1) * d].copy_from_slice(&x[r * d..(r + 1) * d]);
+    }
+    cent
+}
+
 /// k-means++ seeding on a subsample of the rows.
 fn kmeanspp(x: &[f32], n: usize, d: usize, k: usize, seed: u64) -> Vec<f32> {
     let mut rng = Rng::stream(seed, TAG_KMEANS, 0, 1);
@@ -195,7 +253,7 @@ fn kmeanspp(x: &[f32], n: usize, d: usize, k: usize, seed: u64) -> Vec<f32> {
         }
         let cc = &cent[c * d..(c + 1) * d];
         sample.par_chunks(d).zip(d2.par_iter_mut()).for_each(|(row, dv)| {
-            let dist: f32 = row.iter().zip(cc).map(|(a, b)| (a - b) * (a - b)).sum();
+            let dist = sqdist(row, cc);
             if dist < *dv {
                 *dv = dist;
             }
@@ -270,7 +328,10 @@ pub fn kmeans(x: &[f32], n: usize, d: usize, o: &KMeansOpts) -> Result<(Vec<f32>
     ensure!(o.k >= 1, "k={} must be at least 1", o.k);
     ensure!(o.k <= n, "k={} clusters is more than the {n} points", o.k);
     let k = o.k;
-    let mut cent = kmeanspp(x, n, d, k, o.seed);
+    let mut cent = match o.init {
+        Init::KMeansPlusPlus => kmeanspp(x, n, d, k, o.seed),
+        Init::Random => random_init(x, n, d, k, o.seed),
+    };
     let assign_fn = |c: &[f32]| if o.balanced { balanced_assign(x, n, d, c, k) } else { nearest(x, n, d, c, k) };
     let mut prev: Option<Vec<u32>> = None;
     let mut repaired = false;
@@ -291,7 +352,7 @@ pub fn kmeans(x: &[f32], n: usize, d: usize, o: &KMeansOpts) -> Result<(Vec<f32>
 /// Scales each row to unit L2 norm; zero rows stay zero.
 pub fn normalize_rows(x: &mut [f32], d: usize) {
     x.par_chunks_mut(d).for_each(|r| {
-        let nrm = r.iter().map(|v| v * v).sum::<f32>().sqrt();
+        let nrm = sqnorm(r).sqrt();
         if nrm > 0.0 {
             r.iter_mut().for_each(|v| *v /= nrm);
         }
@@ -313,6 +374,7 @@ pub struct RqOpts {
     pub seed: u64,
     pub normalize: bool,
     pub balanced: bool,
+    pub init: Init,
 }
 
 /// Residual k-means: codes (n × L, row-major) and codebooks (L × k × d).
@@ -329,7 +391,7 @@ pub fn residual_kmeans(x: &[f32], n: usize, d: usize, o: &RqOpts) -> Result<(Vec
             normalize_rows(&mut r, d);
         }
         let level_seed = Rng::stream(o.seed, TAG_KMEANS, l as u64, 0).next_u64();
-        let ko = KMeansOpts { k: o.k, n_iter: o.n_iter, seed: level_seed, balanced: o.balanced };
+        let ko = KMeansOpts { k: o.k, n_iter: o.n_iter, seed: level_seed, balanced: o.balanced, init: o.init };
         let (c, a) = kmeans(&r, n, d, &ko)?;
         subtract_assigned(&mut r, d, &c, &a);
         for (i, &ai) in a.iter().enumerate() {
@@ -488,7 +550,7 @@ mod tests {
     #[test]
     fn finds_the_blobs() {
         let (x, n, d) = blobs();
-        let (c, a) = kmeans(&x, n, d, &KMeansOpts { k: 3, n_iter: 10, seed: 3, balanced: false }).unwrap();
+        let (c, a) = kmeans(&x, n, d, &KMeansOpts { k: 3, n_iter: 10, seed: 3, balanced: false, init: Init::KMeansPlusPlus }).unwrap();
         for i in 0..n {
             assert_eq!(a[i], a[i % 3], "point {i}");
         }
@@ -500,7 +562,7 @@ mod tests {
     #[test]
     fn balanced_respects_capacity() {
         let (x, n, d) = blobs();
-        let (_, a) = kmeans(&x, n, d, &KMeansOpts { k: 7, n_iter: 5, seed: 3, balanced: true }).unwrap();
+        let (_, a) = kmeans(&x, n, d, &KMeansOpts { k: 7, n_iter: 5, seed: 3, balanced: true, init: Init::KMeansPlusPlus }).unwrap();
         let mut cnt = [0usize; 7];
         a.iter().for_each(|&j| cnt[j as usize] += 1);
         assert!(cnt.iter().all(|&c| c <= 300usize.div_ceil(7)), "{cnt:?}");
@@ -508,8 +570,8 @@ mod tests {
 
     #[test]
     fn rejects_bad_input() {
-        assert!(kmeans(&[1.0, f32::NAN], 1, 2, &KMeansOpts { k: 1, n_iter: 1, seed: 0, balanced: false }).is_err());
-        assert!(kmeans(&[1.0, 2.0], 1, 2, &KMeansOpts { k: 2, n_iter: 1, seed: 0, balanced: false }).is_err());
+        assert!(kmeans(&[1.0, f32::NAN], 1, 2, &KMeansOpts { k: 1, n_iter: 1, seed: 0, balanced: false, init: Init::KMeansPlusPlus }).is_err());
+        assert!(kmeans(&[1.0, 2.0], 1, 2, &KMeansOpts { k: 2, n_iter: 1, seed: 0, balanced: false, init: Init::KMeansPlusPlus }).is_err());
     }
 
     #[test]

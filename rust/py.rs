@@ -402,7 +402,8 @@ fn sample_candidates<'py>(
 }
 
 #[pyfunction]
-#[pyo3(signature = (x, k, n_iter=20, seed=0, balanced=false, n_threads=None))]
+#[pyo3(signature = (x, k, n_iter=20, seed=0, balanced=false, init="kmeans++", n_threads=None))]
+#[allow(clippy::too_many_arguments)]
 fn kmeans<'py>(
     py: Python<'py>,
     x: &Bound<'py, PyAny>,
@@ -410,17 +411,32 @@ fn kmeans<'py>(
     n_iter: i64,
     seed: i64,
     balanced: bool,
+    init: &str,
     n_threads: Option<i64>,
 ) -> PyResult<(Bound<'py, PyArray2<f32>>, Bound<'py, PyArray1<i64>>)> {
     let x = f32_2(py, x, "x")?;
     let (n, d) = (x.shape()[0], x.shape()[1]);
-    let o = km::KMeansOpts { k: positive("k", k)?, n_iter: non_negative("n_iter", n_iter)?, seed: seed_u64(seed)?, balanced };
+    let o = km::KMeansOpts {
+        k: positive("k", k)?,
+        n_iter: non_negative("n_iter", n_iter)?,
+        seed: seed_u64(seed)?,
+        balanced,
+        init: parse_init(init)?,
+    };
     let nt = threads(n_threads)?;
     let xs = slice(&x)?;
     let (c, a) = py.detach(|| pool::run(nt, || km::kmeans(xs, n, d, &o)))??;
     let c = Array2::from_shape_vec((o.k, d), c).map_err(invariant)?.into_pyarray(py);
     let a: Vec<i64> = a.into_iter().map(|v| v as i64).collect();
     Ok((c, a.into_pyarray(py)))
+}
+
+fn parse_init(init: &str) -> PyResult<km::Init> {
+    match init {
+        "kmeans++" => Ok(km::Init::KMeansPlusPlus),
+        "random" => Ok(km::Init::Random),
+        other => Err(PyValueError::new_err(format!("init='{other}' must be 'kmeans++' or 'random'"))),
+    }
 }
 
 fn non_negative(name: &str, v: i64) -> PyResult<usize> {
@@ -432,7 +448,7 @@ fn non_negative(name: &str, v: i64) -> PyResult<usize> {
 
 #[pyfunction]
 #[pyo3(signature = (x, n_levels=3, codebook_size=256, n_iter=20, seed=0, normalize_residuals=false,
-                    balanced=false, n_threads=None))]
+                    balanced=false, init="kmeans++", n_threads=None))]
 #[allow(clippy::too_many_arguments)]
 fn residual_kmeans<'py>(
     py: Python<'py>,
@@ -443,6 +459,7 @@ fn residual_kmeans<'py>(
     seed: i64,
     normalize_residuals: bool,
     balanced: bool,
+    init: &str,
     n_threads: Option<i64>,
 ) -> PyResult<(Bound<'py, PyArray2<i64>>, Bound<'py, PyArray3<f32>>)> {
     let x = f32_2(py, x, "x")?;
@@ -454,6 +471,7 @@ fn residual_kmeans<'py>(
         seed: seed_u64(seed)?,
         normalize: normalize_residuals,
         balanced,
+        init: parse_init(init)?,
     };
     let nt = threads(n_threads)?;
     let xs = slice(&x)?;
