@@ -246,18 +246,24 @@ def tfidf_matrix(
     return matrix, vocab
 
 
-def _orthonormalize(y: np.ndarray) -> np.ndarray:
-    """An orthonormal basis of the columns of ``y`` (n, k), n >= k: Cholesky-QR (two GEMMs), with
-    Householder QR when the Gram matrix is not numerically positive definite."""
-    gram = y.T @ y
-    try:
-        chol = np.linalg.cholesky(gram)
-    except np.linalg.LinAlgError:
-        return np.linalg.qr(y)[0]
-    diag = np.diag(chol)
-    if diag.min() <= 1e-6 * diag.max():
-        return np.linalg.qr(y)[0]
-    return np.linalg.solve(chol, y.T).T  # y @ inv(L^T)
+def _orthonormalize(y: np.ndarray, passes: int = 2) -> np.ndarray:
+    """An orthonormal basis of the columns of ``y`` (n, k), n >= k.
+
+    Cholesky-QR done twice (CholeskyQR2): only GEMMs and a k x k factorisation, which stays fast
+    when BLAS threads compete for cores, where Householder QR of a tall matrix does not.
+    Householder QR is the fallback when the Gram matrix is numerically singular."""
+    q = y
+    for _ in range(passes):
+        gram = q.T @ q
+        try:
+            chol = np.linalg.cholesky(gram)
+        except np.linalg.LinAlgError:
+            return np.linalg.qr(y)[0]
+        diag = np.diag(chol)
+        if diag.min() <= 1e-7 * diag.max():
+            return np.linalg.qr(y)[0]
+        q = q @ np.linalg.inv(chol).T  # y @ inv(L^T)
+    return q
 
 
 def randomized_svd(
@@ -265,21 +271,27 @@ def randomized_svd(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Top-``rank`` singular triplets ``(U (n, r), s (r,), Vt (r, m))`` of a CSR matrix.
 
-    Signs are fixed so the largest-magnitude entry of each right singular vector is positive."""
+    Halko-Martinsson-Tropp with ``n_power_iter`` power iterations. The small factor
+    ``B = Q^T A`` (k x m) is decomposed through the eigenvectors of ``B B^T`` (k x k).
+    Signs are fixed so the largest-magnitude entry of each left singular vector is positive."""
     n, m = a.shape
     at = a.transpose()
     k = min(rank + n_oversample, n, m)
     rng = np.random.default_rng(seed)
     q = a.matmul(rng.standard_normal((m, k)))
     for _ in range(n_power_iter):
-        z = _orthonormalize(at.matmul(_orthonormalize(q)))
+        # one Cholesky-QR pass is enough to keep the power iteration well scaled
+        z = _orthonormalize(at.matmul(_orthonormalize(q, 1)), 1)
         q = a.matmul(z)
-    q, _ = np.linalg.qr(q)
-    b = at.matmul(q).T  # (k, m) = Q^T A
-    ub, s, vt = np.linalg.svd(b, full_matrices=False)
+    q = _orthonormalize(q)
+    bt = at.matmul(q)  # (m, k) = (Q^T A)^T
+    evals, evecs = np.linalg.eigh(bt.T @ bt)  # B B^T = Ub S^2 Ub^T, ascending
+    order = np.argsort(evals)[::-1][:rank]
+    s = np.sqrt(np.clip(evals[order], 0.0, None))
+    ub = evecs[:, order]
     u = q @ ub
-    u, s, vt = u[:, :rank], s[:rank], vt[:rank]
-    flip = np.sign(vt[np.arange(vt.shape[0]), np.argmax(np.abs(vt), axis=1)])
+    vt = (bt @ ub).T / np.where(s > 0, s, 1.0)[:, None]
+    flip = np.sign(u[np.argmax(np.abs(u), axis=0), np.arange(u.shape[1])])
     flip[flip == 0] = 1.0
     return u * flip, s, vt * flip[:, None]
 

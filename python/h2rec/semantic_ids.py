@@ -117,15 +117,15 @@ def sid_report(
     )
     total = float(np.mean(np.sum(x.astype(np.float64) ** 2, axis=1)))
     core = code_report(base, k)
-    usage = [int(u) for u in np.asarray(core["usage"]).reshape(-1)]
+    usage = [float(u) for u in np.asarray(core["usage"]).reshape(-1)]  # share of K used
     entropy = [float(h) for h in np.asarray(core["entropy"]).reshape(-1)]
     levels = [
         {
             "level": level,
             "reconstruction_error": float(errors[level]),
             "relative_error": float(errors[level] / total) if total > 0 else 0.0,
-            "codes_used": usage[level],
-            "usage_share": usage[level] / k,
+            "codes_used": int(round(usage[level] * k)),
+            "usage_share": usage[level],
             "entropy_bits": entropy[level],
             "entropy_share": entropy[level] / math.log2(k) if k > 1 else 0.0,
         }
