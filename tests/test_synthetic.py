@@ -110,8 +110,8 @@ def test_builtin_dataset_prepared_and_reused(tmp_path: Path) -> None:
 
 
 def test_bad_configs() -> None:
-    with pytest.raises(DataError, match="n_items=50"):
-        generate_frames(SyntheticConfig(n_items=50))
+    with pytest.raises(DataError, match="n_items=5: need at least 10"):
+        generate_frames(SyntheticConfig(n_items=5))
     with pytest.raises(DataError, match="min_length=2"):
         generate_frames(SyntheticConfig(min_length=2))
     with pytest.raises(DataError, match="mean_length=5"):
@@ -150,3 +150,9 @@ def test_cli_prepare_embed_build_sid(tmp_path: Path, capsys: pytest.CaptureFixtu
         args.func(args)
     with pytest.raises(SystemExit):
         parser.parse_args(["build-sid", "e.npy", "out", "--levels", "0"])
+
+
+def test_small_catalogue_covers_some_leaves() -> None:
+    log, items = generate_frames(SyntheticConfig(n_users=50, n_items=20, seed=3))
+    assert items.height == 20 and log.get_column("user_id").n_unique() == 50
+    assert log.select("user_id", "item_id").unique().height == log.height

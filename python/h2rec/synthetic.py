@@ -7,7 +7,8 @@ Catalogue
     A three-level hierarchy: 8 departments x 4 categories x 4 product types (128 leaves). Each
     category has three brands of its own. An item is a leaf plus a brand and an adjective; its
     text is derived from exactly these, e.g. ``"Tidewell rugged trail shoes"`` with category
-    ``"Outdoor > Hiking"`` and brand ``"Tidewell"``. Items are spread over the leaves evenly.
+    ``"Outdoor > Hiking"`` and brand ``"Tidewell"``. Items are spread over the leaves evenly (a catalogue smaller than
+    128 items covers a random subset of the leaves).
 
 Popularity
     Every item gets a Zipf weight ``1 / rank ** zipf`` (default exponent 1.1) for a random rank,
@@ -199,9 +200,13 @@ class _Sampler:
         self.cum = np.cumsum(weight[order])
 
     def draw(self, key: int, u: float) -> int:
+        """An item of group ``key`` by weight, or -1 when the group is empty (small catalogues
+        leave some leaves without items)."""
+        if key >= self.start.size:
+            return -1
         lo, hi = int(self.start[key]), int(self.stop[key])
         if hi <= lo:
-            raise DataError(f"synthetic: empty item group {key}")
+            return -1
         base = self.cum[lo - 1] if lo > 0 else 0.0
         target = base + u * (self.cum[hi - 1] - base)
         pos = int(np.searchsorted(self.cum[lo:hi], target, side="right")) + lo
@@ -210,8 +215,8 @@ class _Sampler:
 
 def generate_frames(config: SyntheticConfig = SyntheticConfig()) -> tuple[pl.DataFrame, pl.DataFrame]:
     """The interaction log and the item table as polars frames (see the module docstring)."""
-    if config.n_items < 128:
-        raise DataError(f"synthetic n_items={config.n_items}: need at least 128 (one per leaf)")
+    if config.n_items < 10:
+        raise DataError(f"synthetic n_items={config.n_items}: need at least 10")
     if config.n_users < 1 or config.min_length < 3 or config.max_length < config.min_length:
         raise DataError(
             f"synthetic n_users={config.n_users}, min_length={config.min_length}, "
@@ -226,6 +231,7 @@ def generate_frames(config: SyntheticConfig = SyntheticConfig()) -> tuple[pl.Dat
     by_dept = _Sampler(cat.dept, cat.weight)
     by_cat = _Sampler(cat.cat, flat)
     by_type = _Sampler(cat.ptype, flat)
+    global_cum = np.cumsum(cat.weight)
 
     extra = rng.geometric(1.0 / (config.mean_length - config.min_length + 1), size=config.n_users)
     lengths = np.minimum(config.min_length + extra - 1, config.max_length)
@@ -244,20 +250,26 @@ def generate_frames(config: SyntheticConfig = SyntheticConfig()) -> tuple[pl.Dat
             k += 1
             if seq and r_mode < config.p_same_category:
                 anchor = seq[-1 - int(r_pick * min(3, len(seq)))]
+                item = -1
                 if r_type < config.p_next_type:
                     leaf = int(cat.ptype[anchor])
                     nxt = (leaf // 4) * 4 + (leaf % 4 + 1) % 4
                     item = by_type.draw(nxt, r_item)
-                else:
+                if item < 0:  # the anchor's category always has the anchor itself
                     item = by_cat.draw(int(cat.cat[anchor]), r_item)
             elif seq and r_mode < config.p_same_category + config.p_same_department:
                 anchor = seq[-1 - int(r_pick * min(3, len(seq)))]
                 d = int(cat.dept[anchor])
                 other = d * 4 + (int(cat.cat[anchor]) % 4 + 1 + int(r_type * 3)) % 4
                 item = by_cat.draw(other, r_item)
+                if item < 0:
+                    item = by_dept.draw(d, r_item)
             else:
                 d = int(np.searchsorted(np.cumsum(prefs[u]), r_pick * prefs[u].sum()))
                 item = by_dept.draw(min(d, n_depts - 1), r_item)
+                if item < 0:  # a department without items: any item by popularity
+                    item = int(np.searchsorted(global_cum, r_item * global_cum[-1], side="right"))
+                    item = min(item, config.n_items - 1)
             if item in seen:
                 continue
             seen.add(item)
