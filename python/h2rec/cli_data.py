@@ -162,8 +162,8 @@ def run_prepare(args: argparse.Namespace) -> int:
     print(
         f"{out}: {stats['users']:,} users, {stats['items']:,} items, "
         f"{stats['interactions']:,} interactions; length avg {stats['length']['mean']:.2f} "
-        f"(min {stats['length']['min']:.0f}, median {stats['length']['median']:.0f}, "
-        f"max {stats['length']['max']:.0f}); text for {stats['text']['items_with_text']:,} items "
+        f"(min {stats['length']['min']:,.0f}, median {stats['length']['median']:,.0f}, "
+        f"max {stats['length']['max']:,.0f}); text for {stats['text']['items_with_text']:,} items "
         f"({stats['text']['share']:.2%})"
     )
     return 0

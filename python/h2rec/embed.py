@@ -352,7 +352,7 @@ def resolve_model_path(model: str) -> Path:
     return path
 
 
-def _load_sentence_transformer(model: str, device: str | None) -> Any:
+def load_sentence_transformer(model: str, device: str | None) -> Any:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     path = resolve_model_path(model)
@@ -379,7 +379,7 @@ def embed_sentence_transformers(
     if options.batch_size < 1:
         raise DataError(f"batch_size={options.batch_size}: must be >= 1")
     if model is None:
-        model = _load_sentence_transformer(options.model, options.device)
+        model = load_sentence_transformer(options.model, options.device)
     from tqdm.auto import tqdm
 
     texts = [t if t is not None else "" for t in texts]
@@ -508,6 +508,7 @@ __all__ = [
     "embed_texts",
     "fill_empty",
     "l2_normalize",
+    "load_sentence_transformer",
     "load_npy",
     "randomized_svd",
     "resolve_model_path",
