@@ -341,3 +341,25 @@ def test_model_config_defaults() -> None:
     assert (cfg.align_item_weight, cfg.align_item_tau) == (0.1, 0.5)
     assert (cfg.align_seq_weight, cfg.align_seq_tau) == (0.1, 1.0)
     assert ModelConfig(align_item_tau=1).align_item_tau == 1  # ints are fine for floats
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        *CONFIGS.values(),
+        _cfg("h2rec", align_seq_target="hid", shared_backbone=False),
+        _cfg("h2rec", align_item=False, align_seq=False),
+    ],
+)
+def test_every_trainable_parameter_gets_a_gradient(cfg: ModelConfig, sids: FakeSids) -> None:
+    """No unused parameters: DistributedDataParallel needs none (find_unused_parameters off)."""
+    model = _model(cfg, sids)
+    model.train()
+    seq = _batch()
+    targets = torch.roll(seq, -1, 1) * (seq > 0)
+    negatives = torch.randint(1, N_ITEMS + 1, (4, T, 1), generator=torch.Generator().manual_seed(2))
+    states = model(seq)
+    loss = recommendation_loss(model, states, targets, negatives)
+    (loss + sum(model.aux_losses(seq, states, targets).values())).backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []

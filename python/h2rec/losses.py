@@ -54,8 +54,8 @@ def bce_loss(
         targets: (B, T) target ids; 0 marks positions without a target.
         last_only: use position T-1 only.
     """
-    pos = _last(pos_logits, last_only)
-    neg = _last(neg_logits, last_only)
+    pos = _last(pos_logits, last_only).float()  # losses in float32, also under autocast
+    neg = _last(neg_logits, last_only).float()
     valid = _last(targets, last_only) > 0  # (B, T')
     per_position = F.softplus(-pos) + F.softplus(neg).sum(dim=-1)  # (B, T')
     return _masked_mean(per_position, valid)
@@ -73,8 +73,8 @@ def sampled_softmax_loss(
     Per valid position: -log( e^pos / (e^pos + sum_n e^neg_n) ); mean over positions. When
     ``negatives`` (B, T, n) is given, negatives equal to the target are left out.
     """
-    pos = _last(pos_logits, last_only)
-    neg = _last(neg_logits, last_only)
+    pos = _last(pos_logits, last_only).float()
+    neg = _last(neg_logits, last_only).float()
     tgt = _last(targets, last_only)
     if negatives is not None:
         hit = _last(negatives, last_only) == tgt[..., None]  # (B, T', n)
@@ -91,9 +91,8 @@ def full_softmax_loss(logits: Tensor, targets: Tensor, last_only: bool = False) 
         logits: (B, T, n_items + 1) scores; column 0 (padding) is never a candidate.
         targets: (B, T) target ids, 0 = no target.
     """
-    lg = _last(logits, last_only)
+    lg = _last(logits, last_only).float().clone()
     tgt = _last(targets, last_only)
-    lg = lg.clone()
     lg[..., 0] = float("-inf")
     per_position = torch.logsumexp(lg, dim=-1) - lg.gather(-1, tgt[..., None]).squeeze(-1)
     per_position = per_position.masked_fill(tgt == 0, 0.0)
@@ -151,7 +150,7 @@ def multi_positive_info_nce(
         weights: (M, M) non-negative positive weights; row i = anchor i's positives.
         tau: temperature.
     """
-    logits = anchors @ candidates.T / tau  # (M, M)
+    logits = (anchors @ candidates.T).float() / tau  # (M, M)
     log_w = torch.log(weights.clamp(min=0.0))  # -inf where not a positive
     pos = torch.logsumexp(logits + log_w, dim=-1)  # (M,)
     return (torch.logsumexp(logits, dim=-1) - pos).mean()
@@ -187,7 +186,7 @@ def symmetric_info_nce(a: Tensor, b: Tensor, tau: float = 1.0) -> Tensor:
         return (a.sum() + b.sum()) * 0.0
     a = F.normalize(a, dim=-1)
     b = F.normalize(b, dim=-1)
-    logits = a @ b.T / tau  # (B, B)
+    logits = (a @ b.T).float() / tau  # (B, B)
     labels = torch.arange(a.shape[0], device=a.device)
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
 

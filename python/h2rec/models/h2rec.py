@@ -41,7 +41,10 @@ class LevelGate(nn.Module):
         super().__init__()
         self.n_levels = n_levels
         self.learned = learned
-        self.mlp = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, n_levels))
+        if learned:  # no unused parameters without it (DistributedDataParallel objects)
+            self.mlp = nn.Sequential(
+                nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, n_levels)
+            )
         self.register_buffer("prior", torch.linspace(0.0, -strength, n_levels))  # (L,)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -105,9 +108,6 @@ class H2Rec(nn.Module):
         self._positives = positives
 
     # ----------------------------------------------------------------------------- streams
-    def _hid_backbone(self) -> Backbone:
-        return self.backbone if self.cfg.shared_backbone else self.backbone_hid
-
     def _branches(self, seq: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """seq (B, T) -> SID-branch states (B, T, D), HID-branch states (B, T, D),
         gate (B, T, L) and the HID stream (B, T, D)."""
@@ -131,9 +131,20 @@ class H2Rec(nn.Module):
             outs = level_streams
             hid_in = hid
         sid_in = (gate[..., None] * outs).sum(dim=2)  # (B, T, D)
-        sid_state = self.backbone(sid_in, real, allowed)  # (B, T, D)
-        hid_state = self._hid_backbone()(hid_in, real, allowed)  # (B, T, D)
+        if self.cfg.shared_backbone:  # one call over both branches: (2B, T, D)
+            both = self._twice(self.backbone, sid_in, hid_in, real, allowed)
+            sid_state, hid_state = both.chunk(2, dim=0)
+        else:
+            sid_state = self.backbone(sid_in, real, allowed)  # (B, T, D)
+            hid_state = self.backbone_hid(hid_in, real, allowed)  # (B, T, D)
         return sid_state, hid_state, gate, hid
+
+    @staticmethod
+    def _twice(backbone: Backbone, a: Tensor, b: Tensor, real: Tensor, allowed: Tensor) -> Tensor:
+        """The backbone over two streams (B, T, D) sharing a mask, as one batch (2B, T, D)."""
+        return backbone(
+            torch.cat([a, b]), torch.cat([real, real]), torch.cat([allowed, allowed])
+        )
 
     def forward(self, seq: Tensor) -> Tensor:
         """seq (B, T) left-padded item ids -> user states (B, T, 2D): [SID branch ; HID branch]."""
@@ -225,11 +236,13 @@ class H2Rec(nn.Module):
         levels = self.sid.levels(seq)  # (B, T, L, D)
         user_gate = self.gate(self.input(self.hid(seq[:, -1:]), real[:, -1:]))[:, 0]  # (B, L)
         masked = mask_lowest_levels(levels, user_gate.detach(), self.mask_vectors, real)
-        masked_state = self.backbone(self.input(self.sid.pool(masked), real), real, allowed)
+        masked_in = self.input(self.sid.pool(masked), real)  # (B, T, D)
         if cfg.align_seq_target == "sid":
-            full = self.backbone(self.input(self.sid.pool(levels), real), real, allowed)
-            target = full[:, -1]  # (B, D)
+            full_in = self.input(self.sid.pool(levels), real)  # (B, T, D)
+            both = self._twice(self.backbone, masked_in, full_in, real, allowed)[:, -1]
+            masked_user, target = both.chunk(2, dim=0)  # (B, D) each
         else:
+            masked_user = self.backbone(masked_in, real, allowed)[:, -1]  # (B, D)
             target = states[:, -1, d:]  # (B, D) HID-branch state
         rows = real[:, -1]  # users with a real last position
-        return symmetric_info_nce(masked_state[:, -1][rows], target[rows], cfg.align_seq_tau)
+        return symmetric_info_nce(masked_user[rows], target[rows], cfg.align_seq_tau)
