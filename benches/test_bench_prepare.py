@@ -24,10 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import FULL, record
 
-N = int(os.environ.get("H2REC_BENCH_PREPARE_N", 10_000_000 if FULL else 300_000))
+N = int(os.environ.get("H2REC_BENCH_PREPARE_N", "10000000" if FULL else "300000"))
 PEAK_TARGET_MB = 3 * 1024
 
 
@@ -82,7 +81,7 @@ def run_pandas(csv: str, out: str) -> dict:
         os.path.join(out, "users.csv"), index=False)
     pd.DataFrame({"item": np.arange(1, len(item_ids) + 1), "original_id": item_ids}).to_csv(
         os.path.join(out, "items.csv"), index=False)
-    return {"users": len(user_ids), "items": len(item_ids), "interactions": int(len(df))}
+    return {"users": len(user_ids), "items": len(item_ids), "interactions": len(df)}
 
 
 def _child(which: str, csv: str, out: str) -> None:

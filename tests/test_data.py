@@ -10,9 +10,6 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
 from h2rec.data import (
     FilterOptions,
     ItemTableOptions,
@@ -24,13 +21,17 @@ from h2rec.data import (
     read_item_table,
 )
 from h2rec.errors import DataError
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 # ---------------------------------------------------------------------------------------------
 # a slow, obviously-correct oracle of the ordering and numbering rules
 # ---------------------------------------------------------------------------------------------
 
 
-def oracle(rows: list[tuple[str, str, float | None]]) -> tuple[list[str], list[str], list[list[int]]]:
+def oracle(
+    rows: list[tuple[str, str, float | None]],
+) -> tuple[list[str], list[str], list[list[int]]]:
     """rows in file order -> (user ids in row order, item ids by internal id, sequences)."""
     user_order: list[str] = []
     per_user: dict[str, list[tuple[float, int, str]]] = defaultdict(list)
@@ -151,7 +152,8 @@ def test_parquet(tmp_path: Path) -> None:
 
 def test_parquet_integer_ids(tmp_path: Path) -> None:
     f = tmp_path / "log.parquet"
-    pl.DataFrame({"user_id": [5, 5, 5, 9, 9, 9], "item_id": [30, 10, 20, 10, 40, 30]}).write_parquet(f)
+    frame = pl.DataFrame({"user_id": [5, 5, 5, 9, 9, 9], "item_id": [30, 10, 20, 10, 40, 30]})
+    frame.write_parquet(f)
     out = prepare(f, tmp_path / "ds")
     assert sequences_of(out) == [[1, 2, 3], [2, 4, 1]]
     assert pl.read_parquet(out / "items.parquet").get_column("original_id").to_list() == [
@@ -207,7 +209,9 @@ def test_movielens_dat(tmp_path: Path) -> None:
 SEQ = "u1 a b c\nu2 b c d\n"
 
 
-def test_item_csv_template_and_missing_rows(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_item_csv_template_and_missing_rows(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     inter = write(tmp_path / "s.txt", SEQ)
     items = write(tmp_path / "items.csv",
                   'item_id,title,genre,price\na,Alpha,"x, y",1.5\nb,Beta,,2\nc,,,3\nz,Zed,q,1\n')

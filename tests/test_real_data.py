@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-
 from h2rec.data import ItemTableOptions, ReadOptions, load_dataset, prepare
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

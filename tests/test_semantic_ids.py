@@ -8,9 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from h2rec.errors import DataError
 from h2rec.semantic_ids import (
     SemanticIds,
@@ -21,6 +18,8 @@ from h2rec.semantic_ids import (
     load_sids,
     save_sids,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 
 def dedup_oracle(codes: np.ndarray) -> list[int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from collections import Counter
 from pathlib import Path
@@ -10,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-
 from h2rec.cli_data import register
 from h2rec.data import load_dataset
 from h2rec.errors import DataError, H2RecError
@@ -83,7 +83,7 @@ def test_next_items_follow_semantics_also_for_tail_items(
         "user_id", maintain_order=True).agg(pl.col("item_id")).get_column("item_id").to_list()
     pop = Counter(log.get_column("item_id").to_list())
     tail = {i for i, c in pop.items() if c < np.percentile(list(pop.values()), 50)}
-    pairs = [(a, b) for s in seqs for a, b in zip(s, s[1:])]
+    pairs = [(a, b) for s in seqs for a, b in itertools.pairwise(s)]
     tail_pairs = [(a, b) for a, b in pairs if a in tail]
     same = np.mean([category[a] == category[b] for a, b in tail_pairs])
     rng = np.random.default_rng(0)

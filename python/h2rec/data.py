@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import string
 import tempfile
@@ -50,7 +49,9 @@ logger = logging.getLogger(__name__)
 
 DATASET_FORMAT = "h2rec-dataset"
 DATASET_VERSION = 1
-INTERACTION_FORMATS = ("auto", "csv", "tsv", "parquet", "sequences", "pairs", "recbole", "movielens")
+INTERACTION_FORMATS = (
+    "auto", "csv", "tsv", "parquet", "sequences", "pairs", "recbole", "movielens",
+)
 ITEM_FORMATS = ("auto", "csv", "tsv", "parquet", "recbole", "movielens", "json", "beauty")
 SKIPPED_FILE = "skipped_rows.csv"
 _AUTO = "auto"
@@ -235,7 +236,7 @@ def _parse_timestamp(path: Path, frame: pl.DataFrame, name: str) -> tuple[pl.Dat
             pl.coalesce(pl.col("_ts_float"), dt.dt.epoch("ms").cast(pl.Float64)).alias("timestamp")
         )
         if frame.get_column("timestamp").null_count() > frame.get_column("_ts_text").null_count():
-            logger.info("%s: column %r mixes numbers and dates or has unparsable values", path, name)
+            logger.info("%s: column %r mixes numbers and dates or has bad values", path, name)
     frame = frame.drop("_ts_int", "_ts_float")
     return frame, pl.col("timestamp").is_null() | pl.col("timestamp").cast(pl.Float64).is_nan()
 
@@ -487,7 +488,9 @@ def _guess_item_format(path: Path) -> str:
     return by_suffix[suffix]
 
 
-def read_beauty_titles(lookup_csv: str | Path, id_map_json: str | Path | None = None) -> pl.DataFrame:
+def read_beauty_titles(
+    lookup_csv: str | Path, id_map_json: str | Path | None = None
+) -> pl.DataFrame:
     """Amazon Beauty titles keyed by ASIN: ``products_lookup.csv`` joined with
     ``item_id_to_int.json`` (ASIN -> ``global_product_id``). Columns ``id`` (ASIN), ``line``,
     ``title``; ASINs whose int has no row get no row."""
@@ -517,7 +520,7 @@ def _read_id_map(path: Path) -> pl.DataFrame:
             raise DataError(f"{path}: expected a JSON object mapping ids, got {type(obj).__name__}")
         frame = pl.DataFrame(
             {
-                "source": [str(k) for k in obj.keys()],
+                "source": [str(k) for k in obj],
                 "target": [str(v) for v in obj.values()],
             },
             schema={"source": pl.String, "target": pl.String},
@@ -591,7 +594,9 @@ def apply_template(frame: pl.DataFrame, template: str | None, text_cols: Sequenc
     return frame.select(expr.alias("text")).to_series()
 
 
-def read_item_table(path: str | Path, options: ItemTableOptions = ItemTableOptions()) -> pl.DataFrame:
+def read_item_table(
+    path: str | Path, options: ItemTableOptions = ItemTableOptions()
+) -> pl.DataFrame:
     """Read an item table: columns ``id`` (str, the interaction file's item id after
     ``id_offset``/``id_map``), ``text`` and the text columns themselves, one row per id."""
     path = Path(path)
@@ -813,7 +818,7 @@ def compute_stats(
     n_users = int(lengths.size)
     n_inter = int(items.size)
     sorted_pop = np.sort(pop)[::-1]
-    head_n = max(1, int(round(0.2 * n_items))) if n_items else 0
+    head_n = max(1, round(0.2 * n_items)) if n_items else 0
     return {
         "users": n_users,
         "items": int(n_items),
@@ -879,7 +884,7 @@ def prepare(
     read: ReadOptions = ReadOptions(),
     items: str | Path | None = None,
     item_table: ItemTableOptions = ItemTableOptions(),
-    filter: FilterOptions = FilterOptions(),  # noqa: A002 - the CLI word
+    filter: FilterOptions = FilterOptions(),
     min_length: int = 3,
     short_users: Literal["drop", "error"] = "drop",
     name: str | None = None,

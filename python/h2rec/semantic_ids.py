@@ -124,7 +124,7 @@ def sid_report(
             "level": level,
             "reconstruction_error": float(errors[level]),
             "relative_error": float(errors[level] / total) if total > 0 else 0.0,
-            "codes_used": int(round(usage[level] * k)),
+            "codes_used": round(usage[level] * k),
             "usage_share": usage[level],
             "entropy_bits": entropy[level],
             "entropy_share": entropy[level] / math.log2(k) if k > 1 else 0.0,
@@ -155,8 +155,11 @@ def report_markdown(report: dict[str, Any]) -> str:
     lines = [
         "# Semantic ID report",
         "",
-        f"{report['n_items']:,} items, {report['n_levels']} levels x {report['codebook_size']} "
-        f"codes, embedding dim {report['dim']}, collision policy `{report['collision']}`.",
+        (
+            f"{report['n_items']:,} items, {report['n_levels']} levels x "
+            f"{report['codebook_size']} codes, embedding dim {report['dim']}, "
+            f"collision policy `{report['collision']}`."
+        ),
         "",
         "| level | recon. error | relative | codes used | usage | entropy (bits) | entropy / log2 K |",
         "|---:|---:|---:|---:|---:|---:|---:|",
@@ -194,7 +197,6 @@ def build_sid(
 ) -> SemanticIds:
     """Residual k-means codes for ``embeddings`` (n_items, D) and their report."""
     from h2rec._core import residual_kmeans
-
     from h2rec.embed import check_embeddings
 
     if collision not in COLLISIONS:

@@ -7,8 +7,8 @@ Catalogue
     A three-level hierarchy: 8 departments x 4 categories x 4 product types (128 leaves). Each
     category has three brands of its own. An item is a leaf plus a brand and an adjective; its
     text is derived from exactly these, e.g. ``"Tidewell rugged trail shoes"`` with category
-    ``"Outdoor > Hiking"`` and brand ``"Tidewell"``. Items are spread over the leaves evenly (a catalogue smaller than
-    128 items covers a random subset of the leaves).
+    ``"Outdoor > Hiking"`` and brand ``"Tidewell"``. Items are spread over the leaves evenly
+    (a catalogue smaller than 128 items covers a random subset of the leaves).
 
 Popularity
     Every item gets a Zipf weight ``1 / rank ** zipf`` (default exponent 1.1) for a random rank,
@@ -213,7 +213,9 @@ class _Sampler:
         return int(self.items[min(pos, hi - 1)])
 
 
-def generate_frames(config: SyntheticConfig = SyntheticConfig()) -> tuple[pl.DataFrame, pl.DataFrame]:
+def generate_frames(
+    config: SyntheticConfig = SyntheticConfig(),
+) -> tuple[pl.DataFrame, pl.DataFrame]:
     """The interaction log and the item table as polars frames (see the module docstring)."""
     if config.n_items < 10:
         raise DataError(f"synthetic n_items={config.n_items}: need at least 10")
@@ -290,7 +292,7 @@ def generate_frames(config: SyntheticConfig = SyntheticConfig()) -> tuple[pl.Dat
     ).sort("timestamp", maintain_order=True)
     table = pl.DataFrame(
         {"item_id": item_ids, "title": cat.titles, "category": cat.categories, "brand": cat.brands},
-        schema={"item_id": pl.String, "title": pl.String, "category": pl.String, "brand": pl.String},
+        schema=dict.fromkeys(("item_id", "title", "category", "brand"), pl.String),
     )
     return log, table
 
