@@ -13,7 +13,7 @@ use crate::ensure;
 use crate::rng::{Rng, TAG_KMEANS};
 
 /// Rows per distance block.
-const BLOCK: usize = 256;
+const BLOCK: usize = 2048;
 /// k-means++ runs on at most max(INIT_PER_CLUSTER * k, INIT_MIN) points.
 const INIT_PER_CLUSTER: usize = 8;
 const INIT_MIN: usize = 1024;
@@ -42,7 +42,12 @@ pub enum Init {
 pub fn check_matrix(name: &str, x: &[f32], n: usize, d: usize) -> Result<()> {
     ensure!(n >= 1 && d >= 1, "{name} has shape ({n}, {d}); it needs at least one row and one column");
     ensure!(x.len() == n * d, "{name} has {} values, expected {n} × {d}", x.len());
-    if let Some(i) = x.par_iter().position_first(|v| !v.is_finite()) {
+    const CH: usize = 1 << 16;
+    let bad = x
+        .par_chunks(CH)
+        .enumerate()
+        .find_map_first(|(c, ch)| ch.iter().position(|v| !v.is_finite()).map(|p| c * CH + p));
+    if let Some(i) = bad {
         return Err(crate::invalid!("{name}[{}, {}]={} is not finite", i / d, i % d, x[i]));
     }
     Ok(())
