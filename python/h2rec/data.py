@@ -401,7 +401,8 @@ def _validate_rows(
         parts.append(_bad_rows(path, frame, mask, "bad timestamp", content.fill_null("")))
         bad_any = bad_any | bad_ts
     skipped = pl.concat(parts) if parts else _empty_skipped()
-    keep = frame.filter(~bad_any.fill_null(True))
+    bad = frame.select(bad_any.fill_null(True)).to_series()
+    keep = frame.filter(~bad) if bad.any() else frame  # no copy in the common case
     if "_ts_text" in keep.columns:
         keep = keep.drop("_ts_text")
     return keep, skipped
@@ -770,22 +771,26 @@ def apply_filter(frame: pl.DataFrame, options: FilterOptions) -> tuple[pl.DataFr
             return frame, passes
 
 
-def order_and_remap(frame: pl.DataFrame, has_timestamp: bool) -> pl.DataFrame:
-    """Sort each user's events by time (ties in file order) and number users and items.
+def encode_ids(frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.Series, pl.Series]:
+    """Replace the ``user`` and ``item`` strings by UInt32 codes (in order of first appearance
+    in the frame); return the coded frame and the two Series of names (code -> original id)."""
+    user_names = frame.get_column("user").unique(maintain_order=True)
+    item_names = frame.get_column("item").unique(maintain_order=True)
 
-    Users get rows 0..U-1 in order of first appearance in the file; items get 1..N in order of
-    first appearance in the sorted sequences. Returns columns ``uid``, ``iid``, ``user``, ``item``
-    plus ``line`` and ``timestamp`` when present, sorted by (uid, time, line)."""
-    frame = frame.sort("line")
-    user_rank = frame.select(pl.col("user").unique(maintain_order=True)).with_row_index("uid")
-    frame = frame.join(user_rank, on="user", how="left")
-    keys = ["uid", "timestamp", "line"] if has_timestamp else ["uid", "line"]
-    frame = frame.sort(keys, maintain_order=True)
-    item_rank = frame.select(pl.col("item").unique(maintain_order=True)).with_row_index(
-        "iid", offset=1
+    def code(col: str, names: pl.Series) -> pl.Series:
+        # a hash join keeps the left order; much faster than replace_strict on strings
+        table = names.to_frame(col).with_row_index("code")
+        joined = frame.select(col).join(table, on=col, how="left", maintain_order="left")
+        return joined.get_column("code").rename(col)
+
+    rest = [c for c in frame.columns if c not in ("line", "user", "item")]
+    coded = frame.select(
+        pl.col("line"),
+        code("user", user_names),
+        code("item", item_names),
+        *[pl.col(c) for c in rest],
     )
-    frame = frame.join(item_rank, on="item", how="left", maintain_order="left")
-    return frame.with_columns(pl.col("uid").cast(pl.Int64), pl.col("iid").cast(pl.Int64))
+    return coded, user_names, item_names
 
 
 # --------------------------------------------------------------------------------------------
@@ -899,21 +904,25 @@ def prepare(
     if min_length < 1:
         raise DataError(f"min_length={min_length}: must be >= 1")
     data = read_interactions(interactions, read)
-    frame = data.frame
+    src, has_ts, n_bad = data.path, data.has_timestamp, data.skipped.height
     skipped_parts = [data.skipped]
+    meta_read = asdict(read) | {"format": data.format}
+    # from here on users and items are integer codes; the strings live once, in two Series
+    frame, user_names, item_names = encode_ids(data.frame)
+    del data
 
     table: pl.DataFrame | None = None
     extra: dict[str, Any] = {}
     if items is not None:
         table = read_item_table(items, item_table)
-        item_ids = frame.select(pl.col("item").unique())
-        joined = item_ids.join(table.select("id"), left_on="item", right_on="id", how="semi")
+        joined = item_names.to_frame("item").join(
+            table.select("id"), left_on="item", right_on="id", how="semi"
+        )
         if joined.height == 0:
-            sample_i = item_ids.head(3).to_series().to_list()
-            sample_t = table.head(3).get_column("id").to_list()
             raise DataError(
-                f"{items}: no item id joins the interactions of {data.path} "
-                f"(interaction ids like {sample_i}, table ids like {sample_t}); "
+                f"{items}: no item id joins the interactions of {src} "
+                f"(interaction ids like {item_names.head(3).to_list()}, table ids like "
+                f"{table.head(3).get_column('id').to_list()}); "
                 "check the id column, id_offset or id_map"
             )
         extra["item_table_rows"] = table.height
@@ -924,54 +933,86 @@ def prepare(
     n_filtered = n_read - frame.height
     if frame.height == 0:
         raise DataError(
-            f"{data.path}: the {filter.kind} filter (min_user={filter.min_user}, "
+            f"{src}: the {filter.kind} filter (min_user={filter.min_user}, "
             f"min_item={filter.min_item}) removed every interaction"
         )
-    lengths = frame.group_by("user").len()
+    lengths = frame.group_by("user").agg(pl.len(), pl.col("line").min().alias("first"))
     short = lengths.filter(pl.col("len") < min_length)
     n_short = short.height
     if n_short:
-        short_rows = frame.join(short.select("user"), on="user", how="semi").sort("line")
         if short_users == "error":
-            first = short.join(frame.group_by("user").agg(pl.col("line").min()), on="user")
-            row = first.sort("line").row(0, named=True)
+            row = short.sort("first").row(0, named=True)
             raise DataError(
-                f"{data.path}:{row['line']}: user {row['user']!r} has {row['len']} interactions, "
-                f"fewer than min_length={min_length} that the leave-one-out split needs "
-                f"({n_short} such users)"
+                f"{src}:{row['first']}: user {user_names[row['user']]!r} has {row['len']} "
+                f"interactions, fewer than min_length={min_length} that the leave-one-out split "
+                f"needs ({n_short} such users)"
             )
+        short_rows = frame.join(short.select("user"), on="user", how="semi").sort("line")
         logger.warning(
             "%s: dropped %d users with fewer than %d interactions (%d interactions); "
             "rows written to %s",
-            data.path, n_short, min_length, short_rows.height, SKIPPED_FILE,
+            src, n_short, min_length, short_rows.height, SKIPPED_FILE,
         )
         skipped_parts.append(
-            short_rows.select(
-                pl.lit(str(data.path)).alias("file"),
-                pl.col("line"),
-                pl.lit(f"user shorter than min_length={min_length}").alias("reason"),
-                pl.concat_str([pl.col("user"), pl.col("item")], separator=" ").alias("content"),
+            pl.DataFrame(
+                {
+                    "file": pl.Series([str(src)] * short_rows.height, dtype=pl.String),
+                    "line": short_rows.get_column("line"),
+                    "reason": pl.Series(
+                        [f"user shorter than min_length={min_length}"] * short_rows.height,
+                        dtype=pl.String,
+                    ),
+                    "content": pl.DataFrame(
+                        {
+                            "u": user_names.gather(short_rows.get_column("user")),
+                            "i": item_names.gather(short_rows.get_column("item")),
+                        }
+                    ).select(pl.concat_str(["u", "i"], separator=" ")).to_series(),
+                }
             )
         )
         frame = frame.join(short.select("user"), on="user", how="anti")
+        lengths = lengths.filter(pl.col("len") >= min_length)
     if frame.height == 0:
-        raise DataError(f"{data.path}: no user has at least min_length={min_length} interactions")
+        raise DataError(f"{src}: no user has at least min_length={min_length} interactions")
 
-    frame = order_and_remap(frame, data.has_timestamp)
-    users = frame.select("uid", "user").unique("uid", keep="first").sort("uid")
-    item_order = frame.select("iid", "item").unique("iid", keep="first").sort("iid")
-    n_users = users.height
-    n_items = item_order.height
-    items_np = frame.get_column("iid").to_numpy().astype(np.int64, copy=False)
-    counts = frame.group_by("uid").len().sort("uid").get_column("len").to_numpy()
+    # users numbered by first appearance in the file, events by (time, file line)
+    first = lengths.sort("first").with_row_index("uid").select(
+        pl.col("user"), pl.col("uid").cast(pl.Int64)
+    )
+    frame = frame.join(first, on="user", how="left").drop("user")
+    frame = frame.sort(["uid", "timestamp", "line"] if has_ts else ["uid", "line"])
+    # items numbered by first appearance in the sorted sequences
+    item_codes = frame.get_column("item").to_numpy()
+    order = frame.get_column("item").unique(maintain_order=True).to_numpy()
+    new_id = np.zeros(item_names.len(), dtype=np.int64)
+    new_id[order] = np.arange(1, order.size + 1, dtype=np.int64)
+    items_np = new_id[item_codes]
+    del item_codes
+    n_users = first.height
+    n_items = int(order.size)
     offsets = np.zeros(n_users + 1, dtype=np.int64)
-    np.cumsum(counts, out=offsets[1:])
+    np.cumsum(np.bincount(frame.get_column("uid").to_numpy(), minlength=n_users), out=offsets[1:])
 
     ties = 0
-    if data.has_timestamp:
+    if has_ts:
         # interactions whose timestamp equals that of an earlier interaction of the same user
-        ties = frame.height - frame.select("uid", "timestamp").unique().height
+        # (the frame is sorted by user then time, so a tie equals its predecessor)
+        uid = frame.get_column("uid").to_numpy()
+        ts = frame.get_column("timestamp").to_numpy()
+        ties = int(np.count_nonzero((uid[1:] == uid[:-1]) & (ts[1:] == ts[:-1])))
+        del uid, ts
+    del frame
 
+    users = pl.DataFrame(
+        {
+            "user": np.arange(n_users, dtype=np.int64),
+            "original_id": user_names.gather(first.get_column("user")),
+        }
+    )
+    item_order = pl.DataFrame(
+        {"iid": np.arange(1, n_items + 1, dtype=np.int64), "item": item_names.gather(order)}
+    )
     item_frame = item_order.select(pl.col("iid").alias("item"), pl.col("item").alias("original_id"))
     if table is not None:
         item_frame = item_frame.join(
@@ -984,7 +1025,7 @@ def prepare(
         if n_missing:
             logger.warning(
                 "%s: %d of %d items have no row in %s; their text is empty",
-                data.path, n_missing, n_items, items,
+                src, n_missing, n_items, items,
             )
         extra["items_without_table_row"] = n_missing
     else:
@@ -1005,14 +1046,14 @@ def prepare(
             "interactions": str(Path(interactions).resolve()),
             "items": str(Path(items).resolve()) if items is not None else None,
         },
-        "read": asdict(read) | {"format": data.format},
+        "read": meta_read,
         "item_table": asdict(item_table) if items is not None else None,
         "filter": asdict(filter) | {"passes": passes, "removed": n_filtered},
         "min_length": min_length,
         "short_users_dropped": n_short,
-        "rows_read": n_read + data.skipped.height,
+        "rows_read": n_read + n_bad,
         "rows_skipped": skipped.height,
-        "has_timestamp": data.has_timestamp,
+        "has_timestamp": has_ts,
         **extra,
     }
 
@@ -1020,9 +1061,7 @@ def prepare(
     try:
         np.save(tmp / "offsets.npy", offsets)
         np.save(tmp / "items.npy", items_np)
-        users.select(
-            pl.col("uid").alias("user"), pl.col("user").alias("original_id")
-        ).write_parquet(tmp / "users.parquet")
+        users.write_parquet(tmp / "users.parquet")
         item_frame.write_parquet(tmp / "items.parquet")
         if skipped.height:
             skipped.sort("file", "line").write_csv(tmp / SKIPPED_FILE)
@@ -1169,8 +1208,8 @@ __all__ = [
     "apply_filter",
     "apply_template",
     "compute_stats",
+    "encode_ids",
     "load_dataset",
-    "order_and_remap",
     "prepare",
     "read_beauty_titles",
     "read_interactions",
