@@ -8,23 +8,42 @@ count. ``n_threads=None`` uses the global pool (all cores, or ``RAYON_NUM_THREAD
 """
 
 from collections.abc import Iterator, Sequence
-from typing import Literal
+from typing import Literal, final
 
 import numpy as np
-from numpy.typing import NDArray
+from numpy.typing import ArrayLike, NDArray
+
+__all__ = [
+    "__version__",
+    "EpochIter",
+    "SequenceStore",
+    "TrainSampler",
+    "assign_codes",
+    "build_profile",
+    "code_report",
+    "cooccurrence",
+    "kmeans",
+    "reconstruction_errors",
+    "residual_kmeans",
+    "sample_candidates",
+]
 
 __version__: str
 build_profile: Literal["release", "debug"]
 
-Int64Array = NDArray[np.int64]
-Float32Array = NDArray[np.float32]
+_I64 = NDArray[np.int64]
+_F32 = NDArray[np.float32]
 
+@final
 class SequenceStore:
-    """Users' chronological item sequences in CSR form, validated once at construction."""
+    """Users' chronological item sequences in CSR form, validated once at construction.
 
-    def __init__(
-        self, offsets: Int64Array, items: Int64Array, n_items: int | None = None
-    ) -> None: ...
+    Array arguments may be any integer array-like; they are converted to C-contiguous int64
+    (no copy when they already are), and anything else is a TypeError."""
+
+    def __new__(
+        cls, offsets: ArrayLike, items: ArrayLike, n_items: int | None = None
+    ) -> SequenceStore: ...
     @staticmethod
     def from_sequences(
         sequences: Sequence[Sequence[int]], n_items: int | None = None
@@ -36,32 +55,33 @@ class SequenceStore:
     @property
     def n_interactions(self) -> int: ...
     @property
-    def offsets(self) -> Int64Array: ...
+    def offsets(self) -> _I64: ...
     @property
-    def items(self) -> Int64Array: ...
+    def items(self) -> _I64: ...
     def __len__(self) -> int: ...
-    def lengths(self) -> Int64Array: ...
-    def sequence(self, user: int) -> Int64Array: ...
-    def popularity(self, holdout: int = 0) -> Int64Array:
+    def lengths(self) -> _I64: ...
+    def sequence(self, user: int) -> _I64: ...
+    def popularity(self, holdout: int = 0) -> _I64:
         """Interaction count per item id, shape (n_items + 1,), index 0 is 0.
 
         ``holdout=2`` counts the training prefixes only (leave-one-out)."""
     def eval_inputs(
-        self, users: Int64Array, max_len: int, split: Literal["valid", "test"]
-    ) -> tuple[Int64Array, Int64Array]:
+        self, users: ArrayLike, max_len: int, split: Literal["valid", "test"]
+    ) -> tuple[_I64, _I64]:
         """Left-padded inputs (B, max_len) and targets (B,) of the leave-one-out split.
 
         valid: input = training prefix, target = second-to-last item.
         test: input = all but the last item, target = last item."""
-    def histories(self, users: Int64Array, holdout: int = 0) -> tuple[Int64Array, Int64Array]:
+    def histories(self, users: ArrayLike, holdout: int = 0) -> tuple[_I64, _I64]:
         """CSR (row offsets (B+1,), items) of the given users' sequences without the last
         ``holdout`` items, for masking seen items in full ranking."""
 
+@final
 class TrainSampler:
     """Training batches from each user's training prefix (all but the last two items)."""
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         store: SequenceStore,
         max_len: int,
         batch_size: int,
@@ -71,7 +91,7 @@ class TrainSampler:
         last_only: bool = False,
         skip_short: bool = False,
         n_threads: int | None = None,
-    ) -> None: ...
+    ) -> TrainSampler: ...
     @property
     def n_users(self) -> int:
         """Users that contribute at least one training position."""
@@ -80,63 +100,73 @@ class TrainSampler:
     def __len__(self) -> int: ...
     def epoch(
         self, epoch: int, rank: int = 0, world_size: int = 1
-    ) -> Iterator[tuple[Int64Array, Int64Array, Int64Array]]:
+    ) -> EpochIter:
         """Batches (inputs (B,T), targets (B,T), negatives (B,T,n)) for one epoch.
 
         The user order is shuffled by (seed, epoch); with world_size > 1 rank r gets batches
         r, r + world_size, ...; negatives of a row come from the stream (seed, epoch, user)."""
-    def batch_users(self, epoch: int) -> Int64Array:
+    def batch_users(self, epoch: int) -> _I64:
         """The shuffled user rows of one epoch, in batch order."""
+
+@final
+class EpochIter(Iterator[tuple[_I64, _I64, _I64]]):
+    """The batches of one epoch, built one at a time (GIL released) on ``next``."""
+
+    def __iter__(self) -> EpochIter: ...
+    def __next__(self) -> tuple[_I64, _I64, _I64]: ...
+    def __len__(self) -> int: ...
 
 def sample_candidates(
     store: SequenceStore,
-    users: Int64Array,
-    targets: Int64Array,
+    users: ArrayLike,
+    targets: ArrayLike,
     n_negatives: int = 100,
     seed: int = 0,
     n_threads: int | None = None,
-) -> Int64Array:
+) -> _I64:
     """(B, 1 + n_negatives): column 0 is the target, then distinct items the user never touched."""
 
 def kmeans(
-    x: Float32Array,
+    x: ArrayLike,
     k: int,
     n_iter: int = 20,
     seed: int = 0,
     balanced: bool = False,
+    init: Literal["kmeans++", "random"] = "kmeans++",
     n_threads: int | None = None,
-) -> tuple[Float32Array, Int64Array]:
+) -> tuple[_F32, _I64]:
     """One level of k-means: centroids (k, D) and assignment (N,)."""
 
 def residual_kmeans(
-    x: Float32Array,
+    x: ArrayLike,
     n_levels: int = 3,
     codebook_size: int = 256,
     n_iter: int = 20,
     seed: int = 0,
     normalize_residuals: bool = False,
     balanced: bool = False,
+    init: Literal["kmeans++", "random"] = "kmeans++",
     n_threads: int | None = None,
-) -> tuple[Int64Array, Float32Array]:
+) -> tuple[_I64, _F32]:
     """Residual k-means: codes (N, L) in 0..K-1 and codebooks (L, K, D)."""
 
 def assign_codes(
-    x: Float32Array,
-    codebooks: Float32Array,
+    x: ArrayLike,
+    codebooks: ArrayLike,
     normalize_residuals: bool = False,
     n_threads: int | None = None,
-) -> Int64Array:
+) -> _I64:
     """Greedy nearest-centroid codes (N, L) of x under fixed codebooks (L, K, D)."""
 
 def reconstruction_errors(
-    x: Float32Array,
-    codes: Int64Array,
-    codebooks: Float32Array,
+    x: ArrayLike,
+    codes: ArrayLike,
+    codebooks: ArrayLike,
     normalize_residuals: bool = False,
 ) -> NDArray[np.float64]:
     """Mean squared norm of the residual left after each level, shape (L,)."""
 
-def code_report(codes: Int64Array, codebook_size: int) -> dict[str, object]:
+def code_report(codes: ArrayLike, codebook_size: int) -> dict[str, object]:
     """usage (L,), entropy (L, bits), n_unique_tuples, collision_share, largest_collision_group."""
 
 def cooccurrence(
@@ -147,7 +177,7 @@ def cooccurrence(
     max_weight: float = 1.0,
     holdout: int = 2,
     n_threads: int | None = None,
-) -> tuple[Int64Array, Int64Array, NDArray[np.float32], Int64Array]:
+) -> tuple[_I64, _I64, NDArray[np.float32], _I64]:
     """PPMI co-occurrence positives as CSR rows indexed by item id 0..n_items.
 
     Returns (indptr (n_items + 2,), indices, weights in [min_weight, max_weight], counts);
