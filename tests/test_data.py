@@ -567,3 +567,14 @@ def test_bad_options(tmp_path: Path) -> None:
         prepare(f, tmp_path / "ds", filter=FilterOptions("kcore", min_user=5, min_item=1))
     with pytest.raises(DataError, match="min_user=0"):
         prepare(f, tmp_path / "ds", filter=FilterOptions("kcore", min_user=0))
+
+
+def test_numbering_follows_first_kept_row(tmp_path: Path) -> None:
+    # u1's first row holds an item the filter removes, so u2 appears first among kept rows
+    f = write(tmp_path / "log.csv", "user_id,item_id\nu1,x\nu2,a\nu2,b\nu2,c\nu1,c\nu1,b\nu1,a\n")
+    out = prepare(f, tmp_path / "ds", filter=FilterOptions("kcore", min_user=3, min_item=2))
+    assert pl.read_parquet(out / "users.parquet").get_column("original_id").to_list() == [
+        "u2", "u1"]
+    assert sequences_of(out) == [[1, 2, 3], [3, 2, 1]]
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["filter"]["removed"] == 1 and meta["rows_read"] == 7
