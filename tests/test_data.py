@@ -578,3 +578,17 @@ def test_numbering_follows_first_kept_row(tmp_path: Path) -> None:
     assert sequences_of(out) == [[1, 2, 3], [3, 2, 1]]
     meta = json.loads((out / "meta.json").read_text())
     assert meta["filter"]["removed"] == 1 and meta["rows_read"] == 7
+
+
+def test_csv_rows_with_wrong_field_counts(tmp_path: Path) -> None:
+    f = write(tmp_path / "log.csv", "user_id,item_id,timestamp\na,x,1\na,y,2,9\na,z,3\na,w\n"
+              "a,v,5\n")
+    with pytest.raises(DataError, match=r"log\.csv:3: wrong number of fields \(header has 3\): "
+                       r"'a,y,2,9'"):
+        prepare(f, tmp_path / "ds")
+    out = prepare(f, tmp_path / "ds", read=ReadOptions(on_bad_line="skip"))
+    side = pl.read_csv(out / "skipped_rows.csv")
+    assert side.select("line", "reason", "content").rows() == [
+        (3, "wrong number of fields", "a y 2"), (5, "wrong number of fields", "a w ")]
+    ids = pl.read_parquet(out / "items.parquet").get_column("original_id").to_list()
+    assert [ids[i - 1] for i in sequences_of(out)[0]] == ["x", "z", "v"]

@@ -29,6 +29,7 @@ that is renamed when complete. Everything runs in polars; no Python loop touches
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import os
@@ -307,10 +308,36 @@ def _split_recbole_header(columns: Sequence[str]) -> list[str]:
     return [c.split(":", 1)[0] for c in columns]
 
 
+def _find_ragged(path: Path, sep: str, encoding: str, quoted: bool, n_fields: int,
+                 first_only: bool) -> list[tuple[int, str]]:
+    """Lines whose field count differs from the header's (only called after a parse error)."""
+    bad: list[tuple[int, str]] = []
+    enc = "utf-8" if encoding == "utf8" else "latin-1"
+    with path.open(encoding=enc, errors="replace", newline="") as fh:
+        reader = csv.reader(fh, delimiter=sep, quoting=csv.QUOTE_MINIMAL if quoted
+                            else csv.QUOTE_NONE)
+        start = 1
+        for fields in reader:
+            if fields and len(fields) != n_fields:
+                bad.append((start, sep.join(fields)))
+                if first_only:
+                    break
+            start = reader.line_num + 1
+    return bad
+
+
 def _read_table(
-    path: Path, fmt: str, separator: str | None, encoding: str, string_cols: Sequence[str] = ()
+    path: Path,
+    fmt: str,
+    separator: str | None,
+    encoding: str,
+    string_cols: Sequence[str] = (),
+    on_bad_line: str = "error",
 ) -> pl.DataFrame:
-    """A csv/tsv/parquet/recbole table with a ``line`` column (1-based file line, header = 1)."""
+    """A csv/tsv/parquet/recbole table with a ``line`` column (1-based file line, header = 1).
+
+    Rows with too many or too few fields stop the read with their line number; with
+    ``on_bad_line="skip"`` they are kept, flagged in a boolean ``_ragged`` column."""
     if fmt == "parquet":
         try:
             frame = pl.read_parquet(path)
@@ -328,20 +355,44 @@ def _read_table(
         raise DataError(f"{path}: cannot read the header ({_first_line(exc)})") from exc
     names = _split_recbole_header(header) if fmt == "recbole" else list(header)
     overrides = {header[names.index(c)]: pl.String for c in string_cols if c in names}
-    try:
-        frame = pl.read_csv(
+    quote = None if fmt == "recbole" else '"'
+
+    def read(truncate: bool) -> pl.DataFrame:
+        return pl.read_csv(
             _read_bytes_utf8(path, encoding),
             separator=sep,
-            quote_char=None if fmt == "recbole" else '"',
+            quote_char=quote,
             schema_overrides=overrides,
             infer_schema_length=10_000,
             row_index_name="line",
             row_index_offset=2,
+            truncate_ragged_lines=truncate,
         )
+
+    ragged: list[tuple[int, str]] = []
+    try:
+        frame = read(False)
     except pl.exceptions.PolarsError as exc:
-        raise DataError(f"{path}: cannot parse ({_first_line(exc)})") from exc
+        ragged = _find_ragged(path, sep, encoding, quote is not None, len(header),
+                              first_only=on_bad_line == "error")
+        if not ragged:
+            raise DataError(f"{path}: cannot parse ({_first_line(exc)})") from exc
+        line, content = ragged[0]
+        if on_bad_line == "error":
+            raise DataError(
+                f"{path}:{line}: wrong number of fields (header has {len(header)}): {content!r}; "
+                "pass on_bad_line='skip' (--on-bad-line skip) to drop such rows"
+            ) from exc
+        try:
+            frame = read(True)
+        except pl.exceptions.PolarsError as exc2:
+            raise DataError(f"{path}: cannot parse ({_first_line(exc2)})") from exc2
     frame = frame.rename(dict(zip(header, names, strict=True)))
-    return frame.with_columns(pl.col("line").cast(pl.Int64))
+    frame = frame.with_columns(pl.col("line").cast(pl.Int64))
+    if on_bad_line == "skip":
+        bad_lines = pl.Series([ln for ln, _ in ragged], dtype=pl.Int64)
+        frame = frame.with_columns(pl.col("line").is_in(bad_lines.implode()).alias("_ragged"))
+    return frame
 
 
 def _require_columns(path: Path, frame: pl.DataFrame, wanted: dict[str, str]) -> None:
@@ -355,8 +406,16 @@ def _read_table_interactions(
     path: Path, fmt: str, options: ReadOptions
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
     frame = _read_table(
-        path, fmt, options.separator, options.encoding, (options.user_col, options.item_col)
+        path, fmt, options.separator, options.encoding, (options.user_col, options.item_col),
+        options.on_bad_line,
     )
+    ragged = _empty_skipped()
+    if "_ragged" in frame.columns:
+        content = pl.concat_str(
+            [pl.col(c).cast(pl.String).fill_null("") for c in frame.columns
+             if c not in ("line", "_ragged")], separator=" ")
+        ragged = _bad_rows(path, frame, pl.col("_ragged"), "wrong number of fields", content)
+        frame = frame.filter(~pl.col("_ragged")).drop("_ragged")
     _require_columns(path, frame, {"user": options.user_col, "item": options.item_col})
     time_col = options.time_col
     if time_col == _AUTO:
@@ -371,7 +430,8 @@ def _read_table_interactions(
     if time_col is not None:
         cols.append(pl.col(time_col).alias("timestamp"))
     frame = frame.select(cols)
-    return _validate_rows(path, frame, content_cols=frame.columns[1:])
+    frame, skipped = _validate_rows(path, frame, content_cols=frame.columns[1:])
+    return frame, pl.concat([ragged, skipped])
 
 
 def _validate_rows(
@@ -394,7 +454,8 @@ def _validate_rows(
         frame, bad_ts = _parse_timestamp(path, frame, "timestamp")
         raw = pl.col("_ts_text") if "_ts_text" in frame.columns else pl.col("timestamp")
         content = pl.concat_str(
-            [pl.col("user").fill_null(""), pl.col("item").fill_null(""), raw.cast(pl.String)],
+            [pl.col("user").fill_null(""), pl.col("item").fill_null(""),
+             raw.cast(pl.String).fill_null("")],
             separator=" ",
         )
         mask = ~bad_any & bad_ts
