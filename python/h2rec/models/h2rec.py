@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from h2rec.errors import DataError
 from h2rec.losses import item_alignment_loss, mask_lowest_levels, symmetric_info_nce
 from h2rec.models.backbone import Backbone, CrossAttention, SequenceInput, attention_mask
 from h2rec.models.config import ModelConfig
@@ -104,7 +105,9 @@ class H2Rec(nn.Module):
         elif positives.groups is None:
             positives = positives.with_codes(codes)
         if positives.n_items != n_items:
-            raise ValueError(f"cooccur: built for {positives.n_items} items, model has {n_items}")
+            raise DataError(
+                f"cooccur: built for n_items={positives.n_items}, model has {n_items}"
+            )
         self._positives = positives
 
     # ----------------------------------------------------------------------------- streams
