@@ -258,8 +258,8 @@ def test_positives_validate_their_arrays() -> None:
     indptr = np.array([0, 0, 1, 2])
     with pytest.raises(DataError, match=r"indices\[1\]=7: outside 1..n_items=2"):
         CooccurrencePositives(indptr, np.array([2, 7]), np.array([0.5, 0.5]), 2)
-    with pytest.raises(DataError, match=r"weights\[0\]=1.5"):
-        CooccurrencePositives(indptr, np.array([2, 1]), np.array([1.5, 0.5]), 2)
+    with pytest.raises(DataError, match=r"weights\[1\]=nan"):
+        CooccurrencePositives(indptr, np.array([2, 1]), np.array([0.5, np.nan]), 2)
     with pytest.raises(DataError, match="indptr: shape"):
         CooccurrencePositives(indptr, np.array([2, 1]), np.array([0.5, 0.5]), 3)
     with pytest.raises(DataError, match="codes: 3 rows"):

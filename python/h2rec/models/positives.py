@@ -47,7 +47,7 @@ class CooccurrencePositives:
     Args:
         indptr: (n_items + 2,) int64 row offsets; row i holds item i's co-occurrence positives.
         indices: (nnz,) int64 positive item ids in 1..n_items.
-        weights: (nnz,) float32 weights in (0, 1].
+        weights: (nnz,) float32 weights > 0 (PPMI scaled to [0.3, 1] by default).
         n_items: number of real items.
         codes: optional (n_items, L) SID codes; items sharing a full tuple become positives.
     """
@@ -76,9 +76,9 @@ class CooccurrencePositives:
         if ix.size and (ix.min() < 1 or ix.max() > n_items):
             bad = int(np.flatnonzero((ix < 1) | (ix > n_items))[0])
             raise DataError(f"indices[{bad}]={int(ix[bad])}: outside 1..n_items={n_items}")
-        if w.size and not (np.isfinite(w).all() and (w > 0).all() and (w <= 1).all()):
-            bad = int(np.flatnonzero(~(np.isfinite(w) & (w > 0) & (w <= 1)))[0])
-            raise DataError(f"weights[{bad}]={float(w[bad])}: must lie in (0, 1]")
+        if w.size and not (np.isfinite(w).all() and (w > 0).all()):
+            bad = int(np.flatnonzero(~(np.isfinite(w) & (w > 0)))[0])
+            raise DataError(f"weights[{bad}]={float(w[bad])}: must be finite and > 0")
         self.n_items = n_items
         self.indptr = torch.from_numpy(ip)
         self.indices = torch.from_numpy(ix)
