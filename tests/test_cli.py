@@ -9,7 +9,6 @@ from typing import Any
 import numpy as np
 import polars as pl
 import pytest
-
 from h2rec.cli import main, train_main
 from h2rec.data import load_dataset
 
@@ -31,15 +30,24 @@ TINY = [
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("runs")
-    code = train_main(["--models", "sasrec,sid,h2rec", "--name", "tiny", "--output-dir", str(out), *TINY])
+    code = train_main(
+        ["--models", "sasrec,sid,h2rec", "--name", "tiny", "--output-dir", str(out), *TINY]
+    )
     return {"code": code, "out": out, "base": out / "tiny"}
 
 
 def test_h2rec_train_runs_the_whole_pipeline(pipeline: dict[str, Any]) -> None:
     assert pipeline["code"] == 0
     base: Path = pipeline["base"]
-    for name in ("config.json", "metrics.json", "results.md", "ndcg10_by_popularity.png",
-                 "embeddings.npy", "sid/codes.npy", "builtin/dataset/meta.json"):
+    for name in (
+        "config.json",
+        "metrics.json",
+        "results.md",
+        "ndcg10_by_popularity.png",
+        "embeddings.npy",
+        "sid/codes.npy",
+        "builtin/dataset/meta.json",
+    ):
         assert (base / name).is_file(), name
     for kind in ("sasrec", "sid", "h2rec"):
         assert (base / kind / "best.pt").is_file() and (base / kind / "config.json").is_file()
@@ -95,8 +103,19 @@ def test_train_evaluate_recommend(
     base: Path = pipeline["base"]
     data = base / "builtin" / "dataset"
     monkeypatch.chdir(tmp_path)
-    code = main(["train", str(data), "--sids", str(base / "sid"), "--name", "one",
-                 "--set", "model.kind=sid", *TINY])
+    code = main(
+        [
+            "train",
+            str(data),
+            "--sids",
+            str(base / "sid"),
+            "--name",
+            "one",
+            "--set",
+            "model.kind=sid",
+            *TINY,
+        ]
+    )
     assert code == 0
     run = tmp_path / "runs" / "one"  # the default output location
     assert (run / "best.pt").is_file() and "| sid | overall |" in capsys.readouterr().out
@@ -104,8 +123,18 @@ def test_train_evaluate_recommend(
     # evaluate: the sampled protocol, written as JSON
     assert main(["evaluate", str(run), "--protocol", "sampled"]) == 2  # 130 items: too few
     assert "eval.n_negatives=100" in capsys.readouterr().err
-    code = main(["evaluate", str(run), "--protocol", "sampled", "--set", "eval.n_negatives=50",
-                 "--out", "m.json"])
+    code = main(
+        [
+            "evaluate",
+            str(run),
+            "--protocol",
+            "sampled",
+            "--set",
+            "eval.n_negatives=50",
+            "--out",
+            "m.json",
+        ]
+    )
     assert code == 0
     m = json.loads((tmp_path / "m.json").read_text())["models"]["sid"]
     assert m["protocol"] == "sampled" and m["n_candidates"] == 51
@@ -117,8 +146,10 @@ def test_train_evaluate_recommend(
     ds = load_dataset(data)
     for out in ("recs.parquet", "recs.csv"):
         assert main(["recommend", str(run), "--out", out, "-k", "5"]) == 0
-        frame = pl.read_parquet(out) if out.endswith("parquet") else pl.read_csv(
-            out, schema_overrides={"user": pl.String, "item": pl.String}
+        frame = (
+            pl.read_parquet(out)
+            if out.endswith("parquet")
+            else pl.read_csv(out, schema_overrides={"user": pl.String, "item": pl.String})
         )
         assert frame.height == 5 * ds.n_users
         assert set(frame["item"].to_list()) <= set(ds.item_ids)
@@ -139,8 +170,19 @@ def test_compare_trains_then_loads(
 ) -> None:
     base: Path = pipeline["base"]
     data = base / "builtin" / "dataset"
-    args = ["compare", str(data), "--sids", str(base / "sid"), "--models", "sasrec,sid",
-            "--name", "cmp", "--output-dir", str(tmp_path), *TINY]
+    args = [
+        "compare",
+        str(data),
+        "--sids",
+        str(base / "sid"),
+        "--models",
+        "sasrec,sid",
+        "--name",
+        "cmp",
+        "--output-dir",
+        str(tmp_path),
+        *TINY,
+    ]
     assert main(args) == 0
     first = capsys.readouterr().out
     ckpt = tmp_path / "cmp" / "sasrec" / "best.pt"
@@ -148,13 +190,78 @@ def test_compare_trains_then_loads(
     assert main(args) == 0  # finished runs are loaded, not retrained
     second = capsys.readouterr().out
     assert ckpt.stat().st_mtime_ns == stamp
-    table = lambda text: [l for l in text.splitlines() if l.startswith("|")]  # noqa: E731
+    table = lambda text: [l for l in text.splitlines() if l.startswith("|")]
     assert table(first) == table(second) and len(table(first)) == 2 + 2 * 3
     assert (tmp_path / "cmp" / "ndcg10_by_popularity.png").is_file()
 
 
-def test_missing_inputs_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_missing_inputs_are_one_line_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["train", str(tmp_path / "nope"), "--output-dir", str(tmp_path)]) == 2
     assert main(["evaluate", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(e.startswith("h2rec: error:") for e in err)
+
+
+def test_stage_commands_chain_into_train(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from h2rec.synthetic import SyntheticConfig, generate
+
+    inter, items = generate(tmp_path / "src", SyntheticConfig(n_users=120, n_items=130, seed=3))
+    ds = tmp_path / "ds"
+    assert main(["prepare", str(inter), str(ds), "--items", str(items)]) == 0
+    assert main(["embed", str(ds), "--dim", "16"]) == 0
+    assert (
+        main(
+            [
+                "build-sid",
+                str(ds / "embeddings.npy"),
+                str(ds / "sid"),
+                "--codebook-size",
+                "8",
+                "--iters",
+                "5",
+            ]
+        )
+        == 0
+    )
+    # train finds <data>/sid by itself; the raw interaction file also works through h2rec-train
+    assert (
+        main(
+            [
+                "train",
+                str(ds),
+                "--name",
+                "staged",
+                "--output-dir",
+                str(tmp_path / "runs"),
+                "--set",
+                "model.kind=h2rec",
+                *TINY,
+            ]
+        )
+        == 0
+    )
+    assert "| h2rec | overall | 120 |" in capsys.readouterr().out
+    assert (
+        train_main(
+            [
+                str(inter),
+                "--items",
+                str(items),
+                "--models",
+                "sasrec",
+                "--name",
+                "raw",
+                "--output-dir",
+                str(tmp_path / "runs"),
+                *TINY,
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "| sasrec | overall | 120 |" in out and "| sid |" not in out
+    assert (tmp_path / "runs" / "raw" / "data" / "meta.json").is_file()

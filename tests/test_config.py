@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from h2rec.config import (
     RunConfig,
     apply_overrides,
@@ -33,9 +32,9 @@ def test_toml_file_sets_every_kind_of_field(tmp_path: Path) -> None:
     f = tmp_path / "run.toml"
     f.write_text(
         'name = "beauty"\n'
-        "[train]\nlr = 3e-4\nbatch_size = 256\nloss = \"sampled_softmax\"\namp = false\n"
-        "[eval]\nks = [1, 10]\nprotocol = \"sampled\"\n"
-        "[model]\nkind = \"sasrec\"\nhidden = 32\ndropout = 0\n"
+        '[train]\nlr = 3e-4\nbatch_size = 256\nloss = "sampled_softmax"\namp = false\n'
+        '[eval]\nks = [1, 10]\nprotocol = "sampled"\n'
+        '[model]\nkind = "sasrec"\nhidden = 32\ndropout = 0\n'
     )
     cfg = load_config(f)
     assert cfg.name == "beauty"

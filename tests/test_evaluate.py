@@ -8,8 +8,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch import nn
-
 from h2rec import _core
 from h2rec.config import EvalConfig
 from h2rec.evaluate import (
@@ -19,6 +17,7 @@ from h2rec.evaluate import (
     rank_metrics,
     recommend_top_k,
 )
+from torch import nn
 
 
 class LastItemModel(nn.Module):
@@ -116,12 +115,13 @@ def test_rank_metrics_hand_computed() -> None:
 def _random_case(seed: int, n_items: int = 40, n_users: int = 30, integer: bool = False):
     rng = np.random.default_rng(seed)
     seqs = [
-        rng.integers(1, n_items + 1, size=int(rng.integers(3, 15))).tolist()
-        for _ in range(n_users)
+        rng.integers(1, n_items + 1, size=int(rng.integers(3, 15))).tolist() for _ in range(n_users)
     ]
     store = _core.SequenceStore.from_sequences(seqs, n_items=n_items)
-    table = rng.integers(0, 4, (n_items + 1, n_items + 1)) if integer else rng.normal(
-        size=(n_items + 1, n_items + 1)
+    table = (
+        rng.integers(0, 4, (n_items + 1, n_items + 1))
+        if integer
+        else rng.normal(size=(n_items + 1, n_items + 1))
     )
     return seqs, store, LastItemModel(table), table
 
@@ -170,9 +170,7 @@ def test_sampled_protocol_is_fixed_by_seed_and_matches_oracle() -> None:
     expected = (scores[:, 1:] >= scores[:, :1]).sum(1)
     assert a.ranks.tolist() == expected.tolist()
     other = evaluate(model, store, "test", EvalConfig(protocol="sampled", seed=12), max_len=6)
-    assert not np.array_equal(
-        _core.sample_candidates(store, a.users, a.targets, 100, 12), cands
-    )
+    assert not np.array_equal(_core.sample_candidates(store, a.users, a.targets, 100, 12), cands)
     assert other.users.tolist() == a.users.tolist()
 
 

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-
 from h2rec import _core
 from h2rec.config import RunConfig, apply_overrides
 from h2rec.data import load_dataset
@@ -59,8 +58,15 @@ def test_training_improves_validation_ndcg(data: dict[str, Any], tmp_path: Path)
     # the model handed back is the best one: its validation NDCG@10 is the recorded best
     again = evaluate(result.model, data["store"], "valid", cfg.eval, cfg.model.max_len)
     assert again.ndcg10 == pytest.approx(result.best_valid_ndcg10)
-    for name in ("config.json", "best.pt", "last.pt", "metrics.jsonl", "metrics.json",
-                 "results.md", "ndcg10_by_popularity.png"):
+    for name in (
+        "config.json",
+        "best.pt",
+        "last.pt",
+        "metrics.jsonl",
+        "metrics.json",
+        "results.md",
+        "ndcg10_by_popularity.png",
+    ):
         assert (tmp_path / "run" / name).is_file(), name
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 3
 
@@ -78,7 +84,13 @@ def test_resume_reproduces_the_uninterrupted_run(data: dict[str, Any], tmp_path:
             raise _Interrupt
 
     with pytest.raises(_Interrupt):
-        train(cfg, data["store"], data["sids"], run_dir=tmp_path / "cut", on_epoch_end=stop_after_first)
+        train(
+            cfg,
+            data["store"],
+            data["sids"],
+            run_dir=tmp_path / "cut",
+            on_epoch_end=stop_after_first,
+        )
     # a second process would start with other global RNG states: scramble them
     torch.manual_seed(12345)
     np.random.seed(54321)
@@ -106,7 +118,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _ddp_worker(rank: int, world: int, port: int, root: str, cfg: RunConfig) -> None:
+def _ddp_worker(rank: int, world: int, port: int, root: str, cfg: RunConfig, sids: Any) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -118,7 +130,7 @@ def _ddp_worker(rank: int, world: int, port: int, root: str, cfg: RunConfig) -> 
 
     store = load_dataset(Path(root) / "dataset").store
     try:
-        result = train(cfg, store, None, run_dir=Path(root) / "run")
+        result = train(cfg, store, sids, run_dir=Path(root) / "run")
         seqs = sum(r["sequences_per_second"] * r["train_seconds"] for r in result.history)
         torch.save(
             {"state": result.model.state_dict(), "seqs": round(seqs), "test": result.test.ranks},
@@ -132,8 +144,10 @@ def _ddp_worker(rank: int, world: int, port: int, root: str, cfg: RunConfig) -> 
 def test_two_process_gloo_ddp(data: dict[str, Any], tmp_path: Path) -> None:
     link = tmp_path / "dataset"
     link.symlink_to(data["dataset"].path, target_is_directory=True)
-    cfg = _cfg("model.kind=sasrec", "train.epochs=2")
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path), cfg), nprocs=2, join=True)
+    cfg = _cfg("model.kind=h2rec", "train.epochs=2")
+    mp.spawn(
+        _ddp_worker, args=(2, _free_port(), str(tmp_path), cfg, data["sids"]), nprocs=2, join=True
+    )
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
     # gradients were all-reduced: both ranks hold the same weights after different batches
@@ -153,7 +167,7 @@ def test_two_process_gloo_ddp(data: dict[str, Any], tmp_path: Path) -> None:
     assert np.array_equal(r0["test"], r1["test"])
     assert (tmp_path / "run" / "metrics.json").is_file()
     # the weights differ from a single-process run's (the data were split, not repeated)
-    single = train(cfg, data["store"], None, run_dir=None)
+    single = train(cfg, data["store"], data["sids"], run_dir=None)
     assert any(not torch.equal(v, single.model.state_dict()[k]) for k, v in r0["state"].items())
 
 
@@ -164,7 +178,9 @@ def _assert_untouched(run: Path) -> None:
     assert not (run / "last.pt").exists() and not (run / "best.pt").exists()
 
 
-def test_codes_of_another_dataset_fail_before_training(data: dict[str, Any], tmp_path: Path) -> None:
+def test_codes_of_another_dataset_fail_before_training(
+    data: dict[str, Any], tmp_path: Path
+) -> None:
     bad = dataclasses.replace(data["sids"], codes=data["sids"].codes[:-3])
     with pytest.raises(DataError, match=r"codes.*\(197, 3\).*n_items=200"):
         train(_cfg("model.kind=h2rec"), data["store"], bad, run_dir=tmp_path / "run")
@@ -200,18 +216,34 @@ def test_checkpoint_from_another_dataset_or_model(
     with pytest.raises(CheckpointError, match="another dataset"):
         load_checkpoint(sasrec_run / "best.pt", other)
     with pytest.raises(CheckpointError, match="another dataset"):
-        train(_cfg("model.kind=sasrec", "train.epochs=2"), other, None, run_dir=sasrec_run, resume=True)
+        train(
+            _cfg("model.kind=sasrec", "train.epochs=2"),
+            other,
+            None,
+            run_dir=sasrec_run,
+            resume=True,
+        )
     with pytest.raises(CheckpointError, match=r"another configuration.*model.kind"):
-        train(_cfg("model.kind=h2rec", "train.epochs=2"), data["store"], data["sids"],
-              run_dir=sasrec_run, resume=True)
+        train(
+            _cfg("model.kind=h2rec", "train.epochs=2"),
+            data["store"],
+            data["sids"],
+            run_dir=sasrec_run,
+            resume=True,
+        )
     other_sids = build_sid(data["embeddings"], n_levels=3, codebook_size=16, n_iter=10, seed=1)
     sid_run = tmp_path / "sid"
     train(_cfg("model.kind=sid", "train.epochs=1"), data["store"], data["sids"], run_dir=sid_run)
     with pytest.raises(CheckpointError, match="other semantic IDs"):
         load_checkpoint(sid_run / "best.pt", data["store"], other_sids)
     with pytest.raises(CheckpointError, match="other semantic IDs"):
-        train(_cfg("model.kind=sid", "train.epochs=2"), data["store"], other_sids,
-              run_dir=sid_run, resume=True)
+        train(
+            _cfg("model.kind=sid", "train.epochs=2"),
+            data["store"],
+            other_sids,
+            run_dir=sid_run,
+            resume=True,
+        )
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="garbage.pt"):

@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import importlib.util
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,6 +33,8 @@ __all__ = ["main", "train_main"]
 logger = logging.getLogger("h2rec")
 
 MODEL_KINDS = ("sasrec", "sid", "h2rec")
+# h2rec-train without data: the built-in dataset, all three models, a short schedule
+BUILTIN_PRESET = ("name=builtin", "train.epochs=20", "train.patience=5")
 
 
 # --------------------------------------------------------------------------- shared options
@@ -194,7 +197,7 @@ def _load_run(args: argparse.Namespace) -> tuple[Any, RunConfig, Any]:
         cfg = config_from_dict(raw["config"])
     except H2RecError:
         raise
-    except Exception as err:  # noqa: BLE001 - corrupt file of any kind
+    except Exception as err:
         raise H2RecError(f"{ckpt_path}: not a readable h2rec checkpoint: {err}") from err
     data_path = _absolute(args.data) if args.data else cfg.data.path
     if args.sids:
@@ -343,9 +346,13 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def _print_table(run_dir: Path) -> None:
     table = run_dir / "results.md"
-    if table.exists():
+    if table.exists() and _is_main_process():
         print(table.read_text(), end="")
         print(f"results in {run_dir}")
 
@@ -357,13 +364,22 @@ def _pipeline(args: argparse.Namespace) -> int:
     """prepare -> embed -> build-sid -> train -> test, on DATA or the built-in dataset."""
     from h2rec.data import load_dataset
 
+    builtin = not (
+        args.data or args.config or any(o.startswith("data.path=") for o in args.overrides)
+    )
+    if builtin:  # a short schedule that finishes in minutes on a laptop; --set still wins
+        args.overrides = [*BUILTIN_PRESET, *args.overrides]
     cfg = _run_config(args)
-    kinds = _parse_models(args.models) if args.models else [cfg.model.kind]
+    if args.models:
+        kinds = _parse_models(args.models)
+    else:
+        kinds = list(MODEL_KINDS) if builtin else [cfg.model.kind]
     base = cfg.run_dir
     if base.exists() and any(base.iterdir()) and not args.overwrite:
         raise H2RecError(f"{base}: a run already exists there; pass --overwrite to replace it")
     base.mkdir(parents=True, exist_ok=True)
     source = args.data or cfg.data.path
+    items = args.items or cfg.data.items or None
     data_dir = base / "data"
     if not source:
         from h2rec.synthetic import SyntheticConfig, builtin_dataset
@@ -378,14 +394,16 @@ def _pipeline(args: argparse.Namespace) -> int:
     elif (Path(source) / "meta.json").exists():
         data_dir = Path(source)
     else:
-        from h2rec.data import ItemTableOptions, prepare
+        from h2rec.data import FilterOptions, prepare
 
         logger.info("preparing %s -> %s", source, data_dir)
         prepare(
             source,
             data_dir,
-            items=args.items,
-            item_table=ItemTableOptions(),
+            items=items,
+            filter=FilterOptions(
+                kind=cfg.data.filter, min_user=cfg.data.min_user, min_item=cfg.data.min_item
+            ),
             overwrite=True,
         )
     dataset = load_dataset(data_dir)
@@ -446,7 +464,7 @@ def _configure_logging(verbose: bool) -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         handler._h2rec = True  # type: ignore[attr-defined]
         root.addHandler(handler)
-    root.setLevel(level)
+    root.setLevel(level if _is_main_process() else logging.WARNING)  # torchrun: rank 0 logs
 
 
 def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
@@ -515,12 +533,17 @@ def build_train_parser() -> argparse.ArgumentParser:
     """The ``h2rec-train`` argument parser."""
     p = argparse.ArgumentParser(
         prog="h2rec-train",
-        description="prepare -> embed -> build-sid -> train -> test in one command "
-        "(no DATA: the built-in generated dataset)",
+        description="prepare -> embed -> build-sid -> train -> test in one command. Without "
+        "DATA: the built-in generated dataset, SASRec, SID-only and H2Rec, with the preset "
+        + " ".join(BUILTIN_PRESET)
+        + " (override with --set)",
     )
     p.add_argument("data", nargs="?", help="interaction file or prepared dataset directory")
-    p.add_argument("--items", help="item text table (with an interaction file)")
-    p.add_argument("--models", help="comma-separated model kinds (default: model.kind)")
+    p.add_argument("--items", help="item text table (with an interaction file; or data.items)")
+    p.add_argument(
+        "--models",
+        help="comma-separated model kinds (default: model.kind; without DATA: sasrec,sid,h2rec)",
+    )
     _add_run_options(p)
     p.set_defaults(func=_pipeline)
     return p

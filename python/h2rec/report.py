@@ -46,7 +46,11 @@ def atomic_writer(path: Path, write: Callable[[BinaryIO], None]) -> None:
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically."""
-    atomic_writer(path, lambda f: f.write(data))
+
+    def write(f: BinaryIO) -> None:
+        f.write(data)
+
+    atomic_writer(path, write)
 
 
 def write_text_atomic(path: Path, text: str) -> None:

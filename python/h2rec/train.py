@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -48,8 +48,12 @@ from h2rec.evaluate import (
 )
 from h2rec.report import atomic_writer, write_report, write_text_atomic
 
+if TYPE_CHECKING:
+    from h2rec.models import Recommender
+
 __all__ = [
     "TrainResult",
+    "TrainStep",
     "build_for",
     "check_codes",
     "codes_fingerprint",
@@ -90,7 +94,7 @@ class TrainResult:
     stopped_early: bool  # patience ran out before train.epochs
     history: list[dict[str, Any]]  # one record per epoch: loss, validation metrics, seconds
     test: EvalResult | None  # the best checkpoint on the test split (rank 0 and others alike)
-    model: nn.Module  # the best model (unwrapped), on the training device
+    model: Recommender  # the best model (unwrapped), on the training device
 
 
 # --------------------------------------------------------------------------- fingerprints
@@ -183,7 +187,7 @@ def _cooccurrence_for(cfg: RunConfig, store: _core.SequenceStore, sids: Any) -> 
 
 def build_for(
     cfg: RunConfig, store: _core.SequenceStore, sids: Any, embeddings: np.ndarray | None
-) -> nn.Module:
+) -> Recommender:
     """The model ``cfg.model`` describes, for this dataset and these codes."""
     from h2rec.models import build_model
 
@@ -197,12 +201,12 @@ def build_for(
         raise ConfigError(f"model: {err}") from err
 
 
-class _TrainStep(nn.Module):
+class TrainStep(nn.Module):
     """Wraps the model so that the whole loss is one ``forward`` (what DDP synchronises)."""
 
-    def __init__(self, model: nn.Module, cfg: RunConfig) -> None:
+    def __init__(self, model: Recommender, cfg: RunConfig) -> None:
         super().__init__()
-        self.model = model
+        self.model: Recommender = model
         self.loss_kind = "softmax" if cfg.train.loss == "full_softmax" else cfg.train.loss
         self.last_only = cfg.train.last_only
 
@@ -223,11 +227,28 @@ class _TrainStep(nn.Module):
         return total, parts
 
 
+def _unused_parameters(
+    step: nn.Module, sampler: _core.TrainSampler, device: torch.device
+) -> list[str]:
+    """Names of trainable parameters that one training step leaves without a gradient.
+
+    DDP must be told when there are any. The probe step runs on a batch of epoch 0 (training
+    starts at epoch 1) with the RNG state forked, so it changes nothing the run depends on."""
+    inputs, targets, negatives = next(iter(sampler.epoch(0)))
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        loss, _ = step(*(torch.from_numpy(a).to(device) for a in (inputs, targets, negatives)))
+        loss.backward()
+    names = [n for n, p in step.named_parameters() if p.requires_grad and p.grad is None]
+    step.zero_grad(set_to_none=True)
+    return names
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 
 def _rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
+    np_state: tuple[Any, ...] = tuple(np.random.get_state(legacy=True))
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -268,7 +289,7 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as err:
         raise CheckpointError(f"{path}: checkpoint not found") from err
-    except Exception as err:  # noqa: BLE001 - torch raises many kinds for a corrupt file
+    except Exception as err:
         raise CheckpointError(f"{path}: not a readable h2rec checkpoint: {err}") from err
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not an h2rec checkpoint (format field missing)")
@@ -302,7 +323,11 @@ def _verify_checkpoint(
     fp = dataset_fingerprint(store)
     saved = ckpt["dataset"]
     if saved != fp:
-        diff = [f"{k}: checkpoint {saved.get(k)!r} vs data {v!r}" for k, v in fp.items() if saved.get(k) != v]
+        diff = [
+            f"{k}: checkpoint {saved.get(k)!r} vs data {v!r}"
+            for k, v in fp.items()
+            if saved.get(k) != v
+        ]
         raise CheckpointError(
             f"{path}: checkpoint was trained on another dataset ({'; '.join(diff)})"
         )
@@ -316,9 +341,7 @@ def _verify_checkpoint(
             changed = [k for k in changed if k not in _RESUMABLE_CHANGES]
         if changed:
             detail = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:6])
-            raise CheckpointError(
-                f"{path}: checkpoint is from another configuration ({detail})"
-            )
+            raise CheckpointError(f"{path}: checkpoint is from another configuration ({detail})")
     codes = codes_fingerprint(getattr(sids, "codes", None))
     if ckpt["codes"] != codes:
         raise CheckpointError(
@@ -333,7 +356,7 @@ def load_checkpoint(
     sids: Any = None,
     embeddings: np.ndarray | None = None,
     device: torch.device | None = None,
-) -> tuple[nn.Module, RunConfig]:
+) -> tuple[Recommender, RunConfig]:
     """The model of a checkpoint (eval mode) and its config, after checking dataset and codes."""
     path = Path(path)
     ckpt = _read_checkpoint(path)
@@ -360,7 +383,12 @@ def load_checkpoint(
 
 
 def _evaluate_all(
-    model: nn.Module, store: _core.SequenceStore, split: str, cfg: RunConfig, world: int, rank: int
+    model: Recommender,
+    store: _core.SequenceStore,
+    split: str,
+    cfg: RunConfig,
+    world: int,
+    rank: int,
 ) -> EvalResult:
     """Evaluate on this process's share of users; gather the ranks of every process."""
     users = eval_users(store)
@@ -410,12 +438,11 @@ def train(
         if resume:
             ckpt = _read_checkpoint(last_path)
             _verify_checkpoint(last_path, ckpt, store, sids, cfg, resumable_only=True)
-        elif last_path.exists() or (out / "metrics.json").exists():
-            if not overwrite:
-                raise H2RecError(
-                    f"{out}: a run already exists there; pass --overwrite to replace it "
-                    "or --resume to continue it"
-                )
+        elif (last_path.exists() or (out / "metrics.json").exists()) and not overwrite:
+            raise H2RecError(
+                f"{out}: a run already exists there; pass --overwrite to replace it "
+                "or --resume to continue it"
+            )
     elif resume:
         raise ConfigError("resume needs a run directory")
 
@@ -432,13 +459,7 @@ def train(
     # 2. seed once, build everything
     seed_everything(cfg.train.seed)
     model = build_for(cfg, store, sids, embeddings).to(device)
-    step_module: nn.Module = _TrainStep(model, cfg)
-    if world > 1:
-        step_module = nn.parallel.DistributedDataParallel(
-            step_module,
-            device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=True,
-        )
+    step_module: nn.Module = TrainStep(model, cfg)
     opt_cls = torch.optim.AdamW if cfg.train.optimizer == "adamw" else torch.optim.Adam
     optimizer = opt_cls(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     sampler = _core.TrainSampler(
@@ -452,6 +473,15 @@ def train(
     )
     if sampler.n_batches == 0:
         raise DataError("dataset: no user has a training item (every sequence is shorter than 3)")
+    if world > 1:
+        unused = _unused_parameters(step_module, sampler, device)
+        if unused:
+            logger.info("DDP: %d parameters get no gradient (%s)", len(unused), unused[0])
+        step_module = nn.parallel.DistributedDataParallel(
+            step_module,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=bool(unused),
+        )
 
     start_epoch, best_ndcg, best_epoch, bad_evals, stopped = 1, -1.0, 0, 0, False
     history: list[dict[str, Any]] = []
@@ -502,34 +532,34 @@ def train(
             break
         t0 = time.perf_counter()
         model.train()
-        total, parts_sum, n_steps, n_seqs = 0.0, {}, 0, 0
+        total, n_steps, n_seqs = 0.0, 0, 0
+        parts_sum: dict[str, float] = {}
         batches = sampler.epoch(epoch, rank, world)
         bar = None
         if show_bar:
             from tqdm import tqdm
 
             bar = tqdm(total=-(-sampler.n_batches // world), desc=f"epoch {epoch}", leave=False)
-        join = step_module.join() if world > 1 else _nullcontext()  # uneven batch counts
-        with join:
-            for inputs, targets, negatives in batches:
-                inputs_t = torch.from_numpy(inputs).to(device, non_blocking=True)
-                targets_t = torch.from_numpy(targets).to(device, non_blocking=True)
-                negatives_t = torch.from_numpy(negatives).to(device, non_blocking=True)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                    loss, parts = step_module(inputs_t, targets_t, negatives_t)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.train.grad_clip > 0:
-                    nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-                optimizer.step()
-                total += float(loss.detach())
-                for k, v in parts.items():
-                    parts_sum[k] = parts_sum.get(k, 0.0) + float(v.detach())
-                n_steps += 1
-                n_seqs += inputs.shape[0]
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{total / n_steps:.4f}")
+        # the sampler gives every rank the same number of batches, so DDP needs no join()
+        for inputs, targets, negatives in batches:
+            inputs_t = torch.from_numpy(inputs).to(device, non_blocking=True)
+            targets_t = torch.from_numpy(targets).to(device, non_blocking=True)
+            negatives_t = torch.from_numpy(negatives).to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                loss, parts = step_module(inputs_t, targets_t, negatives_t)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.train.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            optimizer.step()
+            total += float(loss.detach())
+            for k, v in parts.items():
+                parts_sum[k] = parts_sum.get(k, 0.0) + float(v.detach())
+            n_steps += 1
+            n_seqs += inputs.shape[0]
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{total / n_steps:.4f}")
         if bar is not None:
             bar.close()
         train_s = time.perf_counter() - t0
@@ -619,12 +649,3 @@ def _model_name(cfg: RunConfig) -> str:
 
 def _short(metrics: dict[str, float]) -> str:
     return "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
