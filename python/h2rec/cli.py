@@ -490,7 +490,11 @@ def _evaluate_like(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``h2rec`` argument parser."""
-    parser = argparse.ArgumentParser(prog="h2rec", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="h2rec",
+        description="Sequential recommendation with Semantic IDs and Hash IDs (H2Rec): one "
+        "stage per command. The whole pipeline in one command: h2rec-train.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train one model on a prepared dataset, then test it")
