@@ -11,6 +11,7 @@ use rayon::prelude::*;
 use crate::error::Result;
 use crate::ensure;
 use crate::rng::{Rng, TAG_KMEANS};
+pub use crate::simd::{sqdist, sqnorm};
 
 /// Rows per distance block.
 const BLOCK: usize = 2048;
@@ -70,47 +71,17 @@ fn gemm_abt(a: &[f32], m: usize, b: &[f32], k: usize, d: usize, out: &mut [f32])
     }
 }
 
-/// Squared distance with 16 independent accumulators, so the compiler can vectorise it (a
-/// single running f32 sum has a fixed order and would stay scalar). The order is fixed too, so
-/// the result does not depend on threads.
-#[inline]
-pub fn sqdist(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for l in 0..16 {
-            let t = x[l] - y[l];
-            acc[l] += t * t;
-        }
-    }
-    let mut tail = 0f32;
-    for (x, y) in ra.iter().zip(rb) {
-        tail += (x - y) * (x - y);
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
-/// Squared norm, vectorised like `sqdist`.
-#[inline]
-pub fn sqnorm(a: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let ca = a.chunks_exact(16);
-    let ra = ca.remainder();
-    for x in ca {
-        for l in 0..16 {
-            acc[l] += x[l] * x[l];
-        }
-    }
-    acc.iter().sum::<f32>() + ra.iter().map(|v| v * v).sum::<f32>()
-}
-
 fn row_norms(x: &[f32], d: usize) -> Vec<f32> {
     x.par_chunks(d).map(sqnorm).collect()
 }
 
 /// Nearest centroid of every row and its squared distance.
 pub fn nearest(x: &[f32], n: usize, d: usize, c: &[f32], k: usize) -> (Vec<u32>, Vec<f32>) {
+    nearest_impl(x, n, d, c, k, true)
+}
+
+/// Nearest centroid of every row; squared distances only when `with_dist` (else zeros).
+fn nearest_impl(x: &[f32], n: usize, d: usize, c: &[f32], k: usize, with_dist: bool) -> (Vec<u32>, Vec<f32>) {
     let cn = row_norms(c, d);
     let mut assign = vec![0u32; n];
     let mut dist = vec![0f32; n];
@@ -122,7 +93,6 @@ pub fn nearest(x: &[f32], n: usize, d: usize, c: &[f32], k: usize) -> (Vec<u32>,
             let mut g = vec![0f32; m * k];
             gemm_abt(xb, m, c, k, d, &mut g);
             for i in 0..m {
-                let xn = sqnorm(&xb[i * d..(i + 1) * d]);
                 let gi = &g[i * k..(i + 1) * k];
                 let (mut best, mut bj) = (f32::INFINITY, 0usize);
                 for j in 0..k {
@@ -133,7 +103,9 @@ pub fn nearest(x: &[f32], n: usize, d: usize, c: &[f32], k: usize) -> (Vec<u32>,
                     }
                 }
                 ab[i] = bj as u32;
-                db[i] = (xn + best).max(0.0);
+                if with_dist {
+                    db[i] = (sqnorm(&xb[i * d..(i + 1) * d]) + best).max(0.0);
+                }
             }
         });
     (assign, dist)
@@ -289,11 +261,7 @@ fn update_centroids(x: &[f32], n: usize, d: usize, assign: &[u32], cent: &mut [f
             return;
         }
         let mut acc = vec![0f64; d];
-        for &i in m {
-            for (a, &v) in acc.iter_mut().zip(&x[i as usize * d..(i as usize + 1) * d]) {
-                *a += v as f64;
-            }
-        }
+        crate::simd::add_rows(&mut acc, x, d, m);
         let inv = 1.0 / m.len() as f64;
         for (c, a) in cj.iter_mut().zip(&acc) {
             *c = (a * inv) as f32;
@@ -337,7 +305,9 @@ pub fn kmeans(x: &[f32], n: usize, d: usize, o: &KMeansOpts) -> Result<(Vec<f32>
         Init::KMeansPlusPlus => kmeanspp(x, n, d, k, o.seed),
         Init::Random => random_init(x, n, d, k, o.seed),
     };
-    let assign_fn = |c: &[f32]| if o.balanced { balanced_assign(x, n, d, c, k) } else { nearest(x, n, d, c, k) };
+    let assign_fn = |c: &[f32]| {
+        if o.balanced { balanced_assign(x, n, d, c, k) } else { nearest_impl(x, n, d, c, k, false) }
+    };
     let mut prev: Option<Vec<u32>> = None;
     let mut repaired = false;
     for it in 0..o.n_iter {
@@ -424,7 +394,7 @@ pub fn assign_codes(x: &[f32], n: usize, d: usize, books: &[f32], l: usize, k: u
             normalize_rows(&mut r, d);
         }
         let c = &books[lev * k * d..(lev + 1) * k * d];
-        let (a, _) = nearest(&r, n, d, c, k);
+        let (a, _) = nearest_impl(&r, n, d, c, k, false);
         subtract_assigned(&mut r, d, c, &a);
         for (i, &ai) in a.iter().enumerate() {
             codes[i * l + lev] = ai as i64;

@@ -3,6 +3,7 @@
 
 pub mod error;
 pub mod rng;
+pub mod simd;
 pub mod pool;
 pub mod csr;
 pub mod negative;
