@@ -229,12 +229,16 @@ fn kmeanspp(x: &[f32], n: usize, d: usize, k: usize, seed: u64) -> Vec<f32> {
             cent[c * d..(c + 1) * d].copy_from_slice(&sample[pick * d..(pick + 1) * d]);
         }
         let cc = &cent[c * d..(c + 1) * d];
-        sample.par_chunks(d).zip(d2.par_iter_mut()).for_each(|(row, dv)| {
-            let dist = sqdist(row, cc);
-            if dist < *dv {
-                *dv = dist;
+        let update = |(rows, dvs): (&[f32], &mut [f32])| {
+            for (row, dv) in rows.chunks_exact(d).zip(dvs.iter_mut()) {
+                let dist = sqdist(row, cc);
+                if dist < *dv {
+                    *dv = dist;
+                }
             }
-        });
+        };
+        // 256 rows a task: finer splitting costs more in scheduling than it saves
+        sample.par_chunks(256 * d).zip(d2.par_chunks_mut(256)).for_each(update);
     }
     cent
 }
