@@ -151,18 +151,24 @@ def _train_one(
     )
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
-    from h2rec.data import load_dataset
-
+def _dataset_run_config(args: argparse.Namespace) -> RunConfig:
+    """The run config with DATA, --sids and --embeddings folded in; a dataset is required."""
     cfg = _run_config(args)
     if args.data:
         cfg = _with(cfg, data__path=_absolute(args.data))
     if args.sids:
         cfg = _with(cfg, sid__path=_absolute(args.sids))
-    if args.embeddings:
+    if getattr(args, "embeddings", None):
         cfg = _with(cfg, data__embeddings=_absolute(args.embeddings))
     if not cfg.data.path:
         raise ConfigError("no dataset: give DATA (a prepared dataset directory) or data.path")
+    return cfg
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from h2rec.data import load_dataset
+
+    cfg = _dataset_run_config(args)
     dataset = load_dataset(cfg.data.path)
     sids = _load_sids_for(cfg, dataset.path)
     embeddings = _load_embeddings_for(cfg, dataset.path)
@@ -332,13 +338,7 @@ def _parse_models(text: str) -> list[str]:
 def _cmd_compare(args: argparse.Namespace) -> int:
     from h2rec.data import load_dataset
 
-    cfg = _run_config(args)
-    if args.data:
-        cfg = _with(cfg, data__path=_absolute(args.data))
-    if args.sids:
-        cfg = _with(cfg, sid__path=_absolute(args.sids))
-    if not cfg.data.path:
-        raise ConfigError("no dataset: give DATA (a prepared dataset directory) or data.path")
+    cfg = _dataset_run_config(args)
     dataset = load_dataset(cfg.data.path)
     embeddings = _load_embeddings_for(cfg, dataset.path)
     base = _compare(cfg, dataset, _parse_models(args.models), args.overwrite, embeddings)
