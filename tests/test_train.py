@@ -71,6 +71,17 @@ def test_training_improves_validation_ndcg(data: dict[str, Any], tmp_path: Path)
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 3
 
 
+def test_without_a_run_directory_the_best_epoch_is_tested(data: dict[str, Any]) -> None:
+    # a large learning rate makes validation NDCG@10 fall after its peak
+    cfg = _cfg("model.kind=sasrec", "train.epochs=4", "train.lr=0.05")
+    result = train(cfg, data["store"], None, run_dir=None)
+    valid = [h["valid"]["NDCG@10"] for h in result.history]
+    assert result.best_epoch == int(np.argmax(valid)) + 1
+    assert result.best_epoch < 4  # the last epoch is not the best one, so the test can fail
+    again = evaluate(result.model, data["store"], "valid", cfg.eval, cfg.model.max_len)
+    assert again.ndcg10 == pytest.approx(result.best_valid_ndcg10)
+
+
 class _Interrupt(Exception):
     pass
 

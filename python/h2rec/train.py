@@ -526,6 +526,7 @@ def train(
 
     # 3. the epochs
     show_bar = is_main and sys.stderr.isatty()
+    best_state: dict[str, torch.Tensor] | None = None
     epoch = start_epoch - 1
     for epoch in range(start_epoch, cfg.train.epochs + 1):
         if stopped:
@@ -576,6 +577,9 @@ def train(
             record["valid"] = valid.metrics
             if ndcg > best_ndcg:
                 best_ndcg, best_epoch, bad_evals = ndcg, epoch, 0
+                # every rank keeps the best weights in memory: runs without a directory, and
+                # ranks that cannot see rank 0's files, test the same model
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
                 if best_path is not None and is_main:
                     _save_checkpoint(best_path, payload(epoch, model.state_dict()))
             else:
@@ -608,7 +612,9 @@ def train(
     epochs_run = max(epoch, start_epoch - 1) if history else 0
 
     # 4. the best checkpoint on the test split
-    if best_path is not None and best_path.exists():
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    elif best_path is not None and best_path.exists():  # best epoch before a resume
         best = _read_checkpoint(best_path)
         model.load_state_dict(best["model"])
     elif best_epoch == 0 and best_path is not None and is_main:
