@@ -7,7 +7,7 @@
 - ``h2rec``: the Rust ``TrainSampler``.
 
 All four produce the same arrays for one epoch: inputs, targets (B, 50) and one negative per
-position, drawn from items the user never touched, users shuffled.
+position, drawn from items outside the user's training prefix, users shuffled.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def python_loop_epoch(seqs, n_items, rng):
             train = seqs[u][:-2]
             if len(train) < 2:
                 continue
-            seen = set(seqs[u])
+            seen = set(train)
             seq = np.zeros(MAX_LEN, dtype=np.int64)
             pos = np.zeros(MAX_LEN, dtype=np.int64)
             neg = np.zeros(MAX_LEN, dtype=np.int64)
@@ -66,7 +66,7 @@ def python_loop_epoch(seqs, n_items, rng):
 class SeqDataset(torch.utils.data.Dataset):
     def __init__(self, seqs, n_items, seed):
         self.seqs = [s for s in seqs if len(s) >= 4]
-        self.seen = [set(s) for s in self.seqs]
+        self.seen = [set(s[:-2]) for s in self.seqs]
         self.n_items = n_items
         self.rng = np.random.default_rng(seed)
 
@@ -100,7 +100,9 @@ class NumpySampler:
         self.items = np.concatenate([np.array(s) for s in keep])
         self.n_train = lens - 2  # training prefix length per user
         users = np.repeat(np.arange(len(keep)), lens)
-        self.keys = np.unique(users * (n_items + 1) + self.items)
+        pos = np.arange(len(self.items)) - np.repeat(self.offsets[:-1], lens)
+        train = pos < np.repeat(self.n_train, lens)  # the training prefix of each user
+        self.keys = np.unique(users[train] * (n_items + 1) + self.items[train])
         self.rng = np.random.default_rng(seed)
 
     def epoch(self):

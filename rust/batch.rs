@@ -1,5 +1,10 @@
 //! Training batches: each user's training prefix (all but the last two items), left-padded,
 //! with the next item as target at every position and sampled negatives.
+//!
+//! Negatives are drawn from the items outside the user's *training prefix*: the held-out
+//! validation and test items are unknown to training, so they may come up as negatives like any
+//! other item (as in SASRec's sampler). Excluding them would tell the model, through the
+//! negatives, which items the user goes on to choose.
 
 use rayon::prelude::*;
 
@@ -38,6 +43,9 @@ pub struct TrainSampler {
     /// User rows with at least one training position (prefix of 2 or more items).
     users: Vec<u32>,
     alias: Option<AliasTable>,
+    /// Sorted distinct training-prefix items per user row (CSR), the negatives' exclusions.
+    seen_offsets: Vec<usize>,
+    seen: Vec<u32>,
 }
 
 impl TrainSampler {
@@ -46,7 +54,16 @@ impl TrainSampler {
         ensure!(cfg.batch_size >= 1, "batch_size={} must be at least 1", cfg.batch_size);
         ensure!(cfg.n_negatives >= 1, "n_negatives={} must be at least 1", cfg.n_negatives);
         let mut users = Vec::with_capacity(store.n_users());
+        let mut seen_offsets = Vec::with_capacity(store.n_users() + 1);
+        seen_offsets.push(0);
+        let mut seen = Vec::new();
         for u in 0..store.n_users() {
+            let s = store.seq(u);
+            let mut p = s[..s.len().saturating_sub(HOLDOUT)].to_vec();
+            p.sort_unstable();
+            p.dedup();
+            seen.extend_from_slice(&p);
+            seen_offsets.push(seen.len());
             let n = store.len(u);
             if n < HOLDOUT + 1 {
                 ensure!(
@@ -57,8 +74,8 @@ impl TrainSampler {
                 continue;
             }
             ensure!(
-                store.seen(u).len() < store.n_items() as usize,
-                "user row {u} has interacted with all {} items, so no negative can be drawn",
+                p.len() < store.n_items() as usize,
+                "user row {u} has all {} items in its training prefix, so no negative can be drawn",
                 store.n_items()
             );
             if n >= HOLDOUT + 2 {
@@ -73,7 +90,7 @@ impl TrainSampler {
         } else {
             None
         };
-        Ok(TrainSampler { cfg, users, alias })
+        Ok(TrainSampler { cfg, users, alias, seen_offsets, seen })
     }
 
     pub fn config(&self) -> &SamplerConfig {
@@ -128,6 +145,7 @@ impl TrainSampler {
         let k = (prefix.len() - 1).min(t);
         let start = prefix.len() - 1 - k;
         let mut rng = Rng::stream(self.cfg.seed, TAG_TRAIN_NEG, epoch, u as u64);
+        let seen = &self.seen[self.seen_offsets[u]..self.seen_offsets[u + 1]];
         for j in 0..k {
             let pos = t - k + j;
             inp[pos] = prefix[start + j] as i64;
@@ -136,7 +154,7 @@ impl TrainSampler {
             }
             tgt[pos] = prefix[start + j + 1] as i64;
             for m in 0..n {
-                neg[pos * n + m] = draw_unseen(store, u, &mut rng, self.alias.as_ref()) as i64;
+                neg[pos * n + m] = draw_unseen(seen, store.n_items(), &mut rng, self.alias.as_ref()) as i64;
             }
         }
     }
@@ -160,14 +178,30 @@ mod tests {
         assert_eq!(b.inputs, vec![0, 0, 1, 2, 3]);
         assert_eq!(b.targets, vec![0, 0, 2, 3, 4]);
         assert_eq!(&b.negatives[..4], &[0, 0, 0, 0]);
+        // negatives avoid the training prefix 1..=4 only: the held-out 5 and 6 may come up
         for &x in &b.negatives[4..] {
-            assert!(x > 6 && x <= 20);
+            assert!(x > 4 && x <= 20);
         }
         // truncated to the last 2 positions
         let smp = TrainSampler::new(&s, cfg(2, 4)).unwrap();
         let b = smp.batch(&s, &smp.permutation(0), 0, 0);
         assert_eq!(b.inputs, vec![2, 3]);
         assert_eq!(b.targets, vec![3, 4]);
+    }
+
+    #[test]
+    fn held_out_items_can_be_negatives() {
+        // prefix [1, 2, 3]; 4 (valid) and 5 (test) are unknown to training, 6 never seen
+        let s = SequenceStore::from_sequences(&[vec![1, 2, 3, 4, 5]], Some(6)).unwrap();
+        let smp = TrainSampler::new(&s, cfg(5, 1)).unwrap();
+        let mut drawn = [false; 7];
+        for e in 0..200 {
+            let b = smp.batch(&s, &smp.permutation(e), e, 0);
+            for &x in b.negatives.iter().filter(|&&x| x != 0) {
+                drawn[x as usize] = true;
+            }
+        }
+        assert_eq!(drawn, [false, false, false, false, true, true, true]);
     }
 
     #[test]

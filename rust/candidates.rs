@@ -43,7 +43,7 @@ pub fn sample_candidates(store: &SequenceStore, users: &[i64], targets: &[i64], 
         let mut taken: Vec<u32> = Vec::with_capacity(n);
         let mut filled = 1;
         while filled < w {
-            let c = draw_unseen(store, u, &mut rng, None);
+            let c = draw_unseen(store.seen(u), store.n_items(), &mut rng, None);
             if c as i64 == t {
                 continue;
             }

@@ -1,6 +1,5 @@
 //! Negative sampling: items a user never interacted with, uniformly or by popularity.
 
-use crate::csr::SequenceStore;
 use crate::error::Result;
 use crate::ensure;
 use crate::rng::Rng;
@@ -49,24 +48,24 @@ impl AliasTable {
     }
 }
 
-/// Draws until an item the user never touched comes up. After `MAX_TRIES` misses (a user who
-/// touched most of the catalogue, or most of its popularity mass) it picks uniformly among the
-/// untouched items by rank, so it always ends. Callers guarantee at least one untouched item.
+/// Draws until an item outside `seen` (sorted, distinct) comes up. After `MAX_TRIES` misses (a
+/// user who touched most of the catalogue, or most of its popularity mass) it picks uniformly
+/// among the items not in `seen` by rank, so it always ends. Callers guarantee that `seen`
+/// leaves at least one of the items 1..=n_items out.
 const MAX_TRIES: usize = 64;
 
 #[inline]
-pub fn draw_unseen(store: &SequenceStore, u: usize, rng: &mut Rng, alias: Option<&AliasTable>) -> u32 {
-    let n = store.n_items();
+pub fn draw_unseen(seen: &[u32], n_items: u32, rng: &mut Rng, alias: Option<&AliasTable>) -> u32 {
     for _ in 0..MAX_TRIES {
         let cand = match alias {
             Some(a) => a.draw(rng),
-            None => rng.below(n as u64) as u32 + 1,
+            None => rng.below(n_items as u64) as u32 + 1,
         };
-        if !store.has_seen(u, cand) {
+        if seen.binary_search(&cand).is_err() {
             return cand;
         }
     }
-    nth_unseen(store.seen(u), rng.below((n as usize - store.seen(u).len()) as u64) as u32)
+    nth_unseen(seen, rng.below((n_items as usize - seen.len()) as u64) as u32)
 }
 
 /// The `k`-th (0-based) item id in 1..=n that is not in the sorted list `seen`.
@@ -112,10 +111,10 @@ mod tests {
 
     #[test]
     fn draw_unseen_never_returns_seen() {
-        let s = SequenceStore::from_sequences(&[vec![1, 2, 3, 4, 5, 6, 7, 8, 9]], Some(10)).unwrap();
+        let seen = [1u32, 2, 3, 4, 5, 6, 7, 8, 9];
         let mut r = Rng::stream(0, 0, 0, 0);
         for _ in 0..100 {
-            assert_eq!(draw_unseen(&s, 0, &mut r, None), 10);
+            assert_eq!(draw_unseen(&seen, 10, &mut r, None), 10);
         }
     }
 }

@@ -104,7 +104,9 @@ class TrainSampler:
         """Batches (inputs (B,T), targets (B,T), negatives (B,T,n)) for one epoch.
 
         The user order is shuffled by (seed, epoch); with world_size > 1 rank r gets batches
-        r, r + world_size, ...; negatives of a row come from the stream (seed, epoch, user)."""
+        r, r + world_size, ... (wrapping around so every rank gets as many). Negatives are items
+        outside the user's training prefix (held-out items are unknown to training), drawn from
+        the stream (seed, epoch, user)."""
     def batch_users(self, epoch: int) -> _I64:
         """The shuffled user rows of one epoch, in batch order."""
 
