@@ -12,7 +12,7 @@ use crate::csr::SequenceStore;
 use crate::ensure;
 use crate::error::Result;
 use crate::negative::{draw_unseen, AliasTable};
-use crate::rng::{Rng, TAG_SHUFFLE, TAG_TRAIN_NEG};
+use crate::rng::{Rng, TAG_BUCKETS, TAG_SHUFFLE, TAG_TRAIN_NEG};
 
 /// Items held out of each user's training prefix (validation + test).
 pub const HOLDOUT: usize = 2;
@@ -26,12 +26,19 @@ pub struct SamplerConfig {
     pub popularity: bool,
     pub last_only: bool,
     pub skip_short: bool,
+    /// Length buckets: users are sorted by training length inside windows of this many batches
+    /// of the shuffled order, and the full batches are then shuffled; 0 = plain shuffle.
+    pub bucket_batches: usize,
+    /// Cut every batch to its longest row (left padding kept), instead of `max_len` columns.
+    pub trim: bool,
 }
 
-/// One batch, row-major: inputs and targets `(B, T)`, negatives `(B, T, n)`.
+/// One batch, row-major: inputs and targets `(B, T)`, negatives `(B, T, n)`; `T` is `max_len`,
+/// or the longest row's positions when the sampler trims.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Batch {
     pub rows: usize,
+    pub width: usize,
     pub inputs: Vec<i64>,
     pub targets: Vec<i64>,
     pub negatives: Vec<i64>,
@@ -103,11 +110,37 @@ impl TrainSampler {
         self.users.len().div_ceil(self.cfg.batch_size)
     }
 
+    /// Training positions of user row `u` (its prefix minus one, at most `max_len`).
+    fn positions(&self, store: &SequenceStore, u: u32) -> usize {
+        (store.len(u as usize) - HOLDOUT - 1).min(self.cfg.max_len)
+    }
+
     /// The user rows of one epoch in batch order, shuffled by (seed, epoch).
-    pub fn permutation(&self, epoch: u64) -> Vec<u32> {
+    ///
+    /// With length buckets, each window of `bucket_batches` batches of the shuffled order is
+    /// sorted by training length (longest first, stable), cut into batches, and the full batches
+    /// of the whole epoch are shuffled by a second stream of (seed, epoch); the last, partial
+    /// batch stays last. Rows in a batch then have similar lengths, so trimmed batches carry
+    /// little padding, and the order is still a pure function of (seed, epoch).
+    pub fn permutation(&self, store: &SequenceStore, epoch: u64) -> Vec<u32> {
         let mut p = self.users.clone();
         Rng::stream(self.cfg.seed, TAG_SHUFFLE, epoch, 0).shuffle(&mut p);
-        p
+        if self.cfg.bucket_batches == 0 {
+            return p;
+        }
+        let bs = self.cfg.batch_size;
+        for window in p.chunks_mut(self.cfg.bucket_batches.saturating_mul(bs)) {
+            window.sort_by_key(|&u| std::cmp::Reverse(self.positions(store, u)));
+        }
+        let n_full = p.len() / bs;
+        let mut order: Vec<usize> = (0..n_full).collect();
+        Rng::stream(self.cfg.seed, TAG_BUCKETS, epoch, 0).shuffle(&mut order);
+        let mut out = Vec::with_capacity(p.len());
+        for b in order {
+            out.extend_from_slice(&p[b * bs..(b + 1) * bs]);
+        }
+        out.extend_from_slice(&p[n_full * bs..]);
+        out
     }
 
     /// Batch indices of `rank` out of `world_size`: round-robin, padded by wrapping around so
@@ -124,25 +157,32 @@ impl TrainSampler {
     pub fn batch(&self, store: &SequenceStore, perm: &[u32], epoch: u64, b: usize) -> Batch {
         let bs = self.cfg.batch_size;
         let rows = &perm[b * bs..((b + 1) * bs).min(perm.len())];
-        let (t, n) = (self.cfg.max_len, self.cfg.n_negatives);
+        let n = self.cfg.n_negatives;
+        let t = if self.cfg.trim {
+            rows.iter().map(|&u| self.positions(store, u)).max().unwrap_or(0)
+        } else {
+            self.cfg.max_len
+        };
         let mut inputs = vec![0i64; rows.len() * t];
         let mut targets = vec![0i64; rows.len() * t];
         let mut negatives = vec![0i64; rows.len() * t * n];
-        inputs
-            .par_chunks_mut(t)
-            .zip(targets.par_chunks_mut(t))
-            .zip(negatives.par_chunks_mut(t * n))
-            .zip(rows.par_iter())
-            .for_each(|(((inp, tgt), neg), &u)| self.fill_row(store, u as usize, epoch, inp, tgt, neg));
-        Batch { rows: rows.len(), inputs, targets, negatives }
+        if t > 0 {
+            inputs
+                .par_chunks_mut(t)
+                .zip(targets.par_chunks_mut(t))
+                .zip(negatives.par_chunks_mut(t * n))
+                .zip(rows.par_iter())
+                .for_each(|(((inp, tgt), neg), &u)| self.fill_row(store, u as usize, epoch, inp, tgt, neg));
+        }
+        Batch { rows: rows.len(), width: t, inputs, targets, negatives }
     }
 
     fn fill_row(&self, store: &SequenceStore, u: usize, epoch: u64, inp: &mut [i64], tgt: &mut [i64], neg: &mut [i64]) {
-        let (t, n) = (self.cfg.max_len, self.cfg.n_negatives);
+        let (t, n) = (inp.len(), self.cfg.n_negatives);
         let s = store.seq(u);
         let prefix = &s[..s.len() - HOLDOUT];
         // positions: input prefix[i] predicts prefix[i + 1]
-        let k = (prefix.len() - 1).min(t);
+        let k = (prefix.len() - 1).min(t); // t >= this row's positions when trimmed
         let start = prefix.len() - 1 - k;
         let mut rng = Rng::stream(self.cfg.seed, TAG_TRAIN_NEG, epoch, u as u64);
         let seen = &self.seen[self.seen_offsets[u]..self.seen_offsets[u + 1]];
@@ -165,7 +205,7 @@ mod tests {
     use super::*;
 
     fn cfg(max_len: usize, batch_size: usize) -> SamplerConfig {
-        SamplerConfig { max_len, batch_size, n_negatives: 2, seed: 5, popularity: false, last_only: false, skip_short: false }
+        SamplerConfig { max_len, batch_size, n_negatives: 2, seed: 5, popularity: false, last_only: false, skip_short: false, bucket_batches: 0, trim: false }
     }
 
     #[test]
@@ -173,7 +213,7 @@ mod tests {
         // user 0: prefix [1,2,3,4] (5,6 held out) -> inputs [1,2,3], targets [2,3,4]
         let s = SequenceStore::from_sequences(&[vec![1, 2, 3, 4, 5, 6]], Some(20)).unwrap();
         let smp = TrainSampler::new(&s, cfg(5, 4)).unwrap();
-        let perm = smp.permutation(0);
+        let perm = smp.permutation(&s, 0);
         let b = smp.batch(&s, &perm, 0, 0);
         assert_eq!(b.inputs, vec![0, 0, 1, 2, 3]);
         assert_eq!(b.targets, vec![0, 0, 2, 3, 4]);
@@ -184,7 +224,7 @@ mod tests {
         }
         // truncated to the last 2 positions
         let smp = TrainSampler::new(&s, cfg(2, 4)).unwrap();
-        let b = smp.batch(&s, &smp.permutation(0), 0, 0);
+        let b = smp.batch(&s, &smp.permutation(&s, 0), 0, 0);
         assert_eq!(b.inputs, vec![2, 3]);
         assert_eq!(b.targets, vec![3, 4]);
     }
@@ -196,7 +236,7 @@ mod tests {
         let smp = TrainSampler::new(&s, cfg(5, 1)).unwrap();
         let mut drawn = [false; 7];
         for e in 0..200 {
-            let b = smp.batch(&s, &smp.permutation(e), e, 0);
+            let b = smp.batch(&s, &smp.permutation(&s, e), e, 0);
             for &x in b.negatives.iter().filter(|&&x| x != 0) {
                 drawn[x as usize] = true;
             }
@@ -213,5 +253,39 @@ mod tests {
         let smp = TrainSampler::new(&s, c).unwrap();
         assert_eq!(smp.n_users(), 1);
         assert_eq!(smp.rank_batches(1, 2).unwrap(), vec![0]);
+    }
+
+    #[test]
+    fn buckets_and_trim() {
+        let seqs: Vec<Vec<i64>> = (0..50i64).map(|u| (1..=(4 + (u * 7) % 30)).collect()).collect();
+        let s = SequenceStore::from_sequences(&seqs, Some(40)).unwrap();
+        let plain = TrainSampler::new(&s, cfg(20, 8)).unwrap();
+        let mut c = cfg(20, 8);
+        c.bucket_batches = 3;
+        c.trim = true;
+        let smp = TrainSampler::new(&s, c).unwrap();
+        for e in 0..3 {
+            let perm = smp.permutation(&s, e);
+            let mut sorted = perm.clone();
+            sorted.sort_unstable();
+            assert_eq!(sorted, (0..50).collect::<Vec<u32>>(), "a permutation of the users");
+            assert_eq!(perm, smp.permutation(&s, e), "a pure function of (seed, epoch)");
+            for b in 0..smp.n_batches() {
+                let cut = smp.batch(&s, &perm, e, b);
+                let full = plain.batch(&s, &perm, e, b);
+                let w = cut.width;
+                assert!(w <= 20 && w > 0);
+                for r in 0..cut.rows {
+                    // the trimmed row is the full row without its leading padding columns
+                    assert!(full.inputs[r * 20..r * 20 + 20 - w].iter().all(|&x| x == 0));
+                    assert_eq!(&cut.inputs[r * w..(r + 1) * w], &full.inputs[r * 20 + 20 - w..(r + 1) * 20]);
+                    assert_eq!(&cut.targets[r * w..(r + 1) * w], &full.targets[r * 20 + 20 - w..(r + 1) * 20]);
+                    let n = 2;
+                    assert_eq!(&cut.negatives[r * w * n..(r + 1) * w * n], &full.negatives[(r * 20 + 20 - w) * n..(r + 1) * 20 * n]);
+                }
+                // some row fills the first column: no column is all padding
+                assert!((0..cut.rows).any(|r| cut.inputs[r * w] != 0));
+            }
+        }
     }
 }

@@ -253,7 +253,7 @@ pub struct TrainSampler {
 impl TrainSampler {
     #[new]
     #[pyo3(signature = (store, max_len, batch_size, n_negatives=1, seed=0, negative_sampling="uniform",
-                        last_only=false, skip_short=false, n_threads=None))]
+                        last_only=false, skip_short=false, n_threads=None, bucket_batches=0, trim=false))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -266,7 +266,12 @@ impl TrainSampler {
         last_only: bool,
         skip_short: bool,
         n_threads: Option<i64>,
+        bucket_batches: i64,
+        trim: bool,
     ) -> PyResult<Self> {
+        if bucket_batches < 0 {
+            return Err(PyValueError::new_err(format!("bucket_batches={bucket_batches} must be >= 0")));
+        }
         let popularity = match negative_sampling {
             "uniform" => false,
             "popularity" => true,
@@ -284,6 +289,8 @@ impl TrainSampler {
             popularity,
             last_only,
             skip_short,
+            bucket_batches: bucket_batches as usize,
+            trim,
         };
         let st = store.get().inner.clone();
         let n_threads = threads(n_threads)?;
@@ -315,7 +322,8 @@ impl TrainSampler {
         }
         let batches = self.inner.rank_batches(rank as usize, world_size as usize)?;
         let inner = self.inner.clone();
-        let perm = py.detach(move || inner.permutation(epoch as u64));
+        let store = self.store.clone();
+        let perm = py.detach(move || inner.permutation(&store, epoch as u64));
         Ok(EpochIter {
             store: self.store.clone(),
             sampler: self.inner.clone(),
@@ -331,7 +339,7 @@ impl TrainSampler {
         if epoch < 0 {
             return Err(PyValueError::new_err(format!("epoch={epoch} must be >= 0")));
         }
-        let p: Vec<i64> = self.inner.permutation(epoch as u64).into_iter().map(|u| u as i64).collect();
+        let p: Vec<i64> = self.inner.permutation(&self.store, epoch as u64).into_iter().map(|u| u as i64).collect();
         Ok(p.into_pyarray(py))
     }
 }
@@ -367,8 +375,7 @@ impl EpochIter {
         };
         let (store, sampler, perm, epoch) = (&self.store, &self.sampler, &self.perm, self.epoch);
         let batch = py.detach(|| pool::run(self.n_threads, || sampler.batch(store, perm, epoch, b)))?;
-        let cfg = self.sampler.config();
-        let (t, n) = (cfg.max_len, cfg.n_negatives);
+        let (t, n) = (batch.width, self.sampler.config().n_negatives);
         let inputs = vec2(py, batch.inputs, batch.rows, t)?;
         let targets = vec2(py, batch.targets, batch.rows, t)?;
         let negs = Array3::from_shape_vec((batch.rows, t, n), batch.negatives).map_err(invariant)?.into_pyarray(py);

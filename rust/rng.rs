@@ -6,6 +6,7 @@
 
 /// Stream tags, one per kind of random draw, so that two kernels never share a stream.
 pub const TAG_SHUFFLE: u64 = 0x5348_5546; // "SHUF"
+pub const TAG_BUCKETS: u64 = 0x4255_434b; // "BUCK"
 pub const TAG_TRAIN_NEG: u64 = 0x5452_4e47; // "TRNG"
 pub const TAG_EVAL_NEG: u64 = 0x4556_4e47; // "EVNG"
 pub const TAG_KMEANS: u64 = 0x4b4d_4e53; // "KMNS"

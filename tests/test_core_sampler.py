@@ -143,3 +143,53 @@ def test_candidates_exhaust_the_catalogue_exactly():
     assert sorted(c[0, 1:].tolist()) == [4, 5, 6]
     with pytest.raises(ValueError, match="only 3 untouched items"):
         sample_candidates(store, [0], [3], n_negatives=4)
+
+
+def test_trimmed_bucketed_batches_are_the_full_batches_without_padding_columns():
+    seqs, store = random_store(5)
+    full = TrainSampler(store, 12, 16, n_negatives=2, seed=3, bucket_batches=4)
+    cut = TrainSampler(store, 12, 16, n_negatives=2, seed=3, bucket_batches=4, trim=True)
+    assert full.batch_users(1).tolist() == cut.batch_users(1).tolist()
+    widths = []
+    for (fi, ft, fn), (ci, ct, cn) in zip(full.epoch(1), cut.epoch(1)):
+        w = ci.shape[1]
+        widths.append(w)
+        assert (fi[:, : 12 - w] == 0).all() and (ci[:, 0] != 0).any()  # cut to the longest row
+        np.testing.assert_array_equal(ci, fi[:, 12 - w :])
+        np.testing.assert_array_equal(ct, ft[:, 12 - w :])
+        np.testing.assert_array_equal(cn, fn[:, 12 - w :])
+    assert min(widths) < 12
+
+
+def test_length_buckets_keep_every_user_once_and_group_lengths():
+    seqs, store = random_store(6, n_users=500)
+    plain = TrainSampler(store, 50, 20, seed=1)
+    buck = TrainSampler(store, 50, 20, seed=1, bucket_batches=8, trim=True)
+    one = TrainSampler(store, 50, 20, seed=1, bucket_batches=8, trim=True, n_threads=1)
+    for epoch in (0, 1):
+        order = buck.batch_users(epoch)
+        assert sorted(order.tolist()) == sorted(plain.batch_users(epoch).tolist())
+        a, b = collect(buck, epoch), collect(one, epoch)
+        assert all(all((x == y).all() for x, y in zip(p, q)) for p, q in zip(a, b))
+    assert buck.batch_users(0).tolist() != buck.batch_users(1).tolist()
+    # positions per row: in bucketed batches rows have similar lengths (little padding)
+    def padding(sampler):
+        real = total = 0
+        for inp, _, _ in sampler.epoch(0):
+            real += int((inp != 0).sum())
+            total += inp.size
+        return 1 - real / total
+    plain_cut = TrainSampler(store, 50, 20, seed=1, trim=True)
+    assert padding(buck) < 0.5 * padding(plain_cut)
+    # ranks still partition the epoch's batches
+    full = collect(buck, 0)
+    r0, r1 = collect(buck, 0, rank=0, world_size=2), collect(buck, 0, rank=1, world_size=2)
+    assert len(r0) == len(r1)
+    for i, batch in enumerate(r1):
+        assert (batch[0] == full[(2 * i + 1) % len(full)][0]).all()
+
+
+def test_bucket_batches_must_not_be_negative():
+    _, store = random_store(7, n_users=20)
+    with pytest.raises(ValueError, match="bucket_batches=-1"):
+        TrainSampler(store, 5, 4, bucket_batches=-1)

@@ -13,8 +13,10 @@ from h2rec.config import EvalConfig
 from h2rec.evaluate import (
     bucket_labels,
     evaluate,
+    full_ranks,
     left_padded_inputs,
     rank_metrics,
+    ranks_against,
     recommend_top_k,
 )
 from torch import nn
@@ -240,3 +242,46 @@ def test_recommend_excludes_history_and_breaks_ties_by_id() -> None:
     assert items[2].tolist() == [4, 2, 5]
     items, _ = recommend_top_k(model, store, np.array([0]), 2, max_len=5, exclude_history=False)
     assert items[0].tolist() == [1, 2]
+
+
+def test_full_ranks_equal_the_masked_ranking() -> None:
+    # the counting ranker against the mask-based one, with ties (repeated item vectors),
+    # duplicated history items and targets that are also in the history
+    rng = np.random.default_rng(5)
+    n, b, e = 30, 40, 4
+    base = rng.integers(-2, 3, size=(n + 1, e)).astype(np.float32)  # many exact ties
+    base[0] = 0.0
+    items_all = torch.from_numpy(base)
+    states = torch.from_numpy(rng.integers(-2, 3, size=(b, e)).astype(np.float32))
+    targets = rng.integers(1, n + 1, size=b)
+    lengths = rng.integers(0, 8, size=b)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    hist = rng.integers(1, n + 1, size=int(offsets[-1]))
+    hist[offsets[:-1][lengths > 0]] = targets[lengths > 0]  # the target was seen before
+    got = full_ranks(states, items_all, targets, offsets, hist)
+    scores = states @ items_all.T
+    competing = torch.ones_like(scores, dtype=torch.bool)
+    competing[:, 0] = False
+    rows = np.repeat(np.arange(b), lengths)
+    competing[torch.from_numpy(rows), torch.from_numpy(hist)] = False
+    tgt = torch.from_numpy(targets)
+    competing[torch.arange(b), tgt] = False
+    want = ranks_against(scores, scores[torch.arange(b), tgt], competing)
+    assert got.tolist() == want.tolist()
+    no_hist = full_ranks(states, items_all, targets, None, None)
+    competing = torch.ones_like(scores, dtype=torch.bool)
+    competing[:, 0] = False
+    competing[torch.arange(b), tgt] = False
+    assert no_hist.tolist() == ranks_against(scores, scores[torch.arange(b), tgt], competing).tolist()
+
+
+def test_score_budget_and_batch_size_do_not_change_ranks() -> None:
+    rng = np.random.default_rng(2)
+    seqs = [rng.integers(1, 41, size=rng.integers(3, 15)).tolist() for _ in range(60)]
+    store = _core.SequenceStore.from_sequences(seqs, n_items=40)
+    model = LastItemModel(rng.normal(size=(41, 41)))
+    ref = evaluate(model, store, "test", EvalConfig(ks=KS), max_len=6)
+    for batch, mb in ((1, 256), (7, 256), (500, 256), (256, 1)):
+        res = evaluate(model, store, "test", EvalConfig(ks=KS, batch_size=batch, max_scores_mb=mb), 6)
+        assert res.ranks.tolist() == ref.ranks.tolist()
+        assert res.targets.tolist() == ref.targets.tolist()

@@ -9,16 +9,19 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from h2rec.errors import ConfigError, DataError
 from h2rec.losses import (
     bce_loss,
     full_softmax_loss,
+    fused_full_softmax,
     item_alignment_loss,
     mask_lowest_levels,
     multi_positive_info_nce,
     recommendation_loss,
     sampled_softmax_loss,
+    shared_sampled_softmax,
     symmetric_info_nce,
 )
 from h2rec.models import CooccurrencePositives, H2Rec, ModelConfig, build_model, tuple_groups
@@ -376,3 +379,43 @@ def test_alignment_switches() -> None:
     for kind in ("sasrec", "sid"):
         other = build_model(ModelConfig(kind=kind, hidden=8, max_len=6), 12, _sids(12))
         assert other.aux_losses(SEQ, other(SEQ), TARGETS) == {}
+
+
+@pytest.mark.parametrize("max_logits", [10**9, 7 * 40, 40, 1])
+def test_fused_full_softmax_equals_cross_entropy_with_its_gradients(max_logits: int) -> None:
+    # chunked (down to one row at a time) or not, the fused loss is F.cross_entropy's
+    g = torch.Generator().manual_seed(3)
+    user = torch.randn(23, 6, generator=g, dtype=torch.float64).float().requires_grad_()
+    items = torch.randn(40, 6, generator=g).requires_grad_()
+    targets = torch.randint(0, 40, (23,), generator=g)
+    weights = torch.rand(23, generator=g)  # a non-uniform upstream gradient, through the mean
+    got = fused_full_softmax(user * weights[:, None], items, targets, max_logits)
+    gu, gi = torch.autograd.grad(got, (user, items))
+    u2, i2 = user.detach().double().requires_grad_(), items.detach().double().requires_grad_()
+    want = F.cross_entropy((u2 * weights[:, None].double()) @ i2.T, targets)
+    wu, wi = torch.autograd.grad(want, (u2, i2))
+    assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-5)
+    torch.testing.assert_close(gu.double(), wu, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(gi.double(), wi, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_full_softmax_of_no_rows_is_zero_with_a_graph() -> None:
+    items = torch.randn(5, 3, requires_grad=True)
+    loss = fused_full_softmax(torch.zeros(0, 3), items, torch.zeros(0, dtype=torch.long))
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and items.grad is not None and float(items.grad.abs().sum()) == 0.0
+
+
+def test_shared_sampled_softmax_by_hand() -> None:
+    # one row, target 7 with log q = log 0.5, negatives {3, 7}: 7 is an accidental hit
+    user = torch.tensor([[1.0, 0.0]])
+    pos = torch.tensor([[2.0, 0.0]])
+    neg = torch.tensor([[1.0, 0.0], [2.0, 0.0]])
+    lq_pos, lq_neg = torch.log(torch.tensor([0.5])), torch.log(torch.tensor([0.25, 0.5]))
+    got = shared_sampled_softmax(
+        user, pos, neg, torch.tensor([7]), torch.tensor([3, 7]), lq_pos, lq_neg
+    )
+    p, n = 2.0 - math.log(0.5), 1.0 - math.log(0.25)
+    assert float(got) == pytest.approx(-p + math.log(math.exp(p) + math.exp(n)), rel=1e-6)
+    plain = shared_sampled_softmax(user, pos, neg, torch.tensor([7]), torch.tensor([3, 7]))
+    assert float(plain) == pytest.approx(-2.0 + math.log(math.exp(2.0) + math.exp(1.0)), rel=1e-6)

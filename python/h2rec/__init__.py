@@ -6,7 +6,11 @@ re-exported here.
 
 from __future__ import annotations
 
-from h2rec._core import (
+from h2rec.threads import passive_waits
+
+passive_waits()  # before anything imports torch: idle OpenMP threads sleep instead of spinning
+
+from h2rec._core import (  # noqa: E402
     SequenceStore,
     TrainSampler,
     assign_codes,
@@ -18,7 +22,7 @@ from h2rec._core import (
     residual_kmeans,
     sample_candidates,
 )
-from h2rec.errors import CheckpointError, ConfigError, DataError, H2RecError
+from h2rec.errors import CheckpointError, ConfigError, DataError, H2RecError  # noqa: E402
 
 __version__ = "0.1.0"
 

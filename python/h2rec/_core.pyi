@@ -91,6 +91,8 @@ class TrainSampler:
         last_only: bool = False,
         skip_short: bool = False,
         n_threads: int | None = None,
+        bucket_batches: int = 0,
+        trim: bool = False,
     ) -> TrainSampler: ...
     @property
     def n_users(self) -> int:
@@ -106,7 +108,10 @@ class TrainSampler:
         The user order is shuffled by (seed, epoch); with world_size > 1 rank r gets batches
         r, r + world_size, ... (wrapping around so every rank gets as many). Negatives are items
         outside the user's training prefix (held-out items are unknown to training), drawn from
-        the stream (seed, epoch, user)."""
+        the stream (seed, epoch, user). With ``bucket_batches=k`` > 0, each window of k
+        batches of the shuffled order is sorted by training length and the full batches are
+        shuffled again (the partial one stays last); with ``trim=True`` every batch is cut to its
+        longest row, T <= max_len."""
     def batch_users(self, epoch: int) -> _I64:
         """The shuffled user rows of one epoch, in batch order."""
 

@@ -113,15 +113,21 @@ class TrainConfig:
     epochs: int = 200  # maximum number of epochs
     patience: int = 10  # stop after this many validations without a better NDCG@10; 0 = never
     eval_every: int = 1  # validate every this many epochs
-    loss: Literal["bce", "sampled_softmax", "full_softmax"] = "bce"  # recommendation loss
+    # recommendation loss; "auto": full softmax up to full_softmax_max_items items, beyond that
+    # sampled softmax with shared popularity negatives (logQ-corrected); "bce" is the paper's
+    loss: Literal["auto", "bce", "sampled_softmax", "full_softmax"] = "auto"
     n_negatives: int = 1  # sampled negatives per position (bce: 1 in the paper)
     negative_sampling: Literal["uniform", "popularity"] = "uniform"  # negative distribution
+    shared_negatives: int = 0  # sampled_softmax: this many negatives shared by the batch (0: per position)
+    full_softmax_max_items: int = 200_000  # loss="auto": largest catalogue trained with full softmax
+    loss_memory_mb: int = 256  # full softmax: memory for one chunk of logits (rows are chunked)
+    length_buckets: int = 16  # sort users by length within windows of this many batches; 0 = off
     last_only: bool = False  # train on the last position of each sequence only
     grad_clip: float = 0.0  # max gradient norm; 0 = no clipping
     seed: int = 0  # the one seed of the run (sampler, init, dropout)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when available
     amp: bool = True  # bf16 autocast when training on CUDA (ignored on CPU)
-    num_threads: int = 0  # torch intra-op threads; 0 = leave torch's default
+    num_threads: int = 0  # torch intra-op threads; 0 = the CPUs available, capped by OMP_NUM_THREADS
 
     def __post_init__(self) -> None:
         _check(self.lr > 0 and math.isfinite(self.lr), "train.lr", self.lr, "must be > 0")
@@ -131,6 +137,15 @@ class TrainConfig:
         _check(self.patience >= 0, "train.patience", self.patience, "must be >= 0")
         _check(self.eval_every >= 1, "train.eval_every", self.eval_every, "must be >= 1")
         _check(self.n_negatives >= 1, "train.n_negatives", self.n_negatives, "must be >= 1")
+        _check(self.shared_negatives >= 0, "train.shared_negatives", self.shared_negatives, "< 0")
+        _check(
+            self.full_softmax_max_items >= 1,
+            "train.full_softmax_max_items",
+            self.full_softmax_max_items,
+            "must be >= 1",
+        )
+        _check(self.loss_memory_mb >= 1, "train.loss_memory_mb", self.loss_memory_mb, "< 1")
+        _check(self.length_buckets >= 0, "train.length_buckets", self.length_buckets, "< 0")
         _check(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "must be >= 0")
         _check(self.num_threads >= 0, "train.num_threads", self.num_threads, "must be >= 0")
 
@@ -144,6 +159,7 @@ class EvalConfig:
     ks: tuple[int, ...] = (5, 10, 20)  # cut-offs of HR@K and NDCG@K
     exclude_history: bool = True  # full ranking: never rank items the user already has
     batch_size: int = 256  # users scored at once
+    max_scores_mb: int = 256  # full ranking: most memory for one batch's (users x items) scores
     seed: int = 0  # seed of the sampled protocol's candidates
     tail_share: float = 0.8  # Pareto split: tail = this share of least popular items
     head_threshold: int = 0  # if > 0: head = training popularity >= this (fixed threshold)
@@ -160,6 +176,7 @@ class EvalConfig:
             "must be positive cut-offs and include 10 (model selection uses NDCG@10)",
         )
         _check(self.batch_size >= 1, "eval.batch_size", self.batch_size, "must be >= 1")
+        _check(self.max_scores_mb >= 1, "eval.max_scores_mb", self.max_scores_mb, "must be >= 1")
         _check(0 < self.tail_share < 1, "eval.tail_share", self.tail_share, "must be in (0, 1)")
         _check(self.head_threshold >= 0, "eval.head_threshold", self.head_threshold, "< 0")
         _check(

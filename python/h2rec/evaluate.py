@@ -49,6 +49,7 @@ from h2rec.errors import ConfigError
 __all__ = [
     "EvalResult",
     "ScoringModel",
+    "full_ranks",
     "bucket_labels",
     "eval_users",
     "evaluate",
@@ -285,6 +286,66 @@ def result_from_ranks(
     )
 
 
+def _trim(inputs: np.ndarray) -> np.ndarray:
+    """Left-padded rows (B, T) without the leading columns that are padding in every row."""
+    real = inputs != 0
+    if inputs.size == 0 or not real.any():
+        return inputs[:, -1:]
+    return inputs[:, int(real.any(axis=0).argmax()) :]
+
+
+def _by_length(lengths: np.ndarray, max_len: int, batch_size: int) -> Iterator[np.ndarray]:
+    """Positions of users in batches of similar input length (longest first), so that trimmed
+    batches carry little padding; every position appears once."""
+    order = np.argsort(-np.minimum(lengths, max_len), kind="stable")
+    for start in range(0, order.size, batch_size):
+        yield order[start : start + batch_size]
+
+
+def _score_rows(n_items: int, batch_size: int, max_scores: int) -> int:
+    """Users scored at once: ``batch_size``, fewer when (users, n_items + 1) scores would exceed
+    ``max_scores`` values (always at least one user)."""
+    return max(1, min(batch_size, max_scores // (n_items + 1)))
+
+
+def full_ranks(
+    states: torch.Tensor,
+    items_all: torch.Tensor,
+    targets: np.ndarray,
+    hist_offsets: np.ndarray | None,
+    hist_items: np.ndarray | None,
+) -> torch.Tensor:
+    """0-based pessimistic full-ranking ranks of each target (B,) among items 1..n.
+
+    rank = #(items scoring >= the target) less the target itself, the padding column and, when
+    histories are given (CSR ``hist_offsets`` (B+1,), ``hist_items``), the distinct history items
+    other than the target. One pass of comparisons over the (B, n + 1) scores, no mask. NaN
+    scores count as -inf, as in :func:`ranks_against`."""
+    device = states.device
+    b = states.shape[0]
+    rows = torch.arange(b, device=device)
+    tgt = torch.from_numpy(np.asarray(targets, dtype=np.int64)).to(device)
+    scores = states @ items_all.T  # (B, N + 1)
+    t = scores[rows, tgt]  # (B,)
+    t = torch.nan_to_num(t, nan=float("-inf"))
+    beats = scores >= t[:, None]  # NaN >= t is False, as -inf >= finite t
+    lost = torch.isneginf(t)  # a target at -inf (or NaN) ties with every column, NaN ones too
+    if bool(lost.any()):
+        beats[lost] = True
+    count = beats.sum(dim=1) - beats[rows, tgt].long() - beats[:, 0].long()
+    if hist_offsets is not None and hist_items is not None and hist_items.size:
+        h_rows = np.repeat(np.arange(b), np.diff(hist_offsets))
+        keys = np.unique(h_rows * (items_all.shape[0]) + hist_items)  # distinct (row, item)
+        h_rows, h_items = keys // items_all.shape[0], keys % items_all.shape[0]
+        keep = (h_items != np.asarray(targets)[h_rows]) & (h_items != 0)
+        hr = torch.from_numpy(h_rows[keep]).to(device)
+        hi = torch.from_numpy(h_items[keep]).to(device)
+        count = count - torch.zeros(b, dtype=count.dtype, device=device).index_add_(
+            0, hr, beats[hr, hi].long()
+        )
+    return count
+
+
 @torch.inference_mode()
 def evaluate(
     model: ScoringModel,
@@ -297,7 +358,9 @@ def evaluate(
     """Rank every evaluated user's ``split`` target with ``model`` (in eval mode, restored after).
 
     ``model`` follows the h2rec model interface: ``forward(seq (B, T)) -> (B, T, E)``,
-    ``item_vectors(items (...)) -> (..., E)``, ``all_item_vectors() -> (n_items + 1, E)``."""
+    ``item_vectors(items (...)) -> (..., E)``, ``all_item_vectors() -> (n_items + 1, E)``.
+    Users go in batches of similar input length, each cut to its longest row; full ranking holds
+    at most ``cfg.max_scores_mb`` of scores at once (fewer users per batch on big catalogues)."""
     if split not in _HOLDOUT:
         raise ConfigError(f"split={split!r}: must be 'valid' or 'test'")
     holdout = _HOLDOUT[split]
@@ -311,26 +374,20 @@ def evaluate(
         targets = np.empty(users.size, dtype=np.int64)
         lengths = store.lengths()[users] - holdout
         items_all = model.all_item_vectors().float() if cfg.protocol == "full" else None
-        for start in range(0, users.size, cfg.batch_size):
-            bu = users[start : start + cfg.batch_size]
+        batch = cfg.batch_size
+        if cfg.protocol == "full":
+            batch = _score_rows(n_items, batch, cfg.max_scores_mb * 2**20 // 4)
+        for pos in _by_length(lengths, max_len, batch):
+            bu = users[pos]
             inputs, tgt = store.eval_inputs(bu, max_len, split)
-            targets[start : start + bu.size] = tgt
-            states = _user_states(model, inputs, device)  # (B, E)
-            tgt_t = torch.from_numpy(np.asarray(tgt, dtype=np.int64)).to(device)
-            rows = torch.arange(bu.size, device=device)
+            targets[pos] = tgt
+            states = _user_states(model, _trim(inputs), device)  # (B, E)
             if cfg.protocol == "full":
                 assert items_all is not None
-                scores = states @ items_all.T  # (B, n_items + 1)
-                competing = torch.ones_like(scores, dtype=torch.bool)
-                competing[:, 0] = False  # padding
+                h_off = h_items = None
                 if cfg.exclude_history:
                     h_off, h_items = store.histories(bu, holdout)
-                    h_rows = np.repeat(np.arange(bu.size), np.diff(h_off))
-                    competing[
-                        torch.from_numpy(h_rows).to(device), torch.from_numpy(h_items).to(device)
-                    ] = False
-                competing[rows, tgt_t] = False  # the target does not compete with itself
-                target_scores = scores[rows, tgt_t]
+                ranks[pos] = full_ranks(states, items_all, tgt, h_off, h_items).cpu().numpy()
             else:
                 try:
                     cands = _core.sample_candidates(store, bu, tgt, cfg.n_negatives, cfg.seed)
@@ -341,8 +398,7 @@ def evaluate(
                 scores = (states.unsqueeze(1) * vecs).sum(-1)  # (B, 1 + n)
                 competing = torch.ones_like(scores, dtype=torch.bool)
                 competing[:, 0] = False
-                target_scores = scores[:, 0]
-            ranks[start : start + bu.size] = ranks_against(scores, target_scores, competing).cpu()
+                ranks[pos] = ranks_against(scores, scores[:, 0], competing).cpu().numpy()
         n_candidates = n_items if cfg.protocol == "full" else cfg.n_negatives + 1
         return result_from_ranks(split, cfg, store, users, targets, ranks, lengths, n_candidates)
     finally:

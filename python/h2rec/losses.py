@@ -15,7 +15,7 @@ Alignment losses:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -99,6 +99,113 @@ def full_softmax_loss(logits: Tensor, targets: Tensor, last_only: bool = False) 
     return _masked_mean(per_position, tgt > 0)
 
 
+class _FullSoftmaxCE(torch.autograd.Function):
+    """Per-row softmax cross-entropy of ``user @ items.T`` against ``targets``, fused.
+
+    The (V, N) logits are never kept beside their softmax: forward turns them into
+    probabilities in place, and backward reads those probabilities as the gradient of the
+    logits (minus the one-hot target). When V * N exceeds ``chunk_rows`` * N, rows go in chunks
+    of ``chunk_rows``; forward keeps only each row's log-sum-exp and backward recomputes the
+    chunk's logits, so memory stays at one chunk of logits whatever the catalogue size.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, user: Tensor, items: Tensor, targets: Tensor, chunk_rows: int
+    ) -> Tensor:
+        """user (V, E), items (N, E), targets (V,) in 0..N-1 -> per-row losses (V,)."""
+        v = user.shape[0]
+        target_logits = (user * items[targets]).sum(-1)  # (V,)
+        keep = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        ctx.chunk_rows = chunk_rows
+        if v <= chunk_rows:
+            probs = user @ items.T  # (V, N) logits, turned into probabilities in place
+            top = probs.amax(dim=1, keepdim=True)  # (V, 1)
+            total = probs.sub_(top).exp_().sum(dim=1, keepdim=True)  # (V, 1)
+            probs.div_(total)
+            lse = (total.log_() + top).squeeze(1)  # (V,)
+            ctx.save_for_backward(user, items, targets, probs if keep else None)
+        else:
+            lse = torch.empty(v, dtype=user.dtype, device=user.device)
+            for a in range(0, v, chunk_rows):
+                lse[a : a + chunk_rows] = torch.logsumexp(user[a : a + chunk_rows] @ items.T, dim=1)
+            ctx.save_for_backward(user, items, targets, lse)
+        return lse - target_logits
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        user, items, targets, saved = ctx.saved_tensors
+        v = user.shape[0]
+        grad_user = torch.empty_like(user) if ctx.needs_input_grad[0] else None
+        grad_items = torch.zeros_like(items) if ctx.needs_input_grad[1] else None
+        step = max(v, 1) if v <= ctx.chunk_rows else ctx.chunk_rows
+        for a in range(0, v, step):
+            rows = slice(a, a + step)
+            if v <= ctx.chunk_rows:
+                g = saved  # (V, N) probabilities from forward
+            else:
+                g = (user[rows] @ items.T).sub_(saved[rows, None]).exp_()  # (c, N)
+            idx = torch.arange(g.shape[0], device=g.device)
+            g[idx, targets[rows]] -= 1.0
+            g.mul_(grad[rows, None])
+            if grad_user is not None:
+                grad_user[rows] = g @ items
+            if grad_items is not None:
+                grad_items.addmm_(g.T, user[rows])
+        return grad_user, grad_items, None, None
+
+
+def fused_full_softmax(
+    user: Tensor, items: Tensor, targets: Tensor, max_logits: int = 64 * 2**20
+) -> Tensor:
+    """Mean softmax cross-entropy of ``user @ items.T`` over all items, in bounded memory.
+
+    Equal to ``F.cross_entropy(user @ items.T, targets)`` (computed in float32), without
+    materialising more than ``max_logits`` logits at once.
+
+    Args:
+        user: (V, E) user states at the positions that have a target.
+        items: (N, E) candidate item vectors (the padding row left out).
+        targets: (V,) target rows of ``items``.
+        max_logits: most logits held at once (rows are chunked to stay below it).
+    """
+    if user.shape[0] == 0:
+        return (user.sum() + items.sum()) * 0.0
+    chunk_rows = max(1, max_logits // max(items.shape[0], 1))
+    per_row = _FullSoftmaxCE.apply(user.float(), items.float(), targets, chunk_rows)
+    return per_row.mean()
+
+
+def shared_sampled_softmax(
+    user: Tensor, pos: Tensor, neg: Tensor, targets: Tensor, negatives: Tensor,
+    log_q_pos: Tensor | None = None, log_q_neg: Tensor | None = None,
+) -> Tensor:
+    """Sampled softmax with one set of negatives shared by every position, logQ-corrected.
+
+    Per row: -log( e^(p - log q_t) / (e^(p - log q_t) + sum_j e^(n_j - log q_j)) ), where a
+    negative equal to the row's target is left out (an accidental hit). Without ``log_q_*`` the
+    negatives are taken as uniform draws (no correction).
+
+    Args:
+        user: (V, E) user states.
+        pos: (V, E) target item vectors.
+        neg: (S, E) vectors of the shared negatives.
+        targets: (V,) target ids; negatives: (S,) negative ids.
+        log_q_pos: (V,) log sampling probability of each target; log_q_neg: (S,) of each negative.
+    """
+    if user.shape[0] == 0:
+        return (user.sum() + pos.sum() + neg.sum()) * 0.0
+    user = user.float()
+    p = (user * pos.float()).sum(-1)  # (V,)
+    n = user @ neg.float().T  # (V, S)
+    if log_q_pos is not None and log_q_neg is not None:
+        p = p - log_q_pos
+        n = n - log_q_neg[None, :]
+    n = n.masked_fill(negatives[None, :] == targets[:, None], float("-inf"))
+    logits = torch.cat([p[:, None], n], dim=1)  # (V, 1 + S)
+    return (torch.logsumexp(logits, dim=1) - p).mean()
+
+
 def recommendation_loss(
     model: Recommender,
     states: Tensor,
@@ -106,6 +213,8 @@ def recommendation_loss(
     negatives: Tensor | None = None,
     kind: str = "bce",
     last_only: bool = False,
+    max_logits: int = 64 * 2**20,
+    log_q: Tensor | None = None,
 ) -> Tensor:
     """The recommendation loss of a model's user states (score = dot product).
 
@@ -113,9 +222,13 @@ def recommendation_loss(
         model: any model of ``h2rec.models`` (``item_vectors``, ``all_item_vectors``).
         states: (B, T, E) from ``model(seq)``.
         targets: (B, T) next items, 0 = no target.
-        negatives: (B, T, n) sampled negatives ("bce" and "sampled_softmax").
+        negatives: (B, T, n) sampled negatives ("bce" and "sampled_softmax"), or (S,) negatives
+            shared by every position ("sampled_softmax" only).
         kind: "bce", "sampled_softmax" or "softmax" (full softmax over all items).
         last_only: train on the last position only.
+        max_logits: full softmax: most logits held in memory at once.
+        log_q: (n_items + 1,) log probability with which shared negatives were drawn (their
+            logQ correction); None = uniform draws, no correction.
     """
     if kind not in LOSS_KINDS:
         raise ConfigError(f"loss={kind!r}: must be one of {', '.join(LOSS_KINDS)}")
@@ -124,10 +237,22 @@ def recommendation_loss(
     if kind == "softmax":
         valid = targets > 0
         user = states[valid]  # (V, E)
-        logits = user @ model.all_item_vectors().T  # (V, N+1)
-        return full_softmax_loss(logits[:, None], targets[valid][:, None])
+        items = model.all_item_vectors()[1:]  # (N, E), padding left out
+        return fused_full_softmax(user, items, targets[valid] - 1, max_logits)
     if negatives is None:
         raise ConfigError(f"loss={kind!r} needs sampled negatives, got None")
+    if negatives.dim() == 1:  # shared by the whole batch
+        if kind != "sampled_softmax":
+            raise ConfigError(f"loss={kind!r}: shared negatives need loss='sampled_softmax'")
+        valid = targets > 0
+        tgt = targets[valid]  # (V,)
+        lq_pos = lq_neg = None
+        if log_q is not None:
+            lq_pos, lq_neg = log_q[tgt], log_q[negatives]
+        return shared_sampled_softmax(
+            states[valid], model.item_vectors(tgt), model.item_vectors(negatives), tgt, negatives,
+            lq_pos, lq_neg,
+        )
     negatives = _last(negatives, last_only)  # (B, T', n)
     pos_logits = (states * model.item_vectors(targets)).sum(-1)  # (B, T')
     neg_logits = torch.einsum("bte,btne->btn", states, model.item_vectors(negatives))

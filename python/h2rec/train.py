@@ -47,6 +47,7 @@ from h2rec.evaluate import (
     result_from_ranks,
 )
 from h2rec.report import atomic_writer, write_report, write_text_atomic
+from h2rec.threads import set_threads
 
 if TYPE_CHECKING:
     from h2rec.models import Recommender
@@ -80,6 +81,8 @@ _RESUMABLE_CHANGES = {
     "train.device",
     "train.num_threads",
     "eval.batch_size",
+    "eval.max_scores_mb",
+    "train.loss_memory_mb",
 }
 
 
@@ -201,24 +204,100 @@ def build_for(
         raise ConfigError(f"model: {err}") from err
 
 
+# loss="auto" beyond full_softmax_max_items: this many popularity negatives shared per batch
+AUTO_SHARED_NEGATIVES = 4096
+
+
+@dataclass(frozen=True)
+class LossPlan:
+    """The recommendation loss a run trains with, once ``train.loss="auto"`` is resolved."""
+
+    kind: str  # "bce", "sampled_softmax" or "softmax" (full)
+    shared: int  # sampled_softmax: negatives shared by the batch; 0 = the sampler's per position
+    popularity: bool  # shared negatives drawn by training popularity (logQ-corrected)
+
+
+def loss_plan(cfg: RunConfig, n_items: int) -> LossPlan:
+    """Resolve ``train.loss``: "auto" is full softmax for catalogues of at most
+    ``train.full_softmax_max_items`` items, and sampled softmax with AUTO_SHARED_NEGATIVES (or
+    ``train.shared_negatives``) popularity negatives, logQ-corrected, beyond."""
+    t = cfg.train
+    if t.loss == "auto":
+        if n_items <= t.full_softmax_max_items:
+            return LossPlan("softmax", 0, False)
+        return LossPlan("sampled_softmax", t.shared_negatives or AUTO_SHARED_NEGATIVES, True)
+    if t.loss == "full_softmax":
+        return LossPlan("softmax", 0, False)
+    if t.loss == "sampled_softmax":
+        return LossPlan("sampled_softmax", t.shared_negatives, t.negative_sampling == "popularity")
+    return LossPlan("bce", 0, False)
+
+
+class SharedNegatives:
+    """Negatives shared by a whole batch, drawn from a fixed distribution over items 1..n.
+
+    Each draw is a pure function of (seed, epoch, step, rank), so runs replay exactly on resume
+    and for any thread count. ``log_q`` (n_items + 1,) is the log-probability of each item under
+    the distribution (row 0, padding, is -inf), for the logQ correction."""
+
+    def __init__(self, store: _core.SequenceStore, count: int, popularity: bool, seed: int) -> None:
+        n = int(store.n_items)
+        weights = (
+            store.popularity(holdout=2)[1:].astype(np.float64) + 1.0
+            if popularity
+            else np.ones(n, dtype=np.float64)
+        )  # add-one smoothing: every item can be drawn
+        q = weights / weights.sum()
+        self.count = count
+        self.seed = seed
+        self.cdf = np.cumsum(q)
+        self.cdf[-1] = 1.0
+        self.log_q = torch.from_numpy(np.log(np.concatenate([[0.0], q]))).float()
+        self.log_q[0] = float("-inf")
+
+    def draw(self, epoch: int, step: int, rank: int) -> np.ndarray:
+        """(count,) int64 item ids in 1..n_items, with replacement."""
+        rng = np.random.default_rng([self.seed, epoch, step, rank])
+        u = rng.random(self.count)
+        return np.searchsorted(self.cdf, u, side="right").astype(np.int64) + 1
+
+
 class TrainStep(nn.Module):
     """Wraps the model so that the whole loss is one ``forward`` (what DDP synchronises)."""
 
-    def __init__(self, model: Recommender, cfg: RunConfig) -> None:
+    log_q: torch.Tensor | None
+
+    def __init__(
+        self,
+        model: Recommender,
+        cfg: RunConfig,
+        plan: LossPlan | None = None,
+        log_q: torch.Tensor | None = None,
+    ) -> None:
         super().__init__()
         self.model: Recommender = model
-        self.loss_kind = "softmax" if cfg.train.loss == "full_softmax" else cfg.train.loss
+        self.plan = plan or loss_plan(cfg, model.n_items)
         self.last_only = cfg.train.last_only
+        self.max_logits = max(cfg.train.loss_memory_mb * 2**20 // 4, 1)
+        self.log_q = log_q if self.plan.popularity else None
 
     def forward(
         self, inputs: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """inputs (B, T), targets (B, T), negatives (B, T, n) -> (total loss, parts)."""
+        """inputs (B, T), targets (B, T), negatives (B, T, n) or shared (S,) -> (loss, parts)."""
         from h2rec.losses import recommendation_loss
 
         states = self.model(inputs)  # (B, T, E)
+        log_q = self.log_q.to(states.device) if self.log_q is not None else None
         rec = recommendation_loss(
-            self.model, states, targets, negatives, kind=self.loss_kind, last_only=self.last_only
+            self.model,
+            states,
+            targets,
+            negatives,
+            kind=self.plan.kind,
+            last_only=self.last_only,
+            max_logits=self.max_logits,
+            log_q=log_q,
         )
         parts = {"rec": rec}
         for name, value in self.model.aux_losses(inputs, states, targets).items():
@@ -447,8 +526,8 @@ def train(
         raise ConfigError("resume needs a run directory")
 
     device = resolve_device(cfg.train.device, local_rank)
-    if cfg.train.num_threads > 0:
-        torch.set_num_threads(cfg.train.num_threads)
+    if device.type == "cpu":
+        set_threads(cfg.train.num_threads)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
@@ -459,7 +538,20 @@ def train(
     # 2. seed once, build everything
     seed_everything(cfg.train.seed)
     model = build_for(cfg, store, sids, embeddings).to(device)
-    step_module: nn.Module = TrainStep(model, cfg)
+    plan = loss_plan(cfg, int(store.n_items))
+    shared = (
+        SharedNegatives(store, plan.shared, plan.popularity, cfg.train.seed)
+        if plan.shared > 0
+        else None
+    )
+    step_module: nn.Module = TrainStep(model, cfg, plan, shared.log_q if shared else None)
+    logger.info(
+        "loss: %s%s",
+        plan.kind,
+        f" with {plan.shared} shared {'popularity' if plan.popularity else 'uniform'} negatives"
+        if shared
+        else "",
+    )
     opt_cls = torch.optim.AdamW if cfg.train.optimizer == "adamw" else torch.optim.Adam
     optimizer = opt_cls(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     sampler = _core.TrainSampler(
@@ -470,6 +562,8 @@ def train(
         cfg.train.seed,
         negative_sampling=cfg.train.negative_sampling,
         last_only=cfg.train.last_only,
+        bucket_batches=cfg.train.length_buckets,
+        trim=True,
     )
     if sampler.n_batches == 0:
         raise DataError("dataset: no user has a training item (every sequence is shorter than 3)")
@@ -542,10 +636,12 @@ def train(
 
             bar = tqdm(total=-(-sampler.n_batches // world), desc=f"epoch {epoch}", leave=False)
         # the sampler gives every rank the same number of batches, so DDP needs no join()
-        for inputs, targets, negatives in batches:
-            inputs_t = torch.from_numpy(inputs).to(device, non_blocking=True)
-            targets_t = torch.from_numpy(targets).to(device, non_blocking=True)
-            negatives_t = torch.from_numpy(negatives).to(device, non_blocking=True)
+        for step_index, (inputs, targets, negatives) in enumerate(batches):
+            if shared is not None:
+                negatives = shared.draw(epoch, step_index, rank)  # (S,)
+            inputs_t = _to_device(inputs, device)
+            targets_t = _to_device(targets, device)
+            negatives_t = _to_device(negatives, device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 loss, parts = step_module(inputs_t, targets_t, negatives_t)
             optimizer.zero_grad(set_to_none=True)
@@ -647,6 +743,15 @@ def train(
         test=test,
         model=model,
     )
+
+
+def _to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host batch on ``device``: CPU tensors share the array; CUDA copies go through pinned
+    memory without blocking, so the copy overlaps the work already queued on the GPU."""
+    t = torch.from_numpy(a)
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def _model_name(cfg: RunConfig) -> str:
