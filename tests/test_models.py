@@ -11,8 +11,10 @@ import torch
 
 from h2rec.errors import ConfigError, DataError
 from h2rec.losses import recommendation_loss
+from h2rec.models.backbone import Dropout
 from h2rec.models import (
     CrossAttention,
+    LevelCrossAttention,
     H2Rec,
     HidEmbedding,
     ModelConfig,
@@ -222,7 +224,8 @@ def test_gradients_reach_both_branches(shared: bool, sids: FakeSids) -> None:
     assert set(aux) == {"align_item", "align_seq"}
     (loss + sum(aux.values())).backward()
     parts = [model.hid, model.sid, model.hid_attn, model.gate, model.backbone, model.input]
-    parts += list(model.level_attn)
+    parts.append(model.level_attn)
+    assert all(float(model.level_attn.weight.grad[lvl].abs().sum()) > 0 for lvl in range(3))
     if not shared:
         parts.append(model.backbone_hid)
     for part in parts:
@@ -232,11 +235,11 @@ def test_gradients_reach_both_branches(shared: bool, sids: FakeSids) -> None:
     model.zero_grad(set_to_none=True)
     states = model(seq)
     (states[..., :16].sum()).backward()  # SID branch only
-    assert _grad_norm(model.level_attn[0]) > 0 and _grad_norm(model.gate) > 0
+    assert _grad_norm(model.level_attn) > 0 and _grad_norm(model.gate) > 0
     assert _grad_norm(model.hid_attn) == 0
     model.zero_grad(set_to_none=True)
     (model(seq)[..., 16:].sum()).backward()  # HID branch only
-    assert _grad_norm(model.hid_attn) > 0 and _grad_norm(model.level_attn[0]) == 0
+    assert _grad_norm(model.hid_attn) > 0 and _grad_norm(model.level_attn) == 0
 
 
 def test_frozen_codebooks_get_no_gradient(sids: FakeSids) -> None:
@@ -363,3 +366,99 @@ def test_every_trainable_parameter_gets_a_gradient(cfg: ModelConfig, sids: FakeS
     (loss + sum(model.aux_losses(seq, states, targets).values())).backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert missing == []
+
+
+# ----------------------------------------------------------------------------- cheaper step
+# The faster H2Rec step must compute the same mathematics as the per-level, uncached one.
+
+
+def test_batched_level_attention_equals_per_level_cross_attention() -> None:
+    torch.manual_seed(3)
+    per_level = [CrossAttention(16, 2, dropout=0.4).eval() for _ in range(3)]
+    batched = LevelCrossAttention.from_modules(per_level).eval()
+    seq = _batch()
+    real = seq > 0
+    allowed = attention_mask(real, causal=True)
+    g = torch.Generator().manual_seed(4)
+    levels = torch.randn(4, T, 3, 16, generator=g) * real[..., None, None]
+    kv = torch.randn(4, T, 16, generator=g) * real[..., None]
+    want = torch.stack(
+        [m(levels[:, :, lvl], kv, real, allowed) for lvl, m in enumerate(per_level)], dim=2
+    )
+    torch.testing.assert_close(batched(levels, kv, real, allowed), want, rtol=1e-5, atol=1e-6)
+
+
+def test_old_checkpoints_with_per_level_attention_load(sids: FakeSids) -> None:
+    model = _model(CONFIGS["h2rec"], sids)
+    seq = _batch()
+    want = model(seq)
+    old = {k: v for k, v in model.state_dict().items() if not k.startswith("level_attn.")}
+    la = model.level_attn
+    for lvl in range(3):
+        old[f"level_attn.{lvl}.ln_q.weight"] = la.ln_q_weight[lvl].detach().clone()
+        old[f"level_attn.{lvl}.ln_q.bias"] = la.ln_q_bias[lvl].detach().clone()
+        old[f"level_attn.{lvl}.ln_kv.weight"] = la.ln_kv_weight[lvl].detach().clone()
+        old[f"level_attn.{lvl}.ln_kv.bias"] = la.ln_kv_bias[lvl].detach().clone()
+        for j, name in enumerate(("q", "k", "v", "out")):
+            old[f"level_attn.{lvl}.attn.{name}.weight"] = la.weight[lvl, j].detach().clone()
+            old[f"level_attn.{lvl}.attn.{name}.bias"] = la.bias[lvl, j].detach().clone()
+    fresh = _model(CONFIGS["h2rec"], sids, seed=9)
+    fresh.load_state_dict(old)
+    torch.testing.assert_close(fresh(seq), want)
+
+
+def test_backbone_last_position_only_equals_the_full_pass(sids: FakeSids) -> None:
+    model = _model(CONFIGS["h2rec"], sids)
+    seq = _batch()
+    real = seq > 0
+    allowed = attention_mask(real, causal=True)
+    x = model.input(model.hid(seq), real)
+    full = model.backbone(x, real, allowed)
+    last = model.backbone(x, real, allowed, last_only=True)
+    assert last.shape == (4, 16)
+    torch.testing.assert_close(last, full[:, -1], rtol=1e-5, atol=1e-6)
+
+
+def test_embedding_bag_item_vectors_equal_pooled_levels(sids: FakeSids) -> None:
+    for name in ("sid-mean", "sid-sum"):
+        model = _model(CONFIGS[name], sids)
+        items = torch.tensor([[0, 3, 8], [4, 40, 0]])
+        a = model.sid(items)
+        b = model.sid.pool(model.sid.levels(items))
+        torch.testing.assert_close(a, b)
+        assert (a[0, 0] == 0).all()
+        ga = torch.autograd.grad(a.square().sum(), model.sid.table)[0]
+        gb = torch.autograd.grad(b.square().sum(), model.sid.table)[0]
+        torch.testing.assert_close(ga, gb)
+
+
+def test_sequence_alignment_reuses_the_forward_pass_exactly(sids: FakeSids) -> None:
+    # without dropout, the cached path (after forward on the same tensor) and the recomputing
+    # path (a copy of the tensor misses the cache) give the same loss and gradients
+    model = _model(_cfg("h2rec", dropout=0.0), sids)
+    model.train()
+    seq = _batch()
+    states = model(seq)
+    cached = model._sequence_alignment(seq, states)
+    g1 = torch.autograd.grad(cached, model.mask_vectors, retain_graph=True)[0]
+    fresh = model._sequence_alignment(seq.clone(), states)
+    g2 = torch.autograd.grad(fresh, model.mask_vectors)[0]
+    torch.testing.assert_close(cached, fresh)
+    torch.testing.assert_close(g1, g2)
+
+
+def test_dropout_keeps_the_expectation_and_is_off_in_eval() -> None:
+    drop = Dropout(0.3)
+    x = torch.ones(400, 500)
+    torch.manual_seed(0)
+    y = drop(x)
+    kept = (y != 0).float().mean()
+    assert abs(float(kept) - 0.7) < 0.01
+    assert torch.allclose(y[y != 0], torch.full_like(y[y != 0], 1 / 0.7))
+    assert abs(float(y.mean()) - 1.0) < 0.02
+    torch.manual_seed(0)
+    assert torch.equal(drop(x), y)  # reproducible from the torch seed
+    drop.eval()
+    assert drop(x) is x
+    with pytest.raises(ValueError, match="p=1.0"):
+        Dropout(1.0)

@@ -263,3 +263,42 @@ def test_checkpoint_from_another_dataset_or_model(
         train(_cfg("model.kind=sasrec"), data["store"], None, run_dir=sasrec_run)
     model, cfg = load_checkpoint(sasrec_run / "best.pt", data["store"])
     assert cfg.model.kind == "sasrec" and not model.training
+
+
+def test_thread_count_does_not_change_the_run(data: dict[str, Any]) -> None:
+    # one thread, two threads, and the per-epoch automatic choice all train the same model
+    runs = []
+    for threads in ("train.num_threads=1", "train.num_threads=2", "train.num_threads=0"):
+        cfg = _cfg("model.kind=h2rec", "train.epochs=2", threads)
+        result = train(cfg, data["store"], data["sids"], run_dir=None)
+        runs.append([(h["loss"], h["valid"]["NDCG@10"]) for h in result.history])
+    assert runs[0] == runs[1] == runs[2]
+    torch.set_num_threads(1)
+
+
+def test_automatic_threads_follow_free_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    from h2rec import threads
+
+    monkeypatch.setattr(threads, "available_cpus", lambda: 4)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert threads.default_threads() == 4
+    monkeypatch.setattr(threads, "free_cpus", lambda window=0.1: 1.1)
+    assert threads.auto_threads() == 1
+    monkeypatch.setattr(threads, "free_cpus", lambda window=0.1: 2.8)
+    assert threads.auto_threads() == 3
+    monkeypatch.setattr(threads, "free_cpus", lambda window=0.1: 0.0)
+    assert threads.auto_threads() == 1  # never below one
+    monkeypatch.setattr(threads, "free_cpus", lambda window=0.1: None)
+    assert threads.auto_threads() == 4  # no /proc/stat: every available CPU
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert threads.default_threads() == 2 and threads.auto_threads() == 2
+    monkeypatch.setenv("OMP_NUM_THREADS", "junk")
+    assert threads.default_threads() == 4
+
+
+def test_free_cpus_reads_a_fraction_of_the_allowed_cpus() -> None:
+    from h2rec import threads
+
+    free = threads.free_cpus(0.05)
+    assert free is None or 0.0 <= free <= len(os.sched_getaffinity(0))
+    assert os.environ.get("OMP_WAIT_POLICY")  # importing h2rec asked for a wait policy

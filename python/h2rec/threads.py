@@ -10,7 +10,11 @@ started with ``setsid``). h2rec therefore
   :mod:`h2rec` does;
 - uses as many threads as the CPUs this process may run on (its affinity mask, as set by
   ``taskset``, cgroups or a job scheduler), capped by ``OMP_NUM_THREADS`` when that is set, unless
-  ``train.num_threads`` says otherwise.
+  ``train.num_threads`` says otherwise;
+- and, with ``train.num_threads=0``, looks again before every epoch at how many of those CPUs
+  other processes leave free (idle or running only niced work, over a 0.1 s window of
+  ``/proc/stat``), and uses that many threads, at least one. Results do not depend on the
+  thread count, so this changes speed only.
 """
 
 from __future__ import annotations
@@ -18,8 +22,16 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 
-__all__ = ["available_cpus", "default_threads", "passive_waits", "set_threads"]
+__all__ = [
+    "auto_threads",
+    "available_cpus",
+    "default_threads",
+    "free_cpus",
+    "passive_waits",
+    "set_threads",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +58,51 @@ def default_threads() -> int:
     if env.isdigit() and int(env) >= 1:
         n = min(n, int(env))
     return n
+
+
+def _cpu_times(cpus: set[int]) -> dict[int, tuple[int, int]]:
+    """{cpu: (free ticks, total ticks)} from /proc/stat; free = idle + iowait + nice."""
+    out: dict[int, tuple[int, int]] = {}
+    with open("/proc/stat", encoding="ascii") as f:
+        for line in f:
+            name, *fields = line.split()
+            if not name.startswith("cpu") or name == "cpu":
+                continue
+            cpu = int(name[3:])
+            if cpu not in cpus:
+                continue
+            v = [int(x) for x in fields[:8]]  # user nice system idle iowait irq softirq steal
+            out[cpu] = (v[1] + v[3] + v[4], sum(v))
+    return out
+
+
+def free_cpus(window: float = 0.1) -> float | None:
+    """How many of this process's CPUs other processes left free over ``window`` seconds
+    (idle, or running niced work that yields to us); None where /proc/stat is unreadable."""
+    try:
+        cpus = os.sched_getaffinity(0)
+        before = _cpu_times(cpus)
+        time.sleep(window)
+        after = _cpu_times(cpus)
+    except (AttributeError, OSError, ValueError):
+        return None
+    free = 0.0
+    for cpu, (f1, t1) in after.items():
+        f0, t0 = before.get(cpu, (f1, t1))
+        if t1 > t0:
+            free += min(max((f1 - f0) / (t1 - t0), 0.0), 1.0)
+    return free if after else None
+
+
+def auto_threads(window: float = 0.1) -> int:
+    """:func:`default_threads`, lowered to the CPUs that are free right now (at least one)."""
+    n = default_threads()
+    if n == 1:
+        return 1
+    free = free_cpus(window)
+    if free is None:
+        return n
+    return max(1, min(n, int(free + 0.3)))
 
 
 def set_threads(num_threads: int = 0) -> int:

@@ -47,7 +47,7 @@ from h2rec.evaluate import (
     result_from_ranks,
 )
 from h2rec.report import atomic_writer, write_report, write_text_atomic
-from h2rec.threads import set_threads
+from h2rec.threads import auto_threads, set_threads
 
 if TYPE_CHECKING:
     from h2rec.models import Recommender
@@ -625,6 +625,11 @@ def train(
     for epoch in range(start_epoch, cfg.train.epochs + 1):
         if stopped:
             break
+        if device.type == "cpu" and cfg.train.num_threads == 0:
+            threads = auto_threads()  # fewer when other processes hold CPUs right now
+            if threads != torch.get_num_threads():
+                logger.info("epoch %d: %d torch threads (CPUs free now)", epoch, threads)
+                set_threads(threads)
         t0 = time.perf_counter()
         model.train()
         total, n_steps, n_seqs = 0.0, 0, 0

@@ -13,7 +13,13 @@ from typing import Protocol, Union
 import numpy as np
 
 from h2rec.errors import ConfigError, DataError
-from h2rec.models.backbone import Backbone, CrossAttention, SequenceInput, attention_mask
+from h2rec.models.backbone import (
+    Backbone,
+    CrossAttention,
+    LevelCrossAttention,
+    SequenceInput,
+    attention_mask,
+)
 from h2rec.models.config import ModelConfig
 from h2rec.models.embeddings import HidEmbedding, SidEmbedding, pca_scores
 from h2rec.models.h2rec import H2Rec, LevelGate
@@ -91,6 +97,7 @@ __all__ = [
     "CrossAttention",
     "H2Rec",
     "HidEmbedding",
+    "LevelCrossAttention",
     "LevelGate",
     "ModelConfig",
     "Recommender",

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from h2rec.errors import DataError
+from h2rec.ops import softmax
 
 
 def attention_mask(real: Tensor, causal: bool) -> Tensor:
@@ -37,6 +38,69 @@ def attention_mask(real: Tensor, causal: bool) -> Tensor:
     return allowed[:, None]  # (B, 1, T, T)
 
 
+class LayerNorm(nn.Module):
+    """LayerNorm over the last dimension with a learned scale and shift (``nn.LayerNorm``'s
+    parameters and state-dict names).
+
+    The affine part is applied outside the fused kernel: the CPU kernel sums the scale and
+    shift gradients over rows in per-thread chunks, so they change with the thread count,
+    whereas autograd's broadcast reduction gives the same bits for any thread count."""
+
+    def __init__(self, hidden: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden))
+        self.bias = nn.Parameter(torch.zeros(hidden))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(..., D) -> (..., D)."""
+        return F.layer_norm(x, (x.shape[-1],), eps=self.eps) * self.weight + self.bias
+
+
+class Dropout(nn.Module):
+    """Inverted dropout, as ``nn.Dropout``, with the keep mask drawn from integer uniforms.
+
+    ``torch.randint`` fills a mask several times faster than ``bernoulli_`` on CPU, and dropout
+    runs a dozen times per H2Rec step. Keep probability is quantised to 2**-24. Draws from the
+    global torch generator, so a seeded run is reproducible and a resumed one continues exactly.
+    """
+
+    _BITS = 1 << 24
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout p={p}: must be in [0, 1)")
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if x.device.type != "cpu":
+            return F.dropout(x, self.p, True)
+        draw = torch.randint(0, self._BITS, x.shape, dtype=torch.int32)
+        keep = (draw >= int(round(self.p * self._BITS))).to(x.dtype)
+        return x * keep.mul_(1.0 / (1.0 - self.p))
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, drop: nn.Module) -> Tensor:
+    """Scaled dot-product attention: q (N, H, T, d), k and v (N, H, S, d), allowed (N, 1, T, S).
+
+    On CPU it is written out (scores, mask, softmax, dropout, weighted sum): PyTorch's fused
+    CPU kernel accumulates the key and value gradients in per-thread blocks, so its results
+    change with the thread count, and with short sequences the plain form is no slower. On GPU
+    the fused kernel runs."""
+    if q.device.type != "cpu":
+        p = drop.p if drop.training else 0.0  # type: ignore[union-attr]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p)
+    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (N, H, T, S)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return drop(softmax(scores)) @ v  # (N, H, T, d)
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head scaled dot-product attention with separate query and key/value inputs."""
 
@@ -48,6 +112,7 @@ class MultiHeadAttention(nn.Module):
         self.k = nn.Linear(hidden, hidden)
         self.v = nn.Linear(hidden, hidden)
         self.out = nn.Linear(hidden, hidden)
+        self.attn_drop = Dropout(dropout)  # on the attention weights
 
     def forward(self, query: Tensor, key_value: Tensor, allowed: Tensor) -> Tensor:
         """query (B, T, D), key_value (B, S, D), allowed (B, 1, T, S) bool -> (B, T, D)."""
@@ -57,8 +122,7 @@ class MultiHeadAttention(nn.Module):
         q = self.q(query).view(b, t, h, d // h).transpose(1, 2)  # (B, H, T, D/H)
         k = self.k(key_value).view(b, s, h, d // h).transpose(1, 2)  # (B, H, S, D/H)
         v = self.v(key_value).view(b, s, h, d // h).transpose(1, 2)  # (B, H, S, D/H)
-        p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p)
+        y = attend(q, k, v, allowed, self.attn_drop)  # (B, H, T, D/H)
         y = y.transpose(1, 2).reshape(b, t, d)  # (B, T, D)
         return self.out(y)
 
@@ -71,7 +135,7 @@ class FeedForward(nn.Module):
         self.net = nn.Sequential(
             nn.Linear(hidden, mult * hidden),
             nn.GELU(),
-            nn.Dropout(dropout),
+            Dropout(dropout),
             nn.Linear(mult * hidden, hidden),
         )
 
@@ -85,16 +149,25 @@ class Block(nn.Module):
 
     def __init__(self, hidden: int, n_heads: int, dropout: float, ffn_mult: int) -> None:
         super().__init__()
-        self.ln_attn = nn.LayerNorm(hidden)
+        self.ln_attn = LayerNorm(hidden)
         self.attn = MultiHeadAttention(hidden, n_heads, dropout)
-        self.ln_ffn = nn.LayerNorm(hidden)
+        self.ln_ffn = LayerNorm(hidden)
         self.ffn = FeedForward(hidden, ffn_mult, dropout)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
-    def forward(self, x: Tensor, real: Tensor, allowed: Tensor) -> Tensor:
-        """x (B, T, D), real (B, T) bool, allowed (B, 1, T, T) -> (B, T, D)."""
+    def forward(
+        self, x: Tensor, real: Tensor, allowed: Tensor, last_only: bool = False
+    ) -> Tensor:
+        """x (B, T, D), real (B, T) bool, allowed (B, 1, T, T) -> (B, T, D).
+
+        ``last_only``: compute the output at position T-1 only, (B, 1, D): its query still reads
+        every key, so the value equals ``forward(...)[:, -1:]``."""
         h = self.ln_attn(x)
-        x = x + self.drop(self.attn(h, h, allowed))
+        if last_only:
+            x, real, q, allowed = x[:, -1:], real[:, -1:], h[:, -1:], allowed[:, :, -1:]
+        else:
+            q = h
+        x = x + self.drop(self.attn(q, h, allowed))
         x = x + self.drop(self.ffn(self.ln_ffn(x)))
         return x * real[..., None]
 
@@ -108,10 +181,10 @@ class CrossAttention(nn.Module):
 
     def __init__(self, hidden: int, n_heads: int, dropout: float) -> None:
         super().__init__()
-        self.ln_q = nn.LayerNorm(hidden)
-        self.ln_kv = nn.LayerNorm(hidden)
+        self.ln_q = LayerNorm(hidden)
+        self.ln_kv = LayerNorm(hidden)
         self.attn = MultiHeadAttention(hidden, n_heads, dropout)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
     def forward(self, query: Tensor, key_value: Tensor, real: Tensor, allowed: Tensor) -> Tensor:
         """query (B, T, D), key_value (B, T, D), real (B, T), allowed (B, 1, T, T) -> (B, T, D)."""
@@ -132,7 +205,7 @@ class SequenceInput(nn.Module):
         self.scale = math.sqrt(hidden)
         self.positions = nn.Embedding(max_len, hidden)
         nn.init.normal_(self.positions.weight, std=init_std)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
     def forward(self, x: Tensor, real: Tensor) -> Tensor:
         """x (B, T, ..., D), real (B, T) bool -> (B, T, ..., D)."""
@@ -160,10 +233,94 @@ class Backbone(nn.Module):
         self.blocks = nn.ModuleList(
             Block(hidden, n_heads, dropout, ffn_mult) for _ in range(n_layers)
         )
-        self.ln_final = nn.LayerNorm(hidden)
+        self.ln_final = LayerNorm(hidden)
 
-    def forward(self, x: Tensor, real: Tensor, allowed: Tensor) -> Tensor:
-        """x (B, T, D), real (B, T) bool, allowed (B, 1, T, T) bool -> (B, T, D)."""
-        for block in self.blocks:
-            x = block(x, real, allowed)
+    def forward(
+        self, x: Tensor, real: Tensor, allowed: Tensor, last_only: bool = False
+    ) -> Tensor:
+        """x (B, T, D), real (B, T) bool, allowed (B, 1, T, T) bool -> (B, T, D).
+
+        ``last_only``: the state at position T-1 only, (B, D); the last block then computes a
+        single query (earlier blocks still run at every position, which it reads)."""
+        n = len(self.blocks)
+        for i, block in enumerate(self.blocks):
+            x = block(x, real, allowed, last_only=last_only and i == n - 1)
+        if last_only:
+            return (self.ln_final(x) * real[:, -1:, None])[:, 0]
         return self.ln_final(x) * real[..., None]
+
+
+class LevelCrossAttention(nn.Module):
+    """L pre-LN cross-attentions, one per SID level, run as one batched call.
+
+    Level l's queries are that level's stream and its keys/values the shared HID stream; each
+    level has its own LayerNorms and projections (the same parameters as L ``CrossAttention``
+    modules, stacked), and output l = q_l + Dropout(Attn_l(LN_l(q_l), LN'_l(kv))), zero at
+    padding. :meth:`from_modules` copies L ``CrossAttention`` modules in.
+    """
+
+    def __init__(self, n_levels: int, hidden: int, n_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.n_levels, self.hidden, self.n_heads, self.dropout = n_levels, hidden, n_heads, dropout
+        d = hidden
+
+        def stack(*shape: int, fill: float | None = None) -> nn.Parameter:
+            t = torch.empty(n_levels, *shape)
+            if fill is not None:
+                t.fill_(fill)
+            return nn.Parameter(t)
+
+        self.ln_q_weight, self.ln_q_bias = stack(d, fill=1.0), stack(d, fill=0.0)
+        self.ln_kv_weight, self.ln_kv_bias = stack(d, fill=1.0), stack(d, fill=0.0)
+        self.weight = stack(4, d, d)  # (L, 4, out, in): q, k, v, out projections
+        self.bias = stack(4, d)  # (L, 4, out)
+        with torch.no_grad():  # nn.Linear's default init, per level and projection
+            bound = 1.0 / math.sqrt(d)
+            for lvl in range(n_levels):
+                for j in range(4):
+                    nn.init.kaiming_uniform_(self.weight[lvl, j], a=math.sqrt(5))
+            nn.init.uniform_(self.bias, -bound, bound)
+        self.drop = Dropout(dropout)
+        self.attn_drop = Dropout(dropout)  # on the attention weights
+
+    @classmethod
+    def from_modules(cls, modules: list[CrossAttention]) -> LevelCrossAttention:
+        """The batched equivalent of per-level ``CrossAttention`` modules (weights copied)."""
+        first = modules[0]
+        out = cls(len(modules), first.attn.q.in_features, first.attn.n_heads, first.attn.dropout)
+        out.load_per_level([m.state_dict() for m in modules])
+        return out
+
+    def load_per_level(self, states: list[dict[str, Tensor]]) -> None:
+        """Copy the state dicts of L ``CrossAttention`` modules into the stacked parameters."""
+        with torch.no_grad():
+            for lvl, st in enumerate(states):
+                self.ln_q_weight[lvl] = st["ln_q.weight"]
+                self.ln_q_bias[lvl] = st["ln_q.bias"]
+                self.ln_kv_weight[lvl] = st["ln_kv.weight"]
+                self.ln_kv_bias[lvl] = st["ln_kv.bias"]
+                for j, name in enumerate(("q", "k", "v", "out")):
+                    self.weight[lvl, j] = st[f"attn.{name}.weight"]
+                    self.bias[lvl, j] = st[f"attn.{name}.bias"]
+
+    def _proj(self, x: Tensor, j: int) -> Tensor:
+        """x (B, T, L, D) through projection j of each level -> (B, T, L, D)."""
+        return torch.einsum("btli,loi->btlo", x, self.weight[:, j]) + self.bias[:, j]
+
+    def forward(self, levels: Tensor, kv: Tensor, real: Tensor, allowed: Tensor) -> Tensor:
+        """levels (B, T, L, D), kv (B, T, D), real (B, T), allowed (B, 1, T, T) -> (B, T, L, D)."""
+        b, t, n_lv, d = levels.shape
+        h = self.n_heads
+        q_in = F.layer_norm(levels, (d,)) * self.ln_q_weight + self.ln_q_bias  # (B, T, L, D)
+        kv_norm = F.layer_norm(kv, (d,))[:, :, None]  # (B, T, 1, D)
+        kv_in = kv_norm * self.ln_kv_weight + self.ln_kv_bias  # (B, T, L, D)
+
+        def heads(x: Tensor) -> Tensor:  # (B, T, L, D) -> (B * L, H, T, D/H)
+            return x.view(b, t, n_lv, h, d // h).permute(0, 2, 3, 1, 4).reshape(b * n_lv, h, t, d // h)
+
+        q, k, v = heads(self._proj(q_in, 0)), heads(self._proj(kv_in, 1)), heads(self._proj(kv_in, 2))
+        mask = allowed[:, None].expand(b, n_lv, 1, t, t).reshape(b * n_lv, 1, t, t)
+        y = attend(q, k, v, mask, self.attn_drop)  # (B*L, H, T, D/H)
+        y = y.view(b, n_lv, h, t, d // h).permute(0, 3, 1, 2, 4).reshape(b, t, n_lv, d)
+        y = self._proj(y, 3)  # (B, T, L, D)
+        return (levels + self.drop(y)) * real[:, :, None, None]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from h2rec.errors import ConfigError, DataError
@@ -175,7 +176,7 @@ class SidEmbedding(nn.Module):
         """items (...) -> per-level code embeddings (..., L, D); zero for item 0."""
         table = self.proj(self.table)  # (sum K_l, D)
         idx = self.codes[items] + self.offsets  # (..., L)
-        out = table[idx]  # (..., L, D)
+        out = F.embedding(idx, table)  # (..., L, D); a cheaper backward than table[idx]
         return out * (items > 0)[..., None, None].to(out.dtype)
 
     def pool(self, levels: Tensor) -> Tensor:
@@ -183,5 +184,11 @@ class SidEmbedding(nn.Module):
         return levels.mean(dim=-2) if self.pooling == "mean" else levels.sum(dim=-2)
 
     def forward(self, items: Tensor) -> Tensor:
-        """items (...) -> fused SID item embedding (..., D); zero for item 0."""
-        return self.pool(self.levels(items))
+        """items (...) -> fused SID item embedding (..., D); zero for item 0.
+
+        Equal to ``pool(levels(items))``, computed as one embedding bag per item."""
+        table = self.proj(self.table)  # (sum K_l, D)
+        idx = (self.codes[items] + self.offsets).reshape(-1, self.n_levels)  # (M, L)
+        out = F.embedding_bag(idx, table, mode=self.pooling)  # (M, D)
+        out = out.view(*items.shape, -1)
+        return out * (items > 0)[..., None].to(out.dtype)

@@ -22,8 +22,15 @@ import torch
 from torch import Tensor, nn
 
 from h2rec.errors import DataError
+from h2rec.ops import softmax
 from h2rec.losses import item_alignment_loss, mask_lowest_levels, symmetric_info_nce
-from h2rec.models.backbone import Backbone, CrossAttention, SequenceInput, attention_mask
+from h2rec.models.backbone import (
+    Backbone,
+    CrossAttention,
+    LevelCrossAttention,
+    SequenceInput,
+    attention_mask,
+)
 from h2rec.models.config import ModelConfig
 from h2rec.models.embeddings import HidEmbedding, SidEmbedding
 from h2rec.models.positives import CooccurrencePositives
@@ -52,7 +59,7 @@ class LevelGate(nn.Module):
         """x (..., D) -> gate weights (..., L), summing to one."""
         if not self.learned:
             return x.new_full((*x.shape[:-1], self.n_levels), 1.0 / self.n_levels)
-        return torch.softmax(self.mlp(x) + self.prior, dim=-1)
+        return softmax(self.mlp(x) + self.prior)
 
 
 class H2Rec(nn.Module):
@@ -90,9 +97,7 @@ class H2Rec(nn.Module):
         self.n_levels = n_levels
         self.input = SequenceInput(d, cfg.max_len, cfg.dropout, cfg.init_std)
         if cfg.cross_attention:
-            self.level_attn = nn.ModuleList(
-                CrossAttention(d, cfg.n_heads, cfg.dropout) for _ in range(n_levels)
-            )
+            self.level_attn = LevelCrossAttention(n_levels, d, cfg.n_heads, cfg.dropout)
             self.hid_attn = CrossAttention(d, cfg.n_heads, cfg.dropout)
         self.gate = LevelGate(d, n_levels, cfg.gate_prior, learned=cfg.gate)
         self.backbone = Backbone(d, cfg.n_layers, cfg.n_heads, cfg.dropout, cfg.ffn_mult)
@@ -109,6 +114,9 @@ class H2Rec(nn.Module):
                 f"cooccur: built for n_items={positives.n_items}, model has {n_items}"
             )
         self._positives = positives
+        # what the last training forward computed, for the sequence-level loss to reuse
+        self._cache: dict[str, Tensor] | None = None
+        self.register_load_state_dict_pre_hook(_stack_level_attention)
 
     # ----------------------------------------------------------------------------- streams
     def _branches(self, seq: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -122,13 +130,7 @@ class H2Rec(nn.Module):
         fused = self.input(self.sid.pool(levels), real)  # (B, T, D)
         gate = self.gate(hid)  # (B, T, L)
         if self.cfg.cross_attention:
-            outs = torch.stack(
-                [
-                    attn(level_streams[:, :, lvl], hid, real, allowed)
-                    for lvl, attn in enumerate(self.level_attn)
-                ],
-                dim=2,
-            )  # (B, T, L, D)
+            outs = self.level_attn(level_streams, hid, real, allowed)  # (B, T, L, D), one call
             hid_in = self.hid_attn(hid, fused, real, allowed)  # (B, T, D)
         else:
             outs = level_streams
@@ -140,6 +142,10 @@ class H2Rec(nn.Module):
         else:
             sid_state = self.backbone(sid_in, real, allowed)  # (B, T, D)
             hid_state = self.backbone_hid(hid_in, real, allowed)  # (B, T, D)
+        if self.training:
+            self._cache = {
+                "seq": seq, "levels": levels, "fused": fused, "gate": gate, "allowed": allowed
+            }
         return sid_state, hid_state, gate, hid
 
     @staticmethod
@@ -231,21 +237,57 @@ class H2Rec(nn.Module):
         return out
 
     def _sequence_alignment(self, seq: Tensor, states: Tensor) -> Tensor:
-        """Masked-granularity contrastive loss at each user's last position (unweighted)."""
+        """Masked-granularity contrastive loss at each user's last position (unweighted).
+
+        Reuses what the forward pass on ``seq`` computed (code embeddings, the fused SID stream,
+        the gate); the two views go through the backbone in one batch, and only the last
+        position's state is computed in the final block."""
         cfg = self.cfg
         d = cfg.hidden
         real = seq > 0  # (B, T)
-        allowed = attention_mask(real, cfg.causal)
-        levels = self.sid.levels(seq)  # (B, T, L, D)
-        user_gate = self.gate(self.input(self.hid(seq[:, -1:]), real[:, -1:]))[:, 0]  # (B, L)
+        cache = self._cache if self._cache is not None and self._cache["seq"] is seq else None
+        if cache is None:  # called without a training forward on seq
+            allowed = attention_mask(real, cfg.causal)
+            levels = self.sid.levels(seq)  # (B, T, L, D)
+            user_gate = self.gate(self.input(self.hid(seq[:, -1:]), real[:, -1:]))[:, 0]
+            full_in = self.input(self.sid.pool(levels), real)  # (B, T, D)
+        else:
+            allowed, levels, full_in = cache["allowed"], cache["levels"], cache["fused"]
+            user_gate = cache["gate"][:, -1]  # (B, L): the gate at the user's last position
+            self._cache = None
         masked = mask_lowest_levels(levels, user_gate.detach(), self.mask_vectors, real)
         masked_in = self.input(self.sid.pool(masked), real)  # (B, T, D)
         if cfg.align_seq_target == "sid":
-            full_in = self.input(self.sid.pool(levels), real)  # (B, T, D)
-            both = self._twice(self.backbone, masked_in, full_in, real, allowed)[:, -1]
+            both = self.backbone(
+                torch.cat([masked_in, full_in]),
+                torch.cat([real, real]),
+                torch.cat([allowed, allowed]),
+                last_only=True,
+            )  # (2B, D)
             masked_user, target = both.chunk(2, dim=0)  # (B, D) each
         else:
-            masked_user = self.backbone(masked_in, real, allowed)[:, -1]  # (B, D)
+            masked_user = self.backbone(masked_in, real, allowed, last_only=True)  # (B, D)
             target = states[:, -1, d:]  # (B, D) HID-branch state
         rows = real[:, -1]  # users with a real last position
         return symmetric_info_nce(masked_user[rows], target[rows], cfg.align_seq_tau)
+
+
+def _stack_level_attention(
+    module: nn.Module, state_dict: dict[str, Tensor], prefix: str, *args: object
+) -> None:
+    """Load hook: checkpoints written before the per-level cross-attentions were batched hold
+    ``level_attn.<l>.<param>`` entries; fold them into the stacked ``LevelCrossAttention``."""
+    head = prefix + "level_attn."
+    old = [k for k in state_dict if k.startswith(head) and k[len(head) :].split(".")[0].isdigit()]
+    if not old or not isinstance(module, H2Rec) or not module.cfg.cross_attention:
+        return
+    per_level: dict[int, dict[str, Tensor]] = {}
+    for key in old:
+        lvl, rest = key[len(head) :].split(".", 1)
+        per_level.setdefault(int(lvl), {})[rest] = state_dict.pop(key)
+    target = LevelCrossAttention(
+        module.n_levels, module.cfg.hidden, module.cfg.n_heads, module.cfg.dropout
+    )
+    target.load_per_level([per_level[lvl] for lvl in sorted(per_level)])
+    for name, value in target.state_dict().items():
+        state_dict[head + name] = value
