@@ -12,8 +12,9 @@ started with ``setsid``). h2rec therefore
   ``taskset``, cgroups or a job scheduler), capped by ``OMP_NUM_THREADS`` when that is set, unless
   ``train.num_threads`` says otherwise;
 - and, with ``train.num_threads=0``, looks again before every epoch at how many of those CPUs
-  other processes leave free (idle or running only niced work, over a 0.1 s window of
-  ``/proc/stat``), and uses that many threads, at least one. Results do not depend on the
+  other processes leave idle (over a 0.1 s window of ``/proc/stat``), and uses that many
+  threads, at least one. A CPU busy with niced work counts as busy: such work often spins, and
+  a thread of ours sharing its CPU stalls the threads it synchronises with. Results do not depend on the
   thread count, so this changes speed only.
 """
 
@@ -61,7 +62,7 @@ def default_threads() -> int:
 
 
 def _cpu_times(cpus: set[int]) -> dict[int, tuple[int, int]]:
-    """{cpu: (free ticks, total ticks)} from /proc/stat; free = idle + iowait + nice."""
+    """{cpu: (free ticks, total ticks)} from /proc/stat; free = idle + iowait."""
     out: dict[int, tuple[int, int]] = {}
     with open("/proc/stat", encoding="ascii") as f:
         for line in f:
@@ -72,13 +73,13 @@ def _cpu_times(cpus: set[int]) -> dict[int, tuple[int, int]]:
             if cpu not in cpus:
                 continue
             v = [int(x) for x in fields[:8]]  # user nice system idle iowait irq softirq steal
-            out[cpu] = (v[1] + v[3] + v[4], sum(v))
+            out[cpu] = (v[3] + v[4], sum(v))
     return out
 
 
 def free_cpus(window: float = 0.1) -> float | None:
-    """How many of this process's CPUs other processes left free over ``window`` seconds
-    (idle, or running niced work that yields to us); None where /proc/stat is unreadable."""
+    """How many of this process's CPUs were idle over ``window`` seconds (a fraction per CPU,
+    summed); None where /proc/stat is unreadable."""
     try:
         cpus = os.sched_getaffinity(0)
         before = _cpu_times(cpus)
