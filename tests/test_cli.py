@@ -265,3 +265,39 @@ def test_stage_commands_chain_into_train(
     out = capsys.readouterr().out
     assert "| sasrec | overall | 120 |" in out and "| sid |" not in out
     assert (tmp_path / "runs" / "raw" / "data" / "meta.json").is_file()
+
+
+@pytest.mark.parametrize("split", ["test", "valid"])
+def test_recommend_split_export_reproduces_the_metrics(
+    pipeline: dict[str, Any], tmp_path: Path, split: str
+) -> None:
+    # an outside scorer: HR@K and NDCG@K from the exported lists with a few lines of numpy
+    run = pipeline["base"] / "h2rec"
+    out = tmp_path / "recs.parquet"
+    assert main(["recommend", str(run), "--split", split, "--out", str(out), "-k", "20"]) == 0
+    assert main(["evaluate", str(run), "--split", split, "--out", str(tmp_path / "m.json")]) == 0
+    want = json.loads((tmp_path / "m.json").read_text())["models"]["h2rec"]
+    frame = pl.read_parquet(out)
+    users = frame["user"].unique().to_list()
+    assert len(users) == want["n_users"] == 150
+    hr = {10: [], 20: []}
+    ndcg = {10: [], 20: []}
+    for _, group in frame.group_by("user"):
+        g = group.sort("rank")
+        target = g["target"][0]
+        hits = np.flatnonzero(np.asarray(g["item"].to_list()) == target)
+        for k in (10, 20):
+            hit = hits.size > 0 and hits[0] < k
+            hr[k].append(float(hit))
+            ndcg[k].append(1.0 / np.log2(hits[0] + 2.0) if hit else 0.0)
+    for k in (10, 20):
+        assert np.mean(hr[k]) == pytest.approx(want["metrics"][f"HR@{k}"], abs=1e-12)
+        assert np.mean(ndcg[k]) == pytest.approx(want["metrics"][f"NDCG@{k}"], abs=1e-12)
+    # the lists never hold an item of the split's input
+    ds = load_dataset(pipeline["base"] / "builtin" / "dataset")
+    index = ds.user_index()
+    holdout = 1 if split == "test" else 2
+    for user, group in frame.group_by("user"):
+        seq = ds.store.sequence(index[str(user[0])]).tolist()
+        seen = {ds.item_ids[i - 1] for i in seq[:-holdout]}
+        assert not seen & set(group["item"].to_list())

@@ -110,7 +110,7 @@ def test_resume_reproduces_the_uninterrupted_run(data: dict[str, Any], tmp_path:
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    strip = ("train_seconds", "sequences_per_second")
+    strip = ("train_seconds", "sequences_per_second", "epoch_seconds", "finished_at", "threads")
     for ra, rb in zip(full.history, resumed.history, strict=True):
         assert {k: v for k, v in ra.items() if k not in strip} == {
             k: v for k, v in rb.items() if k not in strip
@@ -302,3 +302,12 @@ def test_free_cpus_reads_a_fraction_of_the_allowed_cpus() -> None:
     free = threads.free_cpus(0.05)
     assert free is None or 0.0 <= free <= len(os.sched_getaffinity(0))
     assert os.environ.get("OMP_WAIT_POLICY")  # importing h2rec asked for a wait policy
+
+
+def test_non_causal_all_position_training_is_refused(data: dict[str, Any]) -> None:
+    # without the causal mask position t would read its own target, item t+1
+    cfg = _cfg("model.kind=sasrec", "train.epochs=1", "model.causal=false")
+    with pytest.raises(ConfigError, match="model.causal=false with train.last_only=false"):
+        train(cfg, data["store"], None, run_dir=None)
+    ok = _cfg("model.kind=sasrec", "train.epochs=1", "model.causal=false", "train.last_only=true")
+    assert train(ok, data["store"], None, run_dir=None).epochs_run == 1

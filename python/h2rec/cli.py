@@ -242,7 +242,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_recommend(args: argparse.Namespace) -> int:
     import polars as pl
 
-    from h2rec.evaluate import recommend_top_k
+    from h2rec.evaluate import eval_users, recommend_top_k
     from h2rec.report import atomic_writer
 
     out = Path(args.out)
@@ -260,24 +260,46 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
         if missing:
             raise DataError(f"--users: unknown user ids {missing[:5]}")
         users = np.array([index[u] for u in wanted], dtype=np.int64)
+    elif args.split:
+        users = eval_users(store)  # the users the split's metrics are computed over
     else:
         users = np.arange(store.n_users, dtype=np.int64)
+    if args.split:
+        short = users[store.lengths()[users] < 3]
+        if short.size:
+            raise DataError(
+                f"--users: user {dataset.user_ids[int(short[0])]!r} has fewer than 3 "
+                f"interactions, so it has no {args.split} target"
+            )
     items, scores = recommend_top_k(
-        model, store, users, args.k, cfg.model.max_len, exclude_history=not args.include_history
+        model,
+        store,
+        users,
+        args.k,
+        cfg.model.max_len,
+        exclude_history=not args.include_history,
+        batch_size=cfg.eval.batch_size,
+        split=args.split,
+        max_scores_mb=cfg.eval.max_scores_mb,
     )
     k = items.shape[1]
     item_ids = np.array(["", *dataset.item_ids], dtype=object)
     user_ids = np.array(dataset.user_ids, dtype=object)
     keep = items.reshape(-1) > 0
-    frame = pl.DataFrame(
-        {
-            "user": user_ids[np.repeat(users, k)][keep].tolist(),
-            "rank": np.tile(np.arange(1, k + 1, dtype=np.int64), users.size)[keep],
-            "item": item_ids[items.reshape(-1)][keep].tolist(),
-            "score": scores.reshape(-1)[keep].astype(np.float64),
-        },
-        schema={"user": pl.String, "rank": pl.Int64, "item": pl.String, "score": pl.Float64},
-    )
+    columns: dict[str, Any] = {
+        "user": user_ids[np.repeat(users, k)][keep].tolist(),
+        "rank": np.tile(np.arange(1, k + 1, dtype=np.int64), users.size)[keep],
+        "item": item_ids[items.reshape(-1)][keep].tolist(),
+        "score": scores.reshape(-1)[keep].astype(np.float64),
+    }
+    schema: dict[str, Any] = {
+        "user": pl.String, "rank": pl.Int64, "item": pl.String, "score": pl.Float64
+    }
+    if args.split:  # the held-out item the split's metrics score these lists against
+        _, targets = store.eval_inputs(users, 1, args.split)
+        columns["target"] = item_ids[np.repeat(targets, k)][keep].tolist()
+        schema["target"] = pl.String
+    frame = pl.DataFrame(columns, schema=schema)
     if suffix == ".parquet":
         atomic_writer(out, lambda f: frame.write_parquet(f))
     else:
@@ -517,6 +539,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .parquet or .csv")
     p.add_argument("-k", "--k", type=int, default=10, help="items per user")
     p.add_argument("--users", help="comma-separated original user ids (default: all)")
+    p.add_argument(
+        "--split",
+        choices=("valid", "test"),
+        help="recommend from exactly the input this split's evaluation uses, for every "
+        "evaluated user, and add the split's target (to recompute the metrics outside h2rec)",
+    )
     p.set_defaults(func=_cmd_recommend)
 
     p = sub.add_parser("compare", help="train or load several models on one dataset")

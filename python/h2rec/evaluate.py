@@ -414,14 +414,21 @@ def recommend_top_k(
     max_len: int,
     exclude_history: bool = True,
     batch_size: int = 256,
+    split: Split | None = None,
+    max_scores_mb: int = 256,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Top-``k`` item ids (U, k) and scores (U, k) per user from the user's whole sequence.
+    """Top-``k`` item ids (U, k) and scores (U, k) per user.
 
-    Items the user already has are never recommended unless ``exclude_history=False``. Ties are
-    broken by the lower item id; a user with fewer than ``k`` candidates gets 0 (padding) items
-    with score -inf at the end of the list."""
+    The input is the user's whole sequence, or with ``split`` exactly the input that split's
+    evaluation uses (valid: the training prefix; test: all but the last item), so that outside
+    code can recompute :func:`evaluate`'s metrics from the lists. Items in that input are never
+    recommended unless ``exclude_history=False``. Ties are broken by the lower item id; a user
+    with fewer than ``k`` candidates gets 0 (padding) items with score -inf at the end."""
     if k < 1:
         raise ConfigError(f"k={k}: must be >= 1")
+    if split is not None and split not in _HOLDOUT:
+        raise ConfigError(f"split={split!r}: must be 'valid' or 'test'")
+    holdout = 0 if split is None else _HOLDOUT[split]
     device = _device_of(model)
     was_training = model.training
     model.eval()
@@ -431,14 +438,19 @@ def recommend_top_k(
         items_all = model.all_item_vectors().float()  # (N + 1, E)
         top_items = np.zeros((users.size, k), dtype=np.int64)
         top_scores = np.full((users.size, k), -np.inf, dtype=np.float32)
-        for start in range(0, users.size, batch_size):
-            bu = users[start : start + batch_size]
-            inputs, _ = left_padded_inputs(store, bu, 0, max_len)
-            states = _user_states(model, inputs, device)  # (B, E)
+        lengths = store.lengths()[users] - holdout
+        batch = _score_rows(store.n_items, batch_size, max_scores_mb * 2**20 // 4)
+        for pos in _by_length(lengths, max_len, batch):
+            bu = users[pos]
+            if split is None:
+                inputs, _ = left_padded_inputs(store, bu, 0, max_len)
+            else:
+                inputs, _ = store.eval_inputs(bu, max_len, split)
+            states = _user_states(model, _trim(inputs), device)  # (B, E)
             scores = torch.nan_to_num(states @ items_all.T, nan=float("-inf"))  # (B, N + 1)
             scores[:, 0] = float("-inf")
             if exclude_history:
-                h_off, h_items = store.histories(bu, 0)
+                h_off, h_items = store.histories(bu, holdout)
                 h_rows = np.repeat(np.arange(bu.size), np.diff(h_off))
                 scores[
                     torch.from_numpy(h_rows).to(device), torch.from_numpy(h_items).to(device)
@@ -447,8 +459,8 @@ def recommend_top_k(
             order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k_eff]
             vals = torch.gather(scores, 1, order)
             order = torch.where(torch.isneginf(vals), torch.zeros_like(order), order)
-            top_items[start : start + bu.size, :k_eff] = order.cpu().numpy()
-            top_scores[start : start + bu.size, :k_eff] = vals.cpu().numpy()
+            top_items[pos, :k_eff] = order.cpu().numpy()
+            top_scores[pos, :k_eff] = vals.cpu().numpy()
         return top_items, top_scores
     finally:
         model.train(was_training)

@@ -524,6 +524,12 @@ def train(
             )
     elif resume:
         raise ConfigError("resume needs a run directory")
+    if not cfg.model.causal and not cfg.train.last_only:
+        raise ConfigError(
+            "model.causal=false with train.last_only=false: without the causal mask position t "
+            "reads item t+1, which is its own training target; set train.last_only=true "
+            "(train on each sequence's last position only) or keep model.causal=true"
+        )
 
     device = resolve_device(cfg.train.device, local_rank)
     if device.type == "cpu":
@@ -671,6 +677,7 @@ def train(
             **{f"loss_{k}": v / max(n_steps, 1) for k, v in parts_sum.items()},
             "train_seconds": train_s,
             "sequences_per_second": n_seqs / train_s if train_s > 0 else None,
+            "threads": torch.get_num_threads() if device.type == "cpu" else None,
         }
         if epoch % cfg.train.eval_every == 0 or epoch == cfg.train.epochs:
             valid = _evaluate_all(model, store, "valid", cfg, world, rank)
@@ -699,6 +706,8 @@ def train(
             )
         else:
             logger.info("epoch %d  loss %.4f  %.1fs", epoch, record["loss"], train_s)
+        record["epoch_seconds"] = time.perf_counter() - t0  # training and validation
+        record["finished_at"] = time.time()  # wall clock, for time-to-quality measurements
         history.append(record)
         if out is not None and is_main and last_path is not None:
             _save_checkpoint(last_path, payload(epoch, model.state_dict()))
