@@ -311,3 +311,29 @@ def test_non_causal_all_position_training_is_refused(data: dict[str, Any]) -> No
         train(cfg, data["store"], None, run_dir=None)
     ok = _cfg("model.kind=sasrec", "train.epochs=1", "model.causal=false", "train.last_only=true")
     assert train(ok, data["store"], None, run_dir=None).epochs_run == 1
+
+
+def test_auto_loss_switches_to_shared_sampled_softmax_for_big_catalogues(
+    data: dict[str, Any],
+) -> None:
+    from h2rec.train import SharedNegatives, loss_plan
+
+    n = int(data["store"].n_items)
+    assert loss_plan(_cfg(), n).kind == "softmax"
+    plan = loss_plan(_cfg(f"train.full_softmax_max_items={n - 1}"), n)
+    assert plan.kind == "sampled_softmax" and plan.shared > 0 and plan.popularity
+    shared = SharedNegatives(data["store"], 5000, True, seed=3)
+    a, b = shared.draw(1, 7, 0), shared.draw(1, 7, 0)
+    assert (a == b).all() and a.min() >= 1 and a.max() <= n  # a pure function of the keys
+    assert not (a == shared.draw(1, 8, 0)).all()
+    # drawn in proportion to training popularity + 1, and log_q says so
+    pop = data["store"].popularity(holdout=2)[1:] + 1.0
+    q = pop / pop.sum()
+    np.testing.assert_allclose(np.exp(shared.log_q[1:].numpy()), q, rtol=1e-5)
+    counts = np.bincount(np.concatenate([shared.draw(2, i, 0) for i in range(40)]), minlength=n + 1)
+    top = int(np.argmax(q)) + 1
+    assert counts[top] / counts.sum() == pytest.approx(q[top - 1], rel=0.1)
+    # a short run trains with it
+    cfg = _cfg("model.kind=h2rec", "train.epochs=1", f"train.full_softmax_max_items={n - 1}")
+    res = train(cfg, data["store"], data["sids"], run_dir=None)
+    assert np.isfinite(res.history[0]["loss"])

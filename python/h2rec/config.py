@@ -127,6 +127,7 @@ class TrainConfig:
     seed: int = 0  # the one seed of the run (sampler, init, dropout)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when available
     amp: bool = True  # bf16 autocast when training on CUDA (ignored on CPU)
+    compile: bool = False  # torch.compile the training step (CUDA; dynamic shapes)
     num_threads: int = 0  # torch intra-op threads; 0 = the CPUs available, capped by OMP_NUM_THREADS
 
     def __post_init__(self) -> None:

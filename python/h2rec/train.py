@@ -80,6 +80,7 @@ _RESUMABLE_CHANGES = {
     "train.patience",
     "train.device",
     "train.num_threads",
+    "train.compile",
     "eval.batch_size",
     "eval.max_scores_mb",
     "train.loss_memory_mb",
@@ -252,8 +253,9 @@ class SharedNegatives:
         self.seed = seed
         self.cdf = np.cumsum(q)
         self.cdf[-1] = 1.0
-        self.log_q = torch.from_numpy(np.log(np.concatenate([[0.0], q]))).float()
-        self.log_q[0] = float("-inf")
+        log_q = np.full(n + 1, -np.inf)
+        log_q[1:] = np.log(q)
+        self.log_q = torch.from_numpy(log_q).float()  # (n_items + 1,)
 
     def draw(self, epoch: int, step: int, rank: int) -> np.ndarray:
         """(count,) int64 item ids in 1..n_items, with replacement."""
@@ -573,6 +575,8 @@ def train(
     )
     if sampler.n_batches == 0:
         raise DataError("dataset: no user has a training item (every sequence is shorter than 3)")
+    if cfg.train.compile:  # batch widths vary with the length buckets: dynamic shapes
+        step_module = torch.compile(step_module, dynamic=True)  # type: ignore[assignment]
     if world > 1:
         unused = _unused_parameters(step_module, sampler, device)
         if unused:
