@@ -462,3 +462,21 @@ def test_dropout_keeps_the_expectation_and_is_off_in_eval() -> None:
     assert drop(x) is x
     with pytest.raises(ValueError, match="p=1.0"):
         Dropout(1.0)
+
+
+def test_hid_popularity_gate_scales_the_hid_half_of_item_vectors(sids: FakeSids) -> None:
+    pop = np.zeros(N_ITEMS + 1)
+    pop[1:] = np.arange(N_ITEMS)  # item 1 never seen in training, item 40 seen 39 times
+    torch.manual_seed(0)
+    model = build_model(_cfg("h2rec", hid_pop_gate=True), N_ITEMS, sids, popularity=pop)
+    items = torch.tensor([1, 2, 40])
+    w = model.hid_weight(items)
+    assert 0 < float(w[0]) < float(w[1]) < float(w[2]) < 1  # rarer items weigh less
+    assert float(w[0]) == pytest.approx(0.5)  # sigmoid(0) at init for an unseen item
+    vec = model.item_vectors(items)
+    torch.testing.assert_close(vec[:, :16], model.hid(items) * w[:, None])
+    torch.testing.assert_close(vec[:, 16:], model.sid(items))
+    model.all_item_vectors()[1:].sum().backward()
+    assert model.pop_scale.grad is not None and float(model.pop_scale.grad) != 0.0
+    with pytest.raises(DataError, match="hid_pop_gate needs the training popularity"):
+        build_model(_cfg("h2rec", hid_pop_gate=True), N_ITEMS, sids)

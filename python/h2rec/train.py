@@ -196,8 +196,14 @@ def build_for(
     from h2rec.models import build_model
 
     try:
+        popularity = store.popularity(holdout=2) if cfg.model.hid_pop_gate else None
         return build_model(
-            cfg.model, store.n_items, sids, embeddings, _cooccurrence_for(cfg, store, sids)
+            cfg.model,
+            store.n_items,
+            sids,
+            embeddings,
+            _cooccurrence_for(cfg, store, sids),
+            popularity,
         )
     except (TypeError, ValueError) as err:
         if isinstance(err, H2RecError):

@@ -45,6 +45,7 @@ def build_model(
     sids: _SidsLike | None = None,
     item_embeddings: np.ndarray | None = None,
     cooccur: CooccurrencePositives | None = None,
+    popularity: np.ndarray | None = None,
 ) -> Recommender:
     """Build the model ``cfg.kind`` for a catalogue of ``n_items`` items (ids 1..n_items).
 
@@ -56,6 +57,8 @@ def build_model(
         item_embeddings: (n_items, Dt) text embeddings; required by ``hid_init="pca"``.
         cooccur: co-occurrence positives for H2Rec's item-level alignment (None: positives
             are the item itself and items sharing its SID tuple).
+        popularity: (n_items + 1,) training popularity of each item (row 0: padding); required
+            by ``hid_pop_gate``.
 
     Raises:
         ConfigError: a missing input the configuration needs.
@@ -85,7 +88,7 @@ def build_model(
         model = SidRec(cfg, codes, codebooks)
     else:
         assert codes is not None
-        model = H2Rec(cfg, n_items, codes, codebooks, item_embeddings, cooccur)
+        model = H2Rec(cfg, n_items, codes, codebooks, item_embeddings, cooccur, popularity)
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("built %s: %d items, %d parameters", cfg.kind, n_items, n_params)
     return model

@@ -51,6 +51,8 @@ class ModelConfig:
     align_seq_weight: float = 0.1  # weight of the sequence-level alignment loss
     align_seq_tau: float = 1.0  # temperature of the sequence-level alignment loss
     align_seq_target: str = "sid"  # masked SID state is pulled to the full "sid" or the "hid" state
+    hid_pop_gate: bool = False  # H2Rec: scale items' HID vectors in the score by a learned
+    # sigmoid of their log training popularity, so rare items lean on their SID vectors
 
     def __post_init__(self) -> None:
         for f in fields(self):

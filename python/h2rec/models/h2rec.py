@@ -77,6 +77,7 @@ class H2Rec(nn.Module):
         codebooks: np.ndarray | None = None,
         item_embeddings: np.ndarray | None = None,
         positives: CooccurrencePositives | None = None,
+        popularity: np.ndarray | None = None,
     ) -> None:
         super().__init__()
         d = cfg.hidden
@@ -114,6 +115,17 @@ class H2Rec(nn.Module):
                 f"cooccur: built for n_items={positives.n_items}, model has {n_items}"
             )
         self._positives = positives
+        if cfg.hid_pop_gate:
+            if popularity is None or np.asarray(popularity).shape != (n_items + 1,):
+                raise DataError(
+                    "model.hid_pop_gate needs the training popularity of every item, shape "
+                    f"({n_items + 1},), got "
+                    f"{None if popularity is None else np.asarray(popularity).shape}"
+                )
+            log_pop = np.log1p(np.asarray(popularity, dtype=np.float64))
+            self.register_buffer("log_pop", torch.from_numpy(log_pop).float())  # (N+1,)
+            self.pop_scale = nn.Parameter(torch.tensor(1.0))
+            self.pop_shift = nn.Parameter(torch.tensor(0.0))
         # what the last training forward computed, for the sequence-level loss to reuse
         self._cache: dict[str, Tensor] | None = None
         self.register_load_state_dict_pre_hook(_stack_level_attention)
@@ -166,9 +178,21 @@ class H2Rec(nn.Module):
         return self.gate(self.input(self.hid(seq), real))
 
     # ----------------------------------------------------------------------------- scoring
+    def hid_weight(self, items: Tensor) -> Tensor:
+        """items (...) -> weight of each item's HID vector in the score (...): 1, or with
+        ``hid_pop_gate`` sigmoid(scale * log(1 + popularity) + shift), learned."""
+        if not self.cfg.hid_pop_gate:
+            return torch.ones(items.shape, device=items.device)
+        return torch.sigmoid(self.pop_scale * self.log_pop[items] + self.pop_shift)
+
     def item_vectors(self, items: Tensor) -> Tensor:
-        """items (...) -> (..., 2D): [HID embedding ; fused SID embedding]; zero for item 0."""
-        return torch.cat([self.hid(items), self.sid(items)], dim=-1)
+        """items (...) -> (..., 2D): [HID embedding ; fused SID embedding]; zero for item 0.
+
+        With ``hid_pop_gate`` the HID half is scaled by :meth:`hid_weight`."""
+        hid = self.hid(items)
+        if self.cfg.hid_pop_gate:
+            hid = hid * self.hid_weight(items)[..., None]
+        return torch.cat([hid, self.sid(items)], dim=-1)
 
     def all_item_vectors(self) -> Tensor:
         """(n_items + 1, 2D); row 0 (padding) is zero."""
