@@ -470,7 +470,7 @@ def test_hid_popularity_gate_scales_the_hid_half_of_item_vectors(sids: FakeSids)
     torch.manual_seed(0)
     model = build_model(_cfg("h2rec", hid_pop_gate=True), N_ITEMS, sids, popularity=pop)
     items = torch.tensor([1, 2, 40])
-    w = model.hid_weight(items)
+    w = model.hid_weight(items).detach()
     assert 0 < float(w[0]) < float(w[1]) < float(w[2]) < 1  # rarer items weigh less
     assert float(w[0]) == pytest.approx(0.5)  # sigmoid(0) at init for an unseen item
     vec = model.item_vectors(items)
