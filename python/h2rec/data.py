@@ -35,9 +35,9 @@ import logging
 import os
 import shutil
 import string
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,6 +45,14 @@ import numpy as np
 import polars as pl
 
 from h2rec.errors import DataError
+from h2rec.outputs import (
+    check_output_dir,
+    item_fingerprint,
+    locked,
+    new_dir_beside,
+    recover,
+    swap_in,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -915,27 +923,6 @@ def compute_stats(
 # --------------------------------------------------------------------------------------------
 
 
-def _atomic_dir(out: Path, overwrite: bool) -> Path:
-    """Create and return a temporary directory beside ``out``."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists() and not overwrite:
-        raise DataError(f"{out}: already exists; pass overwrite=True (--overwrite) to replace it")
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-
-
-def _commit_dir(tmp: Path, out: Path) -> None:
-    """Rename the finished temporary directory onto ``out`` (replacing an old one)."""
-    old: Path | None = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def write_json(path: Path, obj: Any) -> None:
     """Write JSON through a temporary file in the same directory."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -964,6 +951,26 @@ def prepare(
     out = Path(out)
     if min_length < 1:
         raise DataError(f"min_length={min_length}: must be >= 1")
+    inputs = (interactions, items, item_table.id_map)
+    check_output_dir(out, "dataset", overwrite, inputs)  # before reading anything
+    with locked(out, "dataset folder"):
+        recover(out)
+        check_output_dir(out, "dataset", overwrite, inputs)
+        return _prepare(interactions, out, read, items, item_table, filter, min_length,
+                        short_users, name)
+
+
+def _prepare(
+    interactions: str | Path,
+    out: Path,
+    read: ReadOptions,
+    items: str | Path | None,
+    item_table: ItemTableOptions,
+    filter: FilterOptions,
+    min_length: int,
+    short_users: str,
+    name: str | None,
+) -> Path:
     data = read_interactions(interactions, read)
     src, has_ts, n_bad = data.path, data.has_timestamp, data.skipped.height
     skipped_parts = [data.skipped]
@@ -1115,10 +1122,11 @@ def prepare(
         "rows_read": n_read + n_bad,
         "rows_skipped": skipped.height,
         "has_timestamp": has_ts,
+        "item_ids_sha256": item_fingerprint(item_order.get_column("item").to_list()),
         **extra,
     }
 
-    tmp = _atomic_dir(out, overwrite)
+    tmp = new_dir_beside(out, "dataset")
     try:
         np.save(tmp / "offsets.npy", offsets)
         np.save(tmp / "items.npy", items_np)
@@ -1128,7 +1136,7 @@ def prepare(
             skipped.sort("file", "line").write_csv(tmp / SKIPPED_FILE)
         write_json(tmp / "stats.json", stats)
         write_json(tmp / "meta.json", meta)
-        _commit_dir(tmp, out)
+        swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -1162,6 +1170,12 @@ class Dataset:
     @property
     def n_users(self) -> int:
         return len(self.user_ids)
+
+    @cached_property
+    def item_fingerprint(self) -> str:
+        """SHA-256 of the ordered original item ids: what embeddings, Semantic IDs and
+        checkpoints record to prove they were built for this dataset's items."""
+        return item_fingerprint(self.item_ids)
 
     def item_index(self) -> dict[str, int]:
         """Original item id -> internal id (1..n_items)."""
