@@ -36,6 +36,7 @@ import numpy as np
 from h2rec.config import RunConfig, apply_overrides, load_config, save_config
 from h2rec.errors import ConfigError, DataError, H2RecError, OutputError
 from h2rec.outputs import (
+    MARKER,
     check_output_dir,
     check_output_file,
     locked,
@@ -202,10 +203,16 @@ def _train_one(
                 )
             if _first_input(run_dir, inputs):
                 check_output_dir(run_dir, "run", True, inputs)
+        created = not work.exists()
         work.mkdir(parents=True, exist_ok=True)
         if marker_kind(work) is None:
             write_marker(work, "run")
-        result = run()
+        try:
+            result = run()
+        except BaseException:
+            if created and [p.name for p in work.iterdir()] == [MARKER]:
+                shutil.rmtree(work)  # failed before writing anything: leave no empty run
+            raise
         if replacing:
             swap_in(work, run_dir)
             result = dataclasses.replace(result, run_dir=run_dir)
@@ -583,11 +590,23 @@ def _pipeline_in(
 # --------------------------------------------------------------------------- entry points
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is at the time (in-process callers replace it)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def _configure_logging(verbose: bool) -> None:
     level = logging.DEBUG if verbose else logging.INFO
     root = logging.getLogger("h2rec")
     if not any(getattr(h, "_h2rec", False) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         handler._h2rec = True  # type: ignore[attr-defined]
         root.addHandler(handler)

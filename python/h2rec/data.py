@@ -44,7 +44,7 @@ from typing import Any, Literal
 import numpy as np
 import polars as pl
 
-from h2rec.errors import DataError
+from h2rec.errors import DataError, quote
 from h2rec.outputs import (
     check_output_dir,
     item_fingerprint,
@@ -64,6 +64,7 @@ INTERACTION_FORMATS = (
 ITEM_FORMATS = ("auto", "csv", "tsv", "parquet", "recbole", "movielens", "json", "beauty")
 SKIPPED_FILE = "skipped_rows.csv"
 _AUTO = "auto"
+NOT_UTF8 = "not valid UTF-8"
 _LINES_SEPARATOR = "\x1f"  # unit separator: a byte that never occurs in the text formats we read
 
 Format = Literal["auto", "csv", "tsv", "parquet", "sequences", "pairs", "recbole", "movielens"]
@@ -154,12 +155,60 @@ def _read_bytes_utf8(path: Path, encoding: str) -> bytes | Path:
     return path.read_bytes().decode("latin-1").encode("utf8")
 
 
-def _read_lines(path: Path, encoding: str = "utf8") -> pl.DataFrame:
-    """Every line of a text file as ``line`` (1-based) and ``text``; blank lines are kept."""
+def _invalid_utf8_lines(path: Path) -> list[tuple[int, bytes]]:
+    """(1-based line, raw bytes) of every line of ``path`` that is not valid UTF-8."""
+    bad: list[tuple[int, bytes]] = []
+    with path.open("rb") as fh:
+        for number, raw in enumerate(fh, start=1):
+            try:
+                raw.decode("utf8")
+            except UnicodeDecodeError:
+                bad.append((number, raw.rstrip(b"\r\n")))
+    return bad
+
+
+def _utf8_source(
+    path: Path, encoding: str, on_bad_line: str, blank: bytes = b""
+) -> tuple[bytes | Path, pl.DataFrame]:
+    """The file as polars should read it, and its lines that are not valid UTF-8 (as skipped
+    rows). With ``on_bad_line="error"`` the first such line stops the read with its number; with
+    ``"skip"`` each is replaced by ``blank`` so that the other lines keep their numbers."""
+    source = _read_bytes_utf8(path, encoding)
+    if encoding != "utf8":
+        return source, _empty_skipped()
+    bad = _invalid_utf8_lines(path)
+    if not bad:
+        return source, _empty_skipped()
+    skipped = pl.DataFrame(
+        {
+            "file": [str(path)] * len(bad),
+            "line": [n for n, _ in bad],
+            "reason": [NOT_UTF8] * len(bad),
+            "content": [raw.decode("utf8", "backslashreplace") for _, raw in bad],
+        },
+        schema=_empty_skipped().schema,
+    )
+    if on_bad_line == "error":
+        _handle_bad(path, skipped, "error")
+    wanted = {n for n, _ in bad}
+    with path.open("rb") as fh:
+        cleaned = b"".join(
+            (blank + (b"\n" if raw.endswith(b"\n") else b"")) if n in wanted else raw
+            for n, raw in enumerate(fh, start=1)
+        )
+    return cleaned, skipped
+
+
+def _read_lines(
+    path: Path, encoding: str = "utf8", on_bad_line: str = "error"
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Every non-blank line of a text file as ``line`` (1-based) and ``text``, and the lines
+    skipped as not UTF-8 (see :func:`_utf8_source`)."""
     _check_file(path)
-    try:
-        frame = pl.read_csv(
-            _read_bytes_utf8(path, encoding),
+
+    def read(source: bytes | Path) -> pl.DataFrame:
+        return pl.read_csv(
+            source,
             has_header=False,
             separator=_LINES_SEPARATOR,
             quote_char=None,
@@ -169,12 +218,23 @@ def _read_lines(path: Path, encoding: str = "utf8") -> pl.DataFrame:
             row_index_name="line",
             row_index_offset=1,
         )
+
+    not_utf8 = _empty_skipped()
+    try:
+        try:
+            frame = read(_read_bytes_utf8(path, encoding))
+        except pl.exceptions.ComputeError:
+            if encoding != "utf8" or not _invalid_utf8_lines(path):
+                raise
+            source, not_utf8 = _utf8_source(path, encoding, on_bad_line)
+            frame = read(source)
     except pl.exceptions.ComputeError as exc:
         raise DataError(f"{path}: cannot read as text lines ({_first_line(exc)})") from exc
     if frame.width != 2:
         raise DataError(f"{path}: a line contains the control byte 0x1f; not a text file")
     frame = frame.with_columns(pl.col("line").cast(pl.Int64))
-    return frame.filter(pl.col("text").is_not_null() & (pl.col("text").str.strip_chars() != ""))
+    frame = frame.filter(pl.col("text").is_not_null() & (pl.col("text").str.strip_chars() != ""))
+    return frame, not_utf8
 
 
 def _first_line(exc: BaseException) -> str:
@@ -198,9 +258,11 @@ def _handle_bad(path: Path, skipped: pl.DataFrame, on_bad_line: str) -> None:
     first = skipped.sort("line").row(0, named=True)
     if on_bad_line == "error":
         more = f" ({skipped.height - 1} more bad rows)" if skipped.height > 1 else ""
+        hint = "pass on_bad_line='skip' (--on-bad-line skip) to drop such rows"
+        if first["reason"] == NOT_UTF8:
+            hint = "if the file is Latin-1, pass --encoding latin-1; or " + hint
         raise DataError(
-            f"{path}:{first['line']}: {first['reason']}: {first['content']!r}{more}; "
-            "pass on_bad_line='skip' (--on-bad-line skip) to drop such rows"
+            f"{path}:{first['line']}: {first['reason']}: {quote(first['content'])}{more}; {hint}"
         )
     counts = skipped.group_by("reason").len().sort("reason").rows()
     logger.warning(
@@ -220,8 +282,8 @@ def _parse_timestamp(path: Path, frame: pl.DataFrame, name: str) -> tuple[pl.Dat
         if ts.dtype.is_float():
             ts = ts.cast(pl.Float64)
         else:
-            ts = ts.cast(pl.Int64)
-        frame = frame.with_columns(ts.alias("timestamp"))
+            ts = ts.cast(pl.Int64, strict=False)  # beyond int64: a bad timestamp, not a crash
+        frame = frame.with_columns(ts.alias("timestamp"), col.cast(pl.String).alias("_ts_text"))
         bad = pl.col("timestamp").is_null() | (
             pl.col("timestamp").is_nan() if ts.dtype == pl.Float64 else pl.lit(False)
         )
@@ -344,32 +406,64 @@ def _read_table(
 ) -> pl.DataFrame:
     """A csv/tsv/parquet/recbole table with a ``line`` column (1-based file line, header = 1).
 
-    Rows with too many or too few fields stop the read with their line number; with
-    ``on_bad_line="skip"`` they are kept, flagged in a boolean ``_ragged`` column."""
+    Rows with too many fields, or lines that are not UTF-8, stop the read with their line
+    number; with ``on_bad_line="skip"`` they are dropped (see :func:`_read_table_rows`)."""
+    return _read_table_rows(path, fmt, separator, encoding, string_cols, on_bad_line)[0]
+
+
+def _read_table_rows(
+    path: Path,
+    fmt: str,
+    separator: str | None,
+    encoding: str,
+    string_cols: Sequence[str] = (),
+    on_bad_line: str = "error",
+    short_rows: bool = False,
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """:func:`_read_table` and the rows it skipped (``file, line, reason, content``).
+
+    With ``short_rows``, rows with fewer fields than the header are bad rows too (polars fills
+    them with nulls, which would be reported as a missing id or a bad timestamp)."""
     if fmt == "parquet":
         try:
             frame = pl.read_parquet(path)
         except (pl.exceptions.PolarsError, OSError) as exc:
             raise DataError(f"{path}: cannot read as Parquet ({_first_line(exc)})") from exc
-        return frame.with_row_index("line", offset=1).with_columns(pl.col("line").cast(pl.Int64))
+        frame = frame.with_row_index("line", offset=1).with_columns(pl.col("line").cast(pl.Int64))
+        return frame, _empty_skipped()
     sep = separator if separator is not None else ("," if fmt == "csv" else "\t")
+    quote_char = None if fmt == "recbole" else '"'
+    source: bytes | Path = _read_bytes_utf8(path, encoding)
+    skipped = _empty_skipped()
     try:
-        header = pl.read_csv(
-            _read_bytes_utf8(path, encoding), separator=sep, n_rows=0, quote_char='"'
-        ).columns
+        try:
+            header = pl.read_csv(source, separator=sep, n_rows=0, quote_char='"').columns
+        except pl.exceptions.ComputeError:
+            if encoding != "utf8" or not _invalid_utf8_lines(path):
+                raise
+            if _invalid_utf8_lines(path)[0][0] == 1:
+                raise DataError(
+                    f"{path}:1: the header is not valid UTF-8; if the file is Latin-1, pass "
+                    "--encoding latin-1"
+                ) from None
+            header = pl.read_csv(
+                _utf8_source(path, encoding, "skip")[0], separator=sep, n_rows=0,
+                quote_char='"',
+            ).columns
+            source, skipped = _utf8_source(path, encoding, on_bad_line,
+                                           blank=sep.encode() * (len(header) - 1))
     except pl.exceptions.NoDataError as exc:
         raise DataError(f"{path}: file is empty") from exc
     except pl.exceptions.PolarsError as exc:
         raise DataError(f"{path}: cannot read the header ({_first_line(exc)})") from exc
     names = _split_recbole_header(header) if fmt == "recbole" else list(header)
     overrides = {header[names.index(c)]: pl.String for c in string_cols if c in names}
-    quote = None if fmt == "recbole" else '"'
 
     def read(truncate: bool) -> pl.DataFrame:
         return pl.read_csv(
-            _read_bytes_utf8(path, encoding),
+            source,
             separator=sep,
-            quote_char=quote,
+            quote_char=quote_char,
             schema_overrides=overrides,
             infer_schema_length=10_000,
             row_index_name="line",
@@ -377,30 +471,55 @@ def _read_table(
             truncate_ragged_lines=truncate,
         )
 
+    def fail(line: int, content: str, reason: str) -> DataError:
+        return DataError(
+            f"{path}:{line}: {reason} (header has {len(header)}): {quote(content)}; "
+            "pass on_bad_line='skip' (--on-bad-line skip) to drop such rows"
+        )
+
     ragged: list[tuple[int, str]] = []
     try:
-        frame = read(False)
+        try:
+            frame = read(False)
+        except pl.exceptions.ComputeError:
+            if encoding != "utf8" or skipped.height or not _invalid_utf8_lines(path):
+                raise
+            source, skipped = _utf8_source(path, encoding, on_bad_line,
+                                           blank=sep.encode() * (len(header) - 1))
+            frame = read(False)
     except pl.exceptions.PolarsError as exc:
-        ragged = _find_ragged(path, sep, encoding, quote is not None, len(header),
+        ragged = _find_ragged(path, sep, encoding, quote_char is not None, len(header),
                               first_only=on_bad_line == "error")
         if not ragged:
             raise DataError(f"{path}: cannot parse ({_first_line(exc)})") from exc
-        line, content = ragged[0]
         if on_bad_line == "error":
-            raise DataError(
-                f"{path}:{line}: wrong number of fields (header has {len(header)}): {content!r}; "
-                "pass on_bad_line='skip' (--on-bad-line skip) to drop such rows"
-            ) from exc
+            raise fail(*ragged[0], "wrong number of fields") from exc
         try:
             frame = read(True)
         except pl.exceptions.PolarsError as exc2:
             raise DataError(f"{path}: cannot parse ({_first_line(exc2)})") from exc2
+    if short_rows and not ragged and frame.null_count().sum_horizontal().item() > 0:
+        ragged = _find_ragged(path, sep, encoding, quote_char is not None, len(header),
+                              first_only=on_bad_line == "error")
+        ragged = [r for r in ragged if r[0] not in set(skipped.get_column("line").to_list())]
+        if ragged and on_bad_line == "error":
+            raise fail(*ragged[0], "wrong number of fields")
     frame = frame.rename(dict(zip(header, names, strict=True)))
     frame = frame.with_columns(pl.col("line").cast(pl.Int64))
-    if on_bad_line == "skip":
-        bad_lines = pl.Series([ln for ln, _ in ragged], dtype=pl.Int64)
-        frame = frame.with_columns(pl.col("line").is_in(bad_lines.implode()).alias("_ragged"))
-    return frame
+    drop = [ln for ln, _ in ragged] + skipped.get_column("line").to_list()
+    if ragged:
+        skipped = pl.concat([skipped, pl.DataFrame(
+            {
+                "file": [str(path)] * len(ragged),
+                "line": [ln for ln, _ in ragged],
+                "reason": ["wrong number of fields"] * len(ragged),
+                "content": [c for _, c in ragged],
+            },
+            schema=_empty_skipped().schema,
+        )])
+    if drop:
+        frame = frame.filter(~pl.col("line").is_in(pl.Series(drop, dtype=pl.Int64).implode()))
+    return frame, skipped
 
 
 def _require_columns(path: Path, frame: pl.DataFrame, wanted: dict[str, str]) -> None:
@@ -413,17 +532,15 @@ def _require_columns(path: Path, frame: pl.DataFrame, wanted: dict[str, str]) ->
 def _read_table_interactions(
     path: Path, fmt: str, options: ReadOptions
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
-    frame = _read_table(
+    if options.user_col == options.item_col:
+        raise DataError(
+            f"user column and item column are both {options.user_col!r}; give two columns "
+            "(--user-col, --item-col)"
+        )
+    frame, ragged = _read_table_rows(
         path, fmt, options.separator, options.encoding, (options.user_col, options.item_col),
-        options.on_bad_line,
+        options.on_bad_line, short_rows=True,
     )
-    ragged = _empty_skipped()
-    if "_ragged" in frame.columns:
-        content = pl.concat_str(
-            [pl.col(c).cast(pl.String).fill_null("") for c in frame.columns
-             if c not in ("line", "_ragged")], separator=" ")
-        ragged = _bad_rows(path, frame, pl.col("_ragged"), "wrong number of fields", content)
-        frame = frame.filter(~pl.col("_ragged")).drop("_ragged")
     _require_columns(path, frame, {"user": options.user_col, "item": options.item_col})
     time_col = options.time_col
     if time_col == _AUTO:
@@ -432,14 +549,39 @@ def _read_table_interactions(
         _require_columns(path, frame, {"timestamp": time_col})
     cols = [
         pl.col("line"),
-        pl.col(options.user_col).cast(pl.String).str.strip_chars().alias("user"),
-        pl.col(options.item_col).cast(pl.String).str.strip_chars().alias("item"),
+        _id_expr(path, frame, options.user_col, "user").str.strip_chars().alias("user"),
+        _id_expr(path, frame, options.item_col, "item").str.strip_chars().alias("item"),
     ]
     if time_col is not None:
         cols.append(pl.col(time_col).alias("timestamp"))
     frame = frame.select(cols)
     frame, skipped = _validate_rows(path, frame, content_cols=frame.columns[1:])
     return frame, pl.concat([ragged, skipped])
+
+
+def _id_expr(path: Path, frame: pl.DataFrame, name: str, role: str) -> pl.Expr:
+    """Column ``name`` as string ids: strings and integers as they are, floats only when every
+    value is a whole number (``45.0`` -> ``"45"``); nested or binary columns are errors."""
+    dtype = frame.schema[name]
+    if dtype.is_nested() or dtype in (pl.Binary, pl.Object, pl.Null) or dtype.is_temporal():
+        kind = {pl.List: "list", pl.Array: "list", pl.Struct: "struct"}.get(
+            dtype.base_type(), "non-id"
+        )
+        raise DataError(
+            f"{path}: {role} column {name!r} holds {kind} values ({dtype}); ids must be strings "
+            "or integers"
+        )
+    if dtype.is_float():
+        col = frame.get_column(name)
+        whole = col.is_null() | (col.is_finite() & (col == col.floor()) & (col.abs() < 2.0**53))
+        if not whole.all():
+            row = frame.filter(~whole).row(0, named=True)
+            raise DataError(
+                f"{path}:{row['line']}: {role} column {name!r} holds {row[name]!r}, not a "
+                "whole number; ids must be strings or integers"
+            )
+        return pl.col(name).cast(pl.Int64).cast(pl.String)
+    return pl.col(name).cast(pl.String)
 
 
 def _validate_rows(
@@ -458,6 +600,10 @@ def _validate_rows(
         mask = ~bad_any & (pl.col(col).is_null() | (pl.col(col) == ""))
         parts.append(_bad_rows(path, frame, mask, reason, content))
         bad_any = bad_any | pl.col(col).is_null() | (pl.col(col) == "")
+    for col in ("user", "item"):
+        nul = pl.col(col).str.contains("\x00", literal=True).fill_null(False)
+        parts.append(_bad_rows(path, frame, ~bad_any & nul, f"NUL byte in the {col} id", content))
+        bad_any = bad_any | nul
     if "timestamp" in frame.columns:
         frame, bad_ts = _parse_timestamp(path, frame, "timestamp")
         raw = pl.col("_ts_text") if "_ts_text" in frame.columns else pl.col("timestamp")
@@ -478,10 +624,12 @@ def _validate_rows(
 
 
 def _read_sequences(path: Path, options: ReadOptions) -> tuple[pl.DataFrame, pl.DataFrame]:
-    lines = _read_lines(path, options.encoding)
+    lines, not_utf8 = _read_lines(path, options.encoding, options.on_bad_line)
     tokens = lines.with_columns(pl.col("text").str.extract_all(r"\S+").alias("tok"))
     short = pl.col("tok").list.len() < 2
-    skipped = _bad_rows(path, tokens, short, "user without items", pl.col("text"))
+    skipped = pl.concat(
+        [not_utf8, _bad_rows(path, tokens, short, "user without items", pl.col("text"))]
+    )
     frame = (
         tokens.filter(~short)
         .select(
@@ -496,7 +644,7 @@ def _read_sequences(path: Path, options: ReadOptions) -> tuple[pl.DataFrame, pl.
 
 def _read_pairs(path: Path, options: ReadOptions) -> tuple[pl.DataFrame, pl.DataFrame]:
     """``user item`` or ``user item timestamp`` per line; the width is the most common one."""
-    lines = _read_lines(path, options.encoding)
+    lines, not_utf8 = _read_lines(path, options.encoding, options.on_bad_line)
     tokens = lines.with_columns(pl.col("text").str.extract_all(r"\S+").alias("tok")).with_columns(
         pl.col("tok").list.len().alias("n_tok")
     )
@@ -512,11 +660,11 @@ def _read_pairs(path: Path, options: ReadOptions) -> tuple[pl.DataFrame, pl.Data
         *([pl.col("tok").list.get(2).alias("timestamp")] if use_time else []),
     )
     frame, skipped = _validate_rows(path, frame, content_cols=frame.columns[1:])
-    return frame, pl.concat([shape_rows, skipped])
+    return frame, pl.concat([not_utf8, shape_rows, skipped])
 
 
 def _read_movielens(path: Path, options: ReadOptions) -> tuple[pl.DataFrame, pl.DataFrame]:
-    lines = _read_lines(path, options.encoding)
+    lines, not_utf8 = _read_lines(path, options.encoding, options.on_bad_line)
     parts = lines.with_columns(pl.col("text").str.strip_chars().str.split("::").alias("tok"))
     bad_shape = pl.col("tok").list.len() != 4
     shape_rows = _bad_rows(path, parts, bad_shape, "wrong number of fields", pl.col("text"))
@@ -529,7 +677,7 @@ def _read_movielens(path: Path, options: ReadOptions) -> tuple[pl.DataFrame, pl.
         cols.append(pl.col("tok").list.get(3).str.strip_chars().alias("timestamp"))
     frame = parts.filter(~bad_shape).select(cols)
     frame, skipped = _validate_rows(path, frame, content_cols=frame.columns[1:])
-    return frame, pl.concat([shape_rows, skipped])
+    return frame, pl.concat([not_utf8, shape_rows, skipped])
 
 
 # --------------------------------------------------------------------------------------------
@@ -596,11 +744,13 @@ def _read_id_map(path: Path) -> pl.DataFrame:
             schema={"source": pl.String, "target": pl.String},
         )
     else:
-        lines = _read_lines(path).with_columns(pl.col("text").str.extract_all(r"\S+").alias("tok"))
+        lines = _read_lines(path)[0].with_columns(
+            pl.col("text").str.extract_all(r"\S+").alias("tok")
+        )
         bad = lines.filter(pl.col("tok").list.len() != 2)
         if bad.height:
             row = bad.row(0, named=True)
-            raise DataError(f"{path}:{row['line']}: expected 'source target', got {row['text']!r}")
+            raise DataError(f"{path}:{row['line']}: expected 'source target', got {quote(row['text'])}")
         frame = lines.select(
             pl.col("tok").list.get(0).alias("source"), pl.col("tok").list.get(1).alias("target")
         )
@@ -610,7 +760,7 @@ def _read_id_map(path: Path) -> pl.DataFrame:
         conflicting = conflicting.filter(pl.col("n") > 1)
         if conflicting.height:
             raise DataError(
-                f"{path}: id {conflicting.item(0, 'source')!r} is mapped to several targets"
+                f"{path}: id {quote(conflicting.item(0, 'source'))} is mapped to several targets"
             )
         frame = frame.unique("source", keep="first", maintain_order=True)
     return frame
@@ -702,7 +852,7 @@ def read_item_table(
         if bad.height:
             row = bad.row(0, named=True)
             raise DataError(
-                f"{path}:{row['line']}: id {row['_id']!r} is not an integer, "
+                f"{path}:{row['line']}: id {quote(row['_id'])} is not an integer, "
                 f"but id_offset={options.id_offset} needs one"
             )
         table = table.with_columns((as_int + options.id_offset).cast(pl.String).alias("_id"))
@@ -734,8 +884,8 @@ def _resolve_duplicates(path: Path, table: pl.DataFrame, on_duplicate: str) -> p
     if conflicts.height and on_duplicate == "error":
         row = conflicts.row(0, named=True)
         raise DataError(
-            f"{path}: item {row['id']!r} appears on lines {row['line'][:5]} with different text "
-            f"({row['text'][0]!r} vs {row['text'][1]!r}); {conflicts.height} such items; "
+            f"{path}: item {quote(row['id'])} appears on lines {row['line'][:5]} with different text "
+            f"({quote(row['text'][0])} vs {quote(row['text'][1])}); {conflicts.height} such items; "
             "pass on_duplicate='first' to keep the first row"
         )
     if conflicts.height:
@@ -753,13 +903,13 @@ def _read_movies_dat(path: Path, encoding: str) -> pl.DataFrame:
             raw.decode("utf8")
         except UnicodeDecodeError:
             encoding = "latin-1"
-    lines = _read_lines(path, encoding)
+    lines = _read_lines(path, encoding)[0]
     parts = lines.with_columns(pl.col("text").str.strip_chars().str.split("::").alias("tok"))
     bad = parts.filter(pl.col("tok").list.len() != 3)
     if bad.height:
         row = bad.row(0, named=True)
         raise DataError(
-            f"{path}:{row['line']}: expected 'MovieID::Title::Genres', got {row['text']!r}"
+            f"{path}:{row['line']}: expected 'MovieID::Title::Genres', got {quote(row['text'])}"
         )
     return parts.select(
         pl.col("line"),
@@ -973,6 +1123,16 @@ def _prepare(
 ) -> Path:
     data = read_interactions(interactions, read)
     src, has_ts, n_bad = data.path, data.has_timestamp, data.skipped.height
+    n_dup = 0
+    if data.format != "sequences":  # a sequence line may repeat an item on purpose
+        key = ["user", "item", "timestamp"] if has_ts else ["user", "item"]
+        n_dup = data.frame.height - data.frame.n_unique(subset=key)
+        if n_dup:
+            logger.warning(
+                "%s: %d rows repeat an earlier row exactly (same %s); they are kept as repeated "
+                "interactions (remove them from the file if they are copies)",
+                src, n_dup, ", ".join(key),
+            )
     skipped_parts = [data.skipped]
     meta_read = asdict(read) | {"format": data.format}
     # from here on users and items are integer codes; the strings live once, in two Series
@@ -1011,7 +1171,7 @@ def _prepare(
         if short_users == "error":
             row = short.sort("first").row(0, named=True)
             raise DataError(
-                f"{src}:{row['first']}: user {user_names[row['user']]!r} has {row['len']} "
+                f"{src}:{row['first']}: user {quote(user_names[row['user']])} has {row['len']} "
                 f"interactions, fewer than min_length={min_length} that the leave-one-out split "
                 f"needs ({n_short} such users)"
             )
@@ -1048,8 +1208,11 @@ def _prepare(
     first = lengths.sort("first").with_row_index("uid").select(
         pl.col("user"), pl.col("uid").cast(pl.Int64)
     )
-    frame = frame.join(first, on="user", how="left").drop("user")
-    frame = frame.sort(["uid", "timestamp", "line"] if has_ts else ["uid", "line"])
+    # _pos (the row's place in the file, tokens of one line included) breaks the remaining ties:
+    # neither the join nor the sort keeps the order of a line's items by itself
+    frame = frame.with_row_index("_pos").join(first, on="user", how="left").drop("user")
+    keys = ["uid", "timestamp", "line", "_pos"] if has_ts else ["uid", "line", "_pos"]
+    frame = frame.sort(keys).drop("_pos")
     # items numbered by first appearance in the sorted sequences
     item_codes = frame.get_column("item").to_numpy()
     order = frame.get_column("item").unique(maintain_order=True).to_numpy()
@@ -1059,6 +1222,11 @@ def _prepare(
     del item_codes
     n_users = first.height
     n_items = int(order.size)
+    if n_items < 2:
+        raise DataError(
+            f"{src}: every kept interaction is with one item ({quote(item_names[int(order[0])])}); "
+            "ranking needs at least 2 items"
+        )
     offsets = np.zeros(n_users + 1, dtype=np.int64)
     np.cumsum(np.bincount(frame.get_column("uid").to_numpy(), minlength=n_users), out=offsets[1:])
 
@@ -1122,6 +1290,7 @@ def _prepare(
         "rows_read": n_read + n_bad,
         "rows_skipped": skipped.height,
         "has_timestamp": has_ts,
+        "duplicate_rows": n_dup,
         "item_ids_sha256": item_fingerprint(item_order.get_column("item").to_list()),
         **extra,
     }

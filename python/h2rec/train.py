@@ -473,15 +473,18 @@ def train(
     step_module: nn.Module = TrainStep(model, cfg)
     opt_cls = torch.optim.AdamW if cfg.train.optimizer == "adamw" else torch.optim.Adam
     optimizer = opt_cls(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    sampler = _core.TrainSampler(
-        store,
-        cfg.model.max_len,
-        cfg.train.batch_size,
-        cfg.train.n_negatives,
-        cfg.train.seed,
-        negative_sampling=cfg.train.negative_sampling,
-        last_only=cfg.train.last_only,
-    )
+    try:
+        sampler = _core.TrainSampler(
+            store,
+            cfg.model.max_len,
+            cfg.train.batch_size,
+            cfg.train.n_negatives,
+            cfg.train.seed,
+            negative_sampling=cfg.train.negative_sampling,
+            last_only=cfg.train.last_only,
+        )
+    except ValueError as err:  # e.g. a user whose training prefix holds every item
+        raise DataError(f"dataset: {err}; drop such users or use a larger catalogue") from err
     if sampler.n_batches == 0:
         raise DataError("dataset: no user has a training item (every sequence is shorter than 3)")
     if world > 1:
