@@ -173,29 +173,33 @@ def _train_one(
     )
     inputs = (dataset.path, cfg.sid.path, cfg.data.embeddings)
     pending = run_dir.parent / f".{run_dir.name}.new"  # an --overwrite run being written
-    replacing = (resume and (pending / "last.pt").exists()) or (
-        overwrite and not resume and run_dir.is_dir() and any(run_dir.iterdir())
-    )
-    work = pending if replacing else run_dir
 
-    def run() -> Any:
+    def run(work: Path) -> Any:
         logger.info("training %s on %s -> %s", cfg.model.kind, dataset.name, work)
         return train(
             cfg, dataset.store, sids, embeddings, run_dir=work, resume=resume,
             overwrite=overwrite, item_fingerprint=dataset.item_fingerprint,
         )
 
+    def replacing() -> bool:
+        return (resume and (pending / "last.pt").exists()) or (
+            overwrite and not resume and run_dir.is_dir() and any(run_dir.iterdir())
+        )
+
     if not _is_main_process():  # torchrun: rank 0 guards and swaps the folder
-        return run()
+        return run(pending if replacing() else run_dir)
     with locked(run_dir, "run folder"):
         recover(run_dir)
-        if replacing and not resume:
+        recover(pending)
+        swap = replacing()
+        work = pending if swap else run_dir
+        if swap and not resume:
             check_output_dir(run_dir, "run", True, inputs)
             if pending.exists():
                 if marker_kind(pending) != "run":
                     raise OutputError(f"{pending}: in the way and not written by h2rec")
                 shutil.rmtree(pending)
-        elif not replacing and not resume and run_dir.is_dir() and any(run_dir.iterdir()):
+        elif not swap and not resume and run_dir.is_dir() and any(run_dir.iterdir()):
             if marker_kind(run_dir) is None:
                 raise OutputError(
                     f"{run_dir}: exists and was not written by h2rec; choose another --name or "
@@ -208,12 +212,12 @@ def _train_one(
         if marker_kind(work) is None:
             write_marker(work, "run")
         try:
-            result = run()
+            result = run(work)
         except BaseException:
             if created and [p.name for p in work.iterdir()] == [MARKER]:
                 shutil.rmtree(work)  # failed before writing anything: leave no empty run
             raise
-        if replacing:
+        if swap:
             swap_in(work, run_dir)
             result = dataclasses.replace(result, run_dir=run_dir)
         return result

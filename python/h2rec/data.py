@@ -167,6 +167,15 @@ def _invalid_utf8_lines(path: Path) -> list[tuple[int, bytes]]:
     return bad
 
 
+def _first_line_with(path: Path, needle: bytes) -> tuple[int, str] | None:
+    """(1-based line, text) of the first line of ``path`` holding ``needle``."""
+    with path.open("rb") as fh:
+        for number, raw in enumerate(fh, start=1):
+            if needle in raw:
+                return number, raw.rstrip(b"\r\n").decode("utf8", "backslashreplace")
+    return None
+
+
 def _utf8_source(
     path: Path, encoding: str, on_bad_line: str, blank: bytes = b""
 ) -> tuple[bytes | Path, pl.DataFrame]:
@@ -228,7 +237,13 @@ def _read_lines(
                 raise
             source, not_utf8 = _utf8_source(path, encoding, on_bad_line)
             frame = read(source)
-    except pl.exceptions.ComputeError as exc:
+    except pl.exceptions.PolarsError as exc:
+        unit = _first_line_with(path, _LINES_SEPARATOR.encode())
+        if unit is not None:
+            raise DataError(
+                f"{path}:{unit[0]}: the line contains the control byte 0x1f: {quote(unit[1])}; "
+                "not a text file of the format"
+            ) from exc
         raise DataError(f"{path}: cannot read as text lines ({_first_line(exc)})") from exc
     if frame.width != 2:
         raise DataError(f"{path}: a line contains the control byte 0x1f; not a text file")
@@ -1364,8 +1379,11 @@ def _load_npy(path: Path, dtype: type, ndim: int) -> np.ndarray:
         raise DataError(f"{path}: missing; not a complete dataset directory")
     try:
         arr = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as exc:
-        raise DataError(f"{path}: cannot read ({exc})") from exc
+    except (ValueError, OSError, EOFError) as exc:
+        reason = _first_line(exc)[:200]
+        raise DataError(f"{path}: cannot read ({reason}); not a complete dataset directory") from exc
+    if not isinstance(arr, np.ndarray):
+        raise DataError(f"{path}: not a .npy array")
     if arr.dtype != dtype or arr.ndim != ndim:
         raise DataError(f"{path}: expected {np.dtype(dtype).name} with {ndim} dims, "
                         f"got {arr.dtype} with shape {arr.shape}")
@@ -1385,8 +1403,10 @@ def load_dataset(path: str | Path) -> Dataset:
         stats = json.loads((path / "stats.json").read_text(encoding="utf8"))
     except FileNotFoundError as exc:
         raise DataError(f"{exc.filename}: missing; not a complete dataset directory") from exc
-    except json.JSONDecodeError as exc:
+    except (ValueError, OSError) as exc:  # bad JSON, not UTF-8, unreadable
         raise DataError(f"{path}: bad JSON in meta.json or stats.json ({exc})") from exc
+    if not isinstance(meta, dict) or not isinstance(stats, dict):
+        raise DataError(f"{path}: meta.json and stats.json must hold JSON objects")
     if meta.get("format") != DATASET_FORMAT:
         raise DataError(f"{meta_path}: format={meta.get('format')!r}, expected {DATASET_FORMAT!r}")
     if meta.get("version") != DATASET_VERSION:

@@ -560,12 +560,14 @@ def save_embeddings(
 ) -> None:
     """Write float32 (n_items, D) through a temporary file in the same directory, and beside it
     the fingerprint of the item ids the rows describe (when known)."""
-    from h2rec.outputs import check_free_space
+    from h2rec.outputs import check_free_space, remove_stale_files
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npy")
     side = fingerprint_path(path)
+    remove_stale_files(path)  # what a killed writer left
+    remove_stale_files(side)
     side_tmp = side.with_name(f".{side.name}.tmp-{os.getpid()}")
     try:
         try:

@@ -33,6 +33,7 @@ import socket
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -76,8 +77,16 @@ def write_marker(folder: Path, kind: str) -> None:
     """Mark ``folder`` as written by h2rec (kind: dataset, sids or run)."""
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r}")
-    payload = {"format": "h2rec-output", "kind": kind, "version": 1}
+    payload = {"format": "h2rec-output", "kind": kind, "version": 1, "id": uuid.uuid4().hex}
     (Path(folder) / MARKER).write_text(json.dumps(payload) + "\n", "utf8")
+
+
+def _marker_id(folder: Path) -> str | None:
+    try:
+        mark = json.loads((Path(folder) / MARKER).read_text("utf8"))
+    except (OSError, ValueError):
+        return None
+    return str(mark.get("id")) if isinstance(mark, dict) and mark.get("id") else None
 
 
 def marker_kind(folder: Path) -> str | None:
@@ -300,27 +309,52 @@ def new_dir_beside(out: Path, kind: str) -> Path:
     return tmp
 
 
+def _journal(out: Path) -> Path:
+    return out.parent / f".{out.name}.swap"
+
+
 def swap_in(new: Path, out: Path) -> None:
-    """Make ``new`` (a finished folder beside ``out``) the folder ``out``; remove the old one."""
+    """Make ``new`` (a finished, marked folder beside ``out``) the folder ``out``; remove the
+    old one. A journal beside ``out`` names ``new`` until the old folder is gone, so that
+    :func:`recover` finishes a swap a kill interrupted, whichever step it stopped at."""
+    journal = _journal(out)
+    journal.write_text(json.dumps({"new": str(new), "id": _marker_id(new)}) + "\n", "utf8")
     if out.exists() and _exchange(new, out):
         shutil.rmtree(new, ignore_errors=True)  # now holds the old content
-        return
-    if out.exists():
+    elif out.exists():
         old = _old_name(out)
         if old.exists():
             shutil.rmtree(old)
         os.replace(out, old)
-        os.replace(new, out)  # a kill between the two renames is repaired by recover()
+        os.replace(new, out)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(new, out)
+    journal.unlink(missing_ok=True)
 
 
 def recover(out: Path) -> None:
-    """Repair what a killed writer of ``out`` left (call with the lock held): restore a folder
-    moved aside by an interrupted swap, and remove h2rec's hidden temporary folders."""
+    """Repair what a killed writer of ``out`` left (call with the lock held): finish or undo an
+    interrupted swap, and remove h2rec's hidden temporary folders."""
     out = Path(out)
     old = _old_name(out)
+    journal = _journal(out)
+    if journal.exists():
+        try:
+            j = json.loads(journal.read_text("utf8"))
+            new, want = Path(j["new"]), j.get("id")
+        except (OSError, ValueError, KeyError, TypeError):
+            new, want = None, None
+        if want is not None and new is not None:
+            if _marker_id(out) != want and new.is_dir() and _marker_id(new) == want:
+                logger.warning("%s: finishing a replacement a killed process left", out)
+                if not out.exists():
+                    os.replace(new, out)
+                else:
+                    swap_in(new, out)
+            elif new.is_dir() and _marker_id(new) != want:
+                shutil.rmtree(new, ignore_errors=True)  # the old folder, swapped out
+        journal.unlink(missing_ok=True)
     if old.is_dir() and marker_kind(old) is not None:
         if not out.exists():
             logger.warning("%s: restoring the folder an interrupted swap moved aside", out)
@@ -329,8 +363,29 @@ def recover(out: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
     if out.parent.is_dir():
         for tmp in out.parent.glob(f".{out.name}.tmp-*"):
-            if tmp.is_dir() and (tmp / MARKER).exists():
+            if tmp.is_dir() and ((tmp / MARKER).exists() or not any(tmp.iterdir())):
                 shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_files(path: Path) -> None:
+    """Remove ``.<name>.tmp-<pid>...`` files beside ``path`` left by processes that died."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):
+        pid = stale.name[len(f".{path.name}.tmp-"):].split(".")[0]
+        if stale.is_file() and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            stale.unlink(missing_ok=True)
 
 
 def check_free_space(path: Path, err: BaseException) -> None:
