@@ -182,12 +182,12 @@ def test_full_disk_is_a_message(
 ) -> None:
     real_save = np.save
 
-    def full(file: Any, *args: Any, **kwargs: Any) -> None:
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file))
+    def full(file: Any, *args: Any, **kwargs: Any) -> None:  # as numpy does: no file name
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(np, "save", full)
     line = fails(capsys, ["embed", str(trained["ds"]), "--out", str(tmp_path / "e.npy")])
-    assert "No space left on device; the disk is full" in line
+    assert "No space left on device; the disk is full" in line and "e.npy" in line
     monkeypatch.setattr(np, "save", real_save)
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no partial file left
 
@@ -225,6 +225,18 @@ def test_internal_error_is_one_line_and_v_shows_the_traceback(
     assert main(["train", str(trained["ds"]), "-v"]) == 1
     assert "Traceback" in capsys.readouterr().err
     assert main(["prepare", "x", "y", "-v"]) == 2  # -v exists on every command
+
+
+def test_keyboard_interrupt_while_loading_the_libraries_exits_130(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import h2rec.cli as cli_mod
+
+    def interrupt() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_mod, "build_parser", interrupt)
+    assert "interrupted" in fails(capsys, ["train", "x"], code=130)
 
 
 def test_keyboard_interrupt_exits_130(
@@ -291,8 +303,11 @@ def test_non_utf8_lines_have_a_number_a_hint_and_can_be_skipped(
 
 def test_nul_bytes_in_ids(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     f = write(tmp_path / "nul.txt", b"u1 a\x00b b c\nu2 a b c\nu3 a b c\n")
-    line = fails(capsys, ["prepare", str(f), str(tmp_path / "o"), "--format", "pairs"])
-    assert "NUL byte" in line or "wrong number of fields" in line
+    line = fails(capsys, ["prepare", str(f), str(tmp_path / "o")])  # sequences
+    assert "nul.txt:1: NUL byte in an id: 'u1 a\\x00b b c'" in line
+    p = write(tmp_path / "nulpairs.txt", b"u1 a\x00b\nu1 b\nu1 c\n")
+    line = fails(capsys, ["prepare", str(p), str(tmp_path / "o"), "--format", "pairs"])
+    assert "nulpairs.txt:1: NUL byte in the item id" in line
     g = write(tmp_path / "nul.csv", b"user_id,item_id\nu1,a\x00b\nu1,b\nu1,c\n")
     assert "nul.csv:2: NUL byte in the item id: 'u1 a\\x00b'" in fails(
         capsys, ["prepare", str(g), str(tmp_path / "o")])

@@ -27,13 +27,12 @@ import os
 import shutil
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from h2rec.config import RunConfig, apply_overrides, load_config, save_config
 from h2rec.errors import ConfigError, DataError, H2RecError, OutputError
 from h2rec.outputs import (
     MARKER,
@@ -45,6 +44,10 @@ from h2rec.outputs import (
     swap_in,
     write_marker,
 )
+
+if TYPE_CHECKING:  # the config pulls in torch: imported where used, so that a Ctrl-C while
+    # the libraries load is already inside the one error path
+    from h2rec.config import RunConfig
 
 __all__ = ["main", "train_main"]
 
@@ -76,6 +79,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 
 
 def _run_config(args: argparse.Namespace) -> RunConfig:
+    from h2rec.config import load_config
+
     cfg = load_config(args.config, args.overrides)
     changes: dict[str, Any] = {}
     if getattr(args, "name", None):
@@ -271,7 +276,7 @@ def _load_run(args: argparse.Namespace) -> tuple[Any, RunConfig, Any]:
     """(model, config, dataset) of a checkpoint, with --data/--sids overriding its paths."""
     import torch
 
-    from h2rec.config import config_from_dict
+    from h2rec.config import apply_overrides, config_from_dict
     from h2rec.data import load_dataset
     from h2rec.train import load_checkpoint
 
@@ -386,6 +391,7 @@ def _compare(
     embeddings: np.ndarray | None,
 ) -> Path:
     """Train (or load, when a finished run exists) each model kind; one table and one plot."""
+    from h2rec.config import save_config
     from h2rec.evaluate import bucket_labels, evaluate
     from h2rec.report import write_report
     from h2rec.train import load_checkpoint
@@ -621,8 +627,8 @@ _OS_HINTS = {
     errno.EACCES: "check the permissions, or choose another output",
     errno.EPERM: "check the permissions, or choose another output",
     errno.EROFS: "the file system is read-only; choose another output",
-    errno.ENOSPC: "the disk is full: free some space and rerun (finished outputs were kept, "
-    "the one being written was removed)",
+    errno.ENOSPC: "the disk is full: free some space and rerun (outputs h2rec finished are "
+    "kept; a training run continues with --resume once it has a last.pt)",
     errno.EDQUOT: "the disk quota is used up: free some space and rerun",
     errno.ENOENT: "check the path",
     errno.EISDIR: "a folder is in the way; give a file name",
@@ -649,11 +655,14 @@ def _fail(message: str, verbose: bool) -> None:
     print(f"h2rec: error: {message}", file=sys.stderr)
 
 
-def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
-    args = parser.parse_args(argv)
-    verbose = bool(getattr(args, "verbose", False))
-    _configure_logging(verbose)
+def _run(parser: Callable[[], argparse.ArgumentParser], argv: Sequence[str] | None) -> int:
+    verbose = "-v" in (sys.argv[1:] if argv is None else argv) or "--verbose" in (
+        sys.argv[1:] if argv is None else argv
+    )
     try:
+        args = parser().parse_args(argv)  # building the parser imports the libraries
+        verbose = bool(getattr(args, "verbose", False))
+        _configure_logging(verbose)
         return int(args.func(args))
     except KeyboardInterrupt:
         _fail(
@@ -758,12 +767,12 @@ def build_train_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``h2rec``: one stage per subcommand."""
-    return _run(build_parser(), argv)
+    return _run(build_parser, argv)
 
 
 def train_main(argv: Sequence[str] | None = None) -> int:
     """``h2rec-train``: the whole pipeline in one command."""
-    return _run(build_train_parser(), argv)
+    return _run(build_train_parser, argv)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ from h2rec.outputs import (
     check_output_dir,
     item_fingerprint,
     locked,
+    named,
     new_dir_beside,
     recover,
     swap_in,
@@ -642,9 +643,13 @@ def _read_sequences(path: Path, options: ReadOptions) -> tuple[pl.DataFrame, pl.
     lines, not_utf8 = _read_lines(path, options.encoding, options.on_bad_line)
     tokens = lines.with_columns(pl.col("text").str.extract_all(r"\S+").alias("tok"))
     short = pl.col("tok").list.len() < 2
-    skipped = pl.concat(
-        [not_utf8, _bad_rows(path, tokens, short, "user without items", pl.col("text"))]
-    )
+    nul = ~short & pl.col("text").str.contains("\x00", literal=True)
+    skipped = pl.concat([
+        not_utf8,
+        _bad_rows(path, tokens, short, "user without items", pl.col("text")),
+        _bad_rows(path, tokens, nul, "NUL byte in an id", pl.col("text")),
+    ])
+    short = short | nul
     frame = (
         tokens.filter(~short)
         .select(
@@ -1321,6 +1326,9 @@ def _prepare(
         write_json(tmp / "stats.json", stats)
         write_json(tmp / "meta.json", meta)
         swap_in(tmp, out)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise named(err, out) from err
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -560,7 +560,7 @@ def save_embeddings(
 ) -> None:
     """Write float32 (n_items, D) through a temporary file in the same directory, and beside it
     the fingerprint of the item ids the rows describe (when known)."""
-    from h2rec.outputs import check_free_space, remove_stale_files
+    from h2rec.outputs import check_free_space, named, remove_stale_files
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -576,8 +576,8 @@ def save_embeddings(
                 meta = {"format": "h2rec-embeddings", "item_ids_sha256": item_fingerprint,
                         "shape": list(x.shape)}
                 side_tmp.write_text(json.dumps(meta) + "\n", "utf8")
-        except OSError:
-            raise
+        except OSError as err:
+            raise named(err, path) from err
         except Exception as err:
             check_free_space(path, err)
             raise

@@ -388,6 +388,16 @@ def remove_stale_files(path: Path) -> None:
             stale.unlink(missing_ok=True)
 
 
+def named(err: OSError, path: Path) -> OSError:
+    """``err`` with ``path`` as its file name when it has none (numpy, polars and torch often
+    raise a full disk without one)."""
+    if err.filename is not None or err.errno is None:
+        return err
+    new = OSError(err.errno, err.strerror or os.strerror(err.errno), str(path))
+    new.__cause__ = err
+    return new
+
+
 def check_free_space(path: Path, err: BaseException) -> None:
     """Raise OSError(ENOSPC) from ``err`` when the file system of ``path`` is full: libraries
     such as torch report a full disk as a generic error ("unexpected pos ...")."""

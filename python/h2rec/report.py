@@ -36,8 +36,10 @@ def atomic_writer(path: Path, write: Callable[[BinaryIO], None]) -> None:
                 write(f)
                 f.flush()
                 os.fsync(f.fileno())
-        except OSError:
-            raise
+        except OSError as err:
+            from h2rec.outputs import named
+
+            raise named(err, path) from err
         except Exception as err:  # torch reports a full disk as "unexpected pos ..."
             from h2rec.outputs import check_free_space
 

@@ -257,7 +257,14 @@ def save_sids(
 
     An existing folder is replaced only with ``overwrite``, only if h2rec wrote it as a SID
     folder, and never when it holds one of ``inputs``."""
-    from h2rec.outputs import check_output_dir, locked, new_dir_beside, recover, swap_in
+    from h2rec.outputs import (
+        check_output_dir,
+        locked,
+        named,
+        new_dir_beside,
+        recover,
+        swap_in,
+    )
 
     path = Path(path)
     check_output_dir(path, "sids", overwrite, inputs)
@@ -289,6 +296,9 @@ def save_sids(
             (tmp / "sid_report.md").write_text(report_markdown(sids.report), "utf8")
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", "utf8")
             swap_in(tmp, path)
+        except OSError as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise named(err, path) from err
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
