@@ -339,3 +339,24 @@ def test_embed_refuses_existing_output_and_a_folder(
     assert main(["embed", str(staged["ds"]), "--out", str(tmp_path)]) == 2
     assert "is a folder" in err_line(capsys)
     assert os.path.exists(str(out) + ".h2rec.json")
+
+
+def test_file_outputs_never_replace_what_the_command_reads(
+    staged: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    ds = tmp_path / "ds"
+    shutil.copytree(staged["ds"], ds)
+    before = snapshot(ds)
+    assert main(["embed", str(ds), "--out", str(ds / "items.npy"), "--overwrite"]) == 2
+    assert "is an input" in err_line(capsys) and snapshot(ds) == before
+    run = ["train", str(ds), "--name", "r", "--output-dir", str(tmp_path),
+           "--set", "model.kind=sasrec", *TINY]
+    assert main(run) == 0
+    capsys.readouterr()
+    before = snapshot(ds)
+    for args in (["recommend", str(tmp_path / "r"), "--out", str(ds / "users.parquet")],
+                 ["evaluate", str(tmp_path / "r"), "--out", str(ds / "stats.json")]):
+        assert main([*args, "--overwrite"]) == 2
+        assert "is an input" in err_line(capsys) and snapshot(ds) == before

@@ -309,6 +309,15 @@ def _load_run(args: argparse.Namespace) -> tuple[Any, RunConfig, Any]:
     return model, cfg, dataset
 
 
+def _run_inputs(args: argparse.Namespace, cfg: RunConfig, dataset: Any) -> list[Path]:
+    """The files evaluate and recommend read, which their --out must never replace."""
+    files = [p for p in Path(dataset.path).iterdir() if p.is_file()]
+    for folder in (cfg.sid.path, Path(args.run) if Path(args.run).is_dir() else None):
+        if folder and Path(folder).is_dir():
+            files += [p for p in Path(folder).iterdir() if p.is_file()]
+    return [*files, _checkpoint_path(args.run)]
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from h2rec.evaluate import bucket_labels, evaluate
     from h2rec.report import markdown_table, write_json
@@ -318,6 +327,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             raise ConfigError(f"--out {args.out}: evaluate writes JSON; give a name ending in .json")
         check_output_file(Path(args.out), args.overwrite)  # before the evaluation
     model, cfg, dataset = _load_run(args)
+    if args.out:
+        check_output_file(Path(args.out), args.overwrite, _run_inputs(args, cfg, dataset))
     ev = cfg.eval
     if args.protocol:
         ev = dataclasses.replace(ev, protocol=args.protocol)
@@ -346,6 +357,7 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out {out}: must end in .parquet or .csv")
     check_output_file(out, args.overwrite)
     model, cfg, dataset = _load_run(args)
+    check_output_file(out, args.overwrite, _run_inputs(args, cfg, dataset))
     store = dataset.store
     if args.users:
         index = dataset.user_index()

@@ -541,7 +541,9 @@ def embed_dataset(
     target = Path(out) if out is not None else dataset / EMBEDDINGS_FILE
     if options.backend == "npy" and npy is None:
         raise DataError("backend 'npy' needs the file to import (--npy PATH)")
-    check_output_file(target, overwrite, inputs=(npy,))
+    dataset_files = [p for p in dataset.iterdir() if p.is_file() and p.name != EMBEDDINGS_FILE
+                     and not p.name.startswith(EMBEDDINGS_FILE)] if dataset.is_dir() else []
+    check_output_file(target, overwrite, inputs=(npy, *dataset_files))
     fingerprint = load_dataset(dataset).item_fingerprint
     texts = read_text_for_items(dataset, template)
     if options.backend == "npy":
