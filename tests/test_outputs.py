@@ -17,7 +17,6 @@ import polars as pl
 import pytest
 from h2rec.cli import main
 from h2rec.data import load_dataset
-from h2rec.outputs import MARKER, locked, marker_kind, swap_in
 from h2rec.synthetic import SyntheticConfig, generate
 
 TINY = [
@@ -86,7 +85,7 @@ def test_build_sid_refuses_an_existing_sid_folder_without_overwrite(
     assert main([*args, "--seed", "1"]) == 2
     assert "--overwrite" in err_line(capsys) and snapshot(out) == before
     assert main([*args, "--seed", "1", "--overwrite"]) == 0
-    assert snapshot(out) != before and marker_kind(out) == "sids"
+    assert snapshot(out) != before and (out / ".h2rec-output.json").is_file()
     # another kind of h2rec folder is never replaced by SIDs, even with --overwrite
     ds_copy = tmp_path / "ds"
     assert main(["prepare", str(staged["inter"]), str(ds_copy)]) == 0
@@ -139,7 +138,7 @@ def test_prepare_overwrite_replaces_its_own_dataset(
     assert main(["prepare", str(staged["inter"]), str(out), "--overwrite",
                  "--name", "second"]) == 0
     assert json.loads((out / "meta.json").read_text())["name"] == "second"
-    assert not (out / "stray.txt").exists() and marker_kind(out) == "dataset"
+    assert not (out / "stray.txt").exists() and (out / ".h2rec-output.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]  # no temporary, no lock
 
 
@@ -184,6 +183,8 @@ def test_a_second_run_into_a_locked_folder_gets_a_clear_error(
 
 
 def test_lock_is_reentrant_in_one_process_and_leaves_no_file(tmp_path: Path) -> None:
+    from h2rec.outputs import locked
+
     with locked(tmp_path / "a"), locked(tmp_path / "a"):
         assert (tmp_path / ".a.lock").exists()
     assert not (tmp_path / ".a.lock").exists()
@@ -193,6 +194,8 @@ def test_lock_is_reentrant_in_one_process_and_leaves_no_file(tmp_path: Path) -> 
 
 
 def test_swap_in_replaces_a_folder_whole(tmp_path: Path) -> None:
+    from h2rec.outputs import MARKER, swap_in
+
     old, new = tmp_path / "out", tmp_path / ".out.tmp-1"
     for folder, text in ((old, "old"), (new, "new")):
         folder.mkdir()
