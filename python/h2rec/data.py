@@ -580,9 +580,8 @@ def _id_expr(path: Path, frame: pl.DataFrame, name: str, role: str) -> pl.Expr:
     value is a whole number (``45.0`` -> ``"45"``); nested or binary columns are errors."""
     dtype = frame.schema[name]
     if dtype.is_nested() or dtype in (pl.Binary, pl.Object, pl.Null) or dtype.is_temporal():
-        kind = {pl.List: "list", pl.Array: "list", pl.Struct: "struct"}.get(
-            dtype.base_type(), "non-id"
-        )
+        base = dtype.base_type()
+        kind = "list" if base in (pl.List, pl.Array) else "struct" if base == pl.Struct else "non-id"
         raise DataError(
             f"{path}: {role} column {name!r} holds {kind} values ({dtype}); ids must be strings "
             "or integers"
