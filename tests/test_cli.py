@@ -45,7 +45,7 @@ def test_h2rec_train_runs_the_whole_pipeline(pipeline: dict[str, Any]) -> None:
         "results.md",
         "ndcg10_by_popularity.png",
         "embeddings.npy",
-        "sid/codes.npy",
+        "semantic_ids/codes.npy",
         "builtin/dataset/meta.json",
     ):
         assert (base / name).is_file(), name
@@ -108,7 +108,7 @@ def test_train_evaluate_recommend(
             "train",
             str(data),
             "--sids",
-            str(base / "sid"),
+            str(base / "semantic_ids"),
             "--name",
             "one",
             "--set",
@@ -174,7 +174,7 @@ def test_compare_trains_then_loads(
         "compare",
         str(data),
         "--sids",
-        str(base / "sid"),
+        str(base / "semantic_ids"),
         "--models",
         "sasrec,sid",
         "--name",

@@ -349,6 +349,10 @@ def test_prepare_matches_oracle_and_round_trips(
         with pytest.raises(DataError, match="min_length=3"):
             prepare(f, tmp_path / "ds", overwrite=True)
         return
+    if len({i for _, i, _ in keep}) < 2:  # a one-item catalogue cannot be ranked
+        with pytest.raises(DataError, match="at least 2 items"):
+            prepare(f, tmp_path / "ds", overwrite=True)
+        return
     out = prepare(f, tmp_path / "ds", overwrite=True)
     check_against_oracle(out, keep)
     # id maps round trip: the dataset gives back every kept (user, item, time-ordered) event
@@ -589,6 +593,6 @@ def test_csv_rows_with_wrong_field_counts(tmp_path: Path) -> None:
     out = prepare(f, tmp_path / "ds", read=ReadOptions(on_bad_line="skip"))
     side = pl.read_csv(out / "skipped_rows.csv")
     assert side.select("line", "reason", "content").rows() == [
-        (3, "wrong number of fields", "a y 2"), (5, "wrong number of fields", "a w ")]
+        (3, "wrong number of fields", "a,y,2,9"), (5, "wrong number of fields", "a,w")]
     ids = pl.read_parquet(out / "items.parquet").get_column("original_id").to_list()
     assert [ids[i - 1] for i in sequences_of(out)[0]] == ["x", "z", "v"]

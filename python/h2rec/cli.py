@@ -7,26 +7,47 @@ and prints the result table; without arguments it uses the built-in generated da
 
 Every run reads ``--config file.toml`` and ``--set section.key=value`` overrides, writes under
 ``./runs/<run name>/`` (``--output-dir`` to change), saves its resolved config, and refuses to
-replace existing results without ``--overwrite``. An :class:`~h2rec.errors.H2RecError` ends the
-command with a one-line message on stderr and exit code 2.
+replace existing results without ``--overwrite``.
+
+One error path: a user mistake (:class:`~h2rec.errors.H2RecError`) or an OS error (permission,
+full disk, missing file) ends the command with a short message on stderr and exit code 2,
+Ctrl-C with exit code 130, an internal error with exit code 1; a traceback only with ``-v``.
+Outputs follow :mod:`h2rec.outputs`: refused unless ``--overwrite``, replaced only when h2rec
+wrote them, run folders locked while a run writes them and swapped in when complete.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import importlib.util
 import logging
 import os
+import shutil
 import sys
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from h2rec.config import RunConfig, apply_overrides, load_config, save_config
-from h2rec.errors import ConfigError, DataError, H2RecError
+from h2rec.errors import ConfigError, DataError, H2RecError, OutputError
+from h2rec.outputs import (
+    MARKER,
+    check_output_dir,
+    check_output_file,
+    locked,
+    marker_kind,
+    recover,
+    swap_in,
+    write_marker,
+)
+
+if TYPE_CHECKING:  # the config pulls in torch: imported where used, so that a Ctrl-C while
+    # the libraries load is already inside the one error path
+    from h2rec.config import RunConfig
 
 __all__ = ["main", "train_main"]
 
@@ -34,6 +55,7 @@ logger = logging.getLogger("h2rec")
 
 MODEL_KINDS = ("sasrec", "sid", "h2rec")
 # h2rec-train without data: the built-in dataset, all three models, a short schedule
+PIPELINE_SIDS = "semantic_ids"  # h2rec-train's SID folder inside the run folder
 BUILTIN_PRESET = ("name=builtin", "train.epochs=20", "train.patience=5")
 
 
@@ -57,6 +79,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 
 
 def _run_config(args: argparse.Namespace) -> RunConfig:
+    from h2rec.config import load_config
+
     cfg = load_config(args.config, args.overrides)
     changes: dict[str, Any] = {}
     if getattr(args, "name", None):
@@ -86,23 +110,29 @@ def _absolute(path: str) -> str:
     return str(Path(path).expanduser().resolve()) if path else ""
 
 
-def _load_sids_for(cfg: RunConfig, dataset_path: Path | None) -> Any:
-    """The SemanticIds a model needs: ``sid.path`` or ``<dataset>/sid``; None for SASRec."""
+def _load_sids_for(cfg: RunConfig, dataset: Any) -> Any:
+    """The SemanticIds a model needs: ``sid.path`` or ``<dataset>/sid``, checked against the
+    dataset's item ids; None for SASRec."""
     if not cfg.model.uses_sids:
         return None
     from h2rec.semantic_ids import load_sids
 
+    dataset_path = dataset.path
     path = Path(cfg.sid.path) if cfg.sid.path else (dataset_path / "sid" if dataset_path else None)
     if path is None or not path.exists():
         raise ConfigError(
             f"model.kind={cfg.model.kind!r} needs semantic IDs: give sid.path (--sids DIR) "
             f"or run 'h2rec build-sid' first (looked for {path})"
         )
-    return load_sids(path)
+    return load_sids(path, dataset.n_items, dataset.item_fingerprint)
 
 
-def _load_embeddings_for(cfg: RunConfig, dataset_path: Path | None) -> np.ndarray | None:
-    """Item embeddings when the model wants them (PCA init of the HID table)."""
+def _load_embeddings_for(cfg: RunConfig, dataset: Any) -> np.ndarray | None:
+    """Item embeddings when the model wants them (PCA init of the HID table), checked against
+    the dataset's item ids."""
+    from h2rec.embed import check_item_fingerprint, read_npy
+
+    dataset_path = dataset.path
     path = Path(cfg.data.embeddings) if cfg.data.embeddings else None
     if path is None and dataset_path is not None and (dataset_path / "embeddings.npy").exists():
         path = dataset_path / "embeddings.npy"
@@ -110,12 +140,10 @@ def _load_embeddings_for(cfg: RunConfig, dataset_path: Path | None) -> np.ndarra
         if cfg.model.hid_init == "pca":
             raise ConfigError("model.hid_init='pca' needs item embeddings: give data.embeddings")
         return None
-    try:
-        emb = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as err:
-        raise DataError(f"{path}: cannot read embeddings ({err})") from err
+    emb = read_npy(path)
     if emb.dtype != np.float32 or emb.ndim != 2:
         raise DataError(f"{path}: expected float32 (n_items, D), got {emb.dtype} {emb.shape}")
+    check_item_fingerprint(path, dataset.item_fingerprint, emb.shape[0])
     return emb
 
 
@@ -137,6 +165,9 @@ def _train_one(
     resume: bool,
     overwrite: bool,
 ) -> Any:
+    """Train into ``run_dir`` under its lock. A new run goes into the folder itself (so a kill
+    can be resumed); ``--overwrite`` of an existing run writes a hidden folder beside it and
+    swaps it in when complete, so readers see the old run or the whole new one."""
     from h2rec.train import train
 
     cfg = _with(
@@ -145,10 +176,62 @@ def _train_one(
         data__embeddings=_absolute(cfg.data.embeddings),
         sid__path=_absolute(cfg.sid.path),
     )
-    logger.info("training %s on %s -> %s", cfg.model.kind, dataset.name, run_dir)
-    return train(
-        cfg, dataset.store, sids, embeddings, run_dir=run_dir, resume=resume, overwrite=overwrite
-    )
+    inputs = (dataset.path, cfg.sid.path, cfg.data.embeddings)
+    pending = run_dir.parent / f".{run_dir.name}.new"  # an --overwrite run being written
+
+    def run(work: Path) -> Any:
+        logger.info("training %s on %s -> %s", cfg.model.kind, dataset.name, work)
+        return train(
+            cfg, dataset.store, sids, embeddings, run_dir=work, resume=resume,
+            overwrite=overwrite, item_fingerprint=dataset.item_fingerprint,
+        )
+
+    def replacing() -> bool:
+        return (resume and (pending / "last.pt").exists()) or (
+            overwrite and not resume and run_dir.is_dir() and any(run_dir.iterdir())
+        )
+
+    if not _is_main_process():  # torchrun: rank 0 guards and swaps the folder
+        return run(pending if replacing() else run_dir)
+    with locked(run_dir, "run folder"):
+        recover(run_dir)
+        recover(pending)
+        swap = replacing()
+        work = pending if swap else run_dir
+        if swap and not resume:
+            check_output_dir(run_dir, "run", True, inputs)
+            if pending.exists():
+                if marker_kind(pending) != "run":
+                    raise OutputError(f"{pending}: in the way and not written by h2rec")
+                shutil.rmtree(pending)
+        elif not swap and not resume and run_dir.is_dir() and any(run_dir.iterdir()):
+            if marker_kind(run_dir) is None:
+                raise OutputError(
+                    f"{run_dir}: exists and was not written by h2rec; choose another --name or "
+                    "--output-dir"
+                )
+            if _first_input(run_dir, inputs):
+                check_output_dir(run_dir, "run", True, inputs)
+        created = not work.exists()
+        work.mkdir(parents=True, exist_ok=True)
+        if marker_kind(work) is None:
+            write_marker(work, "run")
+        try:
+            result = run(work)
+        except BaseException:
+            if created and [p.name for p in work.iterdir()] == [MARKER]:
+                shutil.rmtree(work)  # failed before writing anything: leave no empty run
+            raise
+        if swap:
+            swap_in(work, run_dir)
+            result = dataclasses.replace(result, run_dir=run_dir)
+        return result
+
+
+def _first_input(folder: Path, inputs: Sequence[Any]) -> bool:
+    from h2rec.outputs import _first_input_inside
+
+    return _first_input_inside(folder, inputs) is not None
 
 
 def _dataset_run_config(args: argparse.Namespace) -> RunConfig:
@@ -170,8 +253,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = _dataset_run_config(args)
     dataset = load_dataset(cfg.data.path)
-    sids = _load_sids_for(cfg, dataset.path)
-    embeddings = _load_embeddings_for(cfg, dataset.path)
+    sids = _load_sids_for(cfg, dataset)
+    embeddings = _load_embeddings_for(cfg, dataset)
     result = _train_one(cfg, dataset, sids, embeddings, cfg.run_dir, args.resume, args.overwrite)
     _print_table(cfg.run_dir)
     return 0 if result is not None else 1
@@ -193,11 +276,18 @@ def _load_run(args: argparse.Namespace) -> tuple[Any, RunConfig, Any]:
     """(model, config, dataset) of a checkpoint, with --data/--sids overriding its paths."""
     import torch
 
-    from h2rec.config import config_from_dict
+    from h2rec.config import apply_overrides, config_from_dict
     from h2rec.data import load_dataset
     from h2rec.train import load_checkpoint
 
     ckpt_path = _checkpoint_path(args.run)
+    allowed = ("eval.", "train.device=", "train.num_threads=")
+    for override in args.overrides:
+        if not override.strip().startswith(allowed):
+            raise ConfigError(
+                f"--set {override}: evaluate and recommend take only eval.* settings (and "
+                "train.device, train.num_threads); the model's come from its checkpoint"
+            )
     try:
         raw = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         cfg = config_from_dict(raw["config"])
@@ -211,17 +301,34 @@ def _load_run(args: argparse.Namespace) -> tuple[Any, RunConfig, Any]:
     if args.overrides:
         cfg = apply_overrides(cfg, args.overrides)
     dataset = load_dataset(data_path)
-    sids = _load_sids_for(cfg, dataset.path)
-    embeddings = _load_embeddings_for(cfg, dataset.path)
-    model, _ = load_checkpoint(ckpt_path, dataset.store, sids, embeddings, _device(cfg))
+    sids = _load_sids_for(cfg, dataset)
+    embeddings = _load_embeddings_for(cfg, dataset)
+    model, _ = load_checkpoint(
+        ckpt_path, dataset.store, sids, embeddings, _device(cfg), dataset.item_fingerprint
+    )
     return model, cfg, dataset
+
+
+def _run_inputs(args: argparse.Namespace, cfg: RunConfig, dataset: Any) -> list[Path]:
+    """The files evaluate and recommend read, which their --out must never replace."""
+    files = [p for p in Path(dataset.path).iterdir() if p.is_file()]
+    for folder in (cfg.sid.path, Path(args.run) if Path(args.run).is_dir() else None):
+        if folder and Path(folder).is_dir():
+            files += [p for p in Path(folder).iterdir() if p.is_file()]
+    return [*files, _checkpoint_path(args.run)]
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from h2rec.evaluate import bucket_labels, evaluate
     from h2rec.report import markdown_table, write_json
 
+    if args.out:
+        if Path(args.out).suffix.lower() != ".json":
+            raise ConfigError(f"--out {args.out}: evaluate writes JSON; give a name ending in .json")
+        check_output_file(Path(args.out), args.overwrite)  # before the evaluation
     model, cfg, dataset = _load_run(args)
+    if args.out:
+        check_output_file(Path(args.out), args.overwrite, _run_inputs(args, cfg, dataset))
     ev = cfg.eval
     if args.protocol:
         ev = dataclasses.replace(ev, protocol=args.protocol)
@@ -232,8 +339,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     print(markdown_table(summary), end="")
     if args.out:
         out = Path(args.out)
-        if out.exists() and not args.overwrite:
-            raise H2RecError(f"{out}: exists; pass --overwrite to replace it")
+        check_output_file(out, args.overwrite)
         write_json(out, {"models": summary, "buckets": bucket_labels(ev.buckets)})
         print(f"wrote {out}")
     return 0
@@ -249,9 +355,9 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
     suffix = out.suffix.lower()
     if suffix not in (".parquet", ".csv"):
         raise ConfigError(f"--out {out}: must end in .parquet or .csv")
-    if out.exists() and not args.overwrite:
-        raise H2RecError(f"{out}: exists; pass --overwrite to replace it")
+    check_output_file(out, args.overwrite)
     model, cfg, dataset = _load_run(args)
+    check_output_file(out, args.overwrite, _run_inputs(args, cfg, dataset))
     store = dataset.store
     if args.users:
         index = dataset.user_index()
@@ -319,6 +425,7 @@ def _compare(
     embeddings: np.ndarray | None,
 ) -> Path:
     """Train (or load, when a finished run exists) each model kind; one table and one plot."""
+    from h2rec.config import save_config
     from h2rec.evaluate import bucket_labels, evaluate
     from h2rec.report import write_report
     from h2rec.train import load_checkpoint
@@ -328,12 +435,13 @@ def _compare(
     for kind in kinds:
         kcfg = _with(cfg, model__kind=kind)
         run_dir = base / kind
-        sids = _load_sids_for(kcfg, dataset.path)
+        sids = _load_sids_for(kcfg, dataset)
         done = (run_dir / "metrics.json").exists() and (run_dir / "best.pt").exists()
         if done and not overwrite:
             logger.info("loading finished run %s", run_dir)
             model, _ = load_checkpoint(
-                run_dir / "best.pt", dataset.store, sids, embeddings, _device(kcfg)
+                run_dir / "best.pt", dataset.store, sids, embeddings, _device(kcfg),
+                dataset.item_fingerprint,
             )
             test = evaluate(model, dataset.store, "test", kcfg.eval, kcfg.model.max_len)
         else:
@@ -361,11 +469,30 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from h2rec.data import load_dataset
 
     cfg = _dataset_run_config(args)
+    kinds = _parse_models(args.models)
+    base = cfg.run_dir
+    inputs = (cfg.data.path, cfg.sid.path, cfg.data.embeddings)
+    _check_run_base(base, inputs)
     dataset = load_dataset(cfg.data.path)
-    embeddings = _load_embeddings_for(cfg, dataset.path)
-    base = _compare(cfg, dataset, _parse_models(args.models), args.overwrite, embeddings)
+    embeddings = _load_embeddings_for(cfg, dataset)
+    with locked(base, "run folder"):
+        recover(base)
+        _check_run_base(base, inputs)
+        base.mkdir(parents=True, exist_ok=True)
+        if marker_kind(base) is None:
+            write_marker(base, "run")
+        _compare(cfg, dataset, kinds, args.overwrite, embeddings)
     _print_table(base)
     return 0
+
+
+def _check_run_base(base: Path, inputs: Sequence[Any]) -> None:
+    """A compare/pipeline folder: absent, empty, or written by h2rec, and holding no input."""
+    if base.exists() and not base.is_dir():
+        check_output_dir(base, "run", True, inputs)
+    if (base.is_dir() and any(base.iterdir())
+            and (_first_input(base, inputs) or marker_kind(base) is None)):
+        check_output_dir(base, "run", True, inputs)
 
 
 def _is_main_process() -> bool:
@@ -384,8 +511,6 @@ def _print_table(run_dir: Path) -> None:
 
 def _pipeline(args: argparse.Namespace) -> int:
     """prepare -> embed -> build-sid -> train -> test, on DATA or the built-in dataset."""
-    from h2rec.data import load_dataset
-
     builtin = not (
         args.data or args.config or any(o.startswith("data.path=") for o in args.overrides)
     )
@@ -397,11 +522,37 @@ def _pipeline(args: argparse.Namespace) -> int:
     else:
         kinds = list(MODEL_KINDS) if builtin else [cfg.model.kind]
     base = cfg.run_dir
-    if base.exists() and any(base.iterdir()) and not args.overwrite:
-        raise H2RecError(f"{base}: a run already exists there; pass --overwrite to replace it")
-    base.mkdir(parents=True, exist_ok=True)
     source = args.data or cfg.data.path
     items = args.items or cfg.data.items or None
+    inputs = (source, items, cfg.sid.path, cfg.data.embeddings, args.config)
+    check_output_dir(base, "run", args.overwrite, inputs)
+    with locked(base, "run folder"):
+        recover(base)
+        check_output_dir(base, "run", args.overwrite, inputs)
+        base.mkdir(parents=True, exist_ok=True)
+        if marker_kind(base) is None:
+            write_marker(base, "run")
+        # an earlier run's results must not stand beside this one's if it is interrupted
+        for name in ("config.json", "metrics.json", "results.md", "ndcg10_by_popularity.png"):
+            (base / name).unlink(missing_ok=True)
+        for kind in MODEL_KINDS:
+            if kind not in kinds and marker_kind(base / kind) == "run":
+                shutil.rmtree(base / kind)
+        return _pipeline_in(args, cfg, kinds, base, source, items, builtin)
+
+
+def _pipeline_in(
+    args: argparse.Namespace,
+    cfg: RunConfig,
+    kinds: list[str],
+    base: Path,
+    source: str,
+    items: str | None,
+    builtin: bool,
+) -> int:
+    """The pipeline's stages, in ``base`` (locked by the caller)."""
+    from h2rec.data import load_dataset
+
     data_dir = base / "data"
     if not source:
         from h2rec.synthetic import SyntheticConfig, builtin_dataset
@@ -433,7 +584,8 @@ def _pipeline(args: argparse.Namespace) -> int:
 
     needs_sids = any(k in ("sid", "h2rec") for k in kinds)
     embeddings = None
-    sid_dir = Path(cfg.sid.path) if cfg.sid.path else base / "sid"
+    # not base / "sid": that is the SID-only model's run folder
+    sid_dir = Path(cfg.sid.path) if cfg.sid.path else base / PIPELINE_SIDS
     if needs_sids and not cfg.sid.path:
         emb_path = Path(cfg.data.embeddings) if cfg.data.embeddings else base / "embeddings.npy"
         if not emb_path.exists() or emb_path == base / "embeddings.npy":
@@ -447,9 +599,12 @@ def _pipeline(args: argparse.Namespace) -> int:
                 seed=cfg.train.seed,
             )
             embeddings = embed_texts(dataset.item_text, options)
-            save_embeddings(embeddings, emb_path)
+            save_embeddings(embeddings, emb_path, dataset.item_fingerprint)
         else:
-            embeddings = np.load(emb_path, allow_pickle=False)
+            from h2rec.embed import check_item_fingerprint, read_npy
+
+            embeddings = read_npy(emb_path)
+            check_item_fingerprint(emb_path, dataset.item_fingerprint, embeddings.shape[0])
         from h2rec.semantic_ids import build_sid, save_sids
 
         k = min(cfg.sid.codebook_size, max(dataset.n_items // 4, 2))
@@ -464,12 +619,13 @@ def _pipeline(args: argparse.Namespace) -> int:
             normalize_residuals=cfg.sid.normalize_residuals,
             balanced=cfg.sid.balanced,
         )
-        save_sids(sids, sid_dir)
+        sids = dataclasses.replace(sids, item_fingerprint=dataset.item_fingerprint)
+        save_sids(sids, sid_dir, overwrite=True)
         cfg = _with(cfg, data__embeddings=str(emb_path.resolve()))
     if needs_sids:
         cfg = _with(cfg, sid__path=str(sid_dir.resolve()))
     if embeddings is None and cfg.model.hid_init == "pca":
-        embeddings = _load_embeddings_for(cfg, dataset.path)
+        embeddings = _load_embeddings_for(cfg, dataset)
     _compare(cfg, dataset, kinds, True, embeddings)
     _print_table(base)
     return 0
@@ -478,26 +634,94 @@ def _pipeline(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- entry points
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is at the time (in-process callers replace it)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def _configure_logging(verbose: bool) -> None:
     level = logging.DEBUG if verbose else logging.INFO
     root = logging.getLogger("h2rec")
     if not any(getattr(h, "_h2rec", False) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         handler._h2rec = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     root.setLevel(level if _is_main_process() else logging.WARNING)  # torchrun: rank 0 logs
 
 
-def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
-    args = parser.parse_args(argv)
-    _configure_logging(getattr(args, "verbose", False))
+_OS_HINTS = {
+    errno.EACCES: "check the permissions, or choose another output",
+    errno.EPERM: "check the permissions, or choose another output",
+    errno.EROFS: "the file system is read-only; choose another output",
+    errno.ENOSPC: "the disk is full: free some space and rerun (outputs h2rec finished are "
+    "kept; a training run continues with --resume once it has a last.pt)",
+    errno.EDQUOT: "the disk quota is used up: free some space and rerun",
+    errno.ENOENT: "check the path",
+    errno.EISDIR: "a folder is in the way; give a file name",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.ENAMETOOLONG: "use a shorter path",
+}
+
+
+def _os_message(err: OSError) -> str:
+    where = ""
+    if err.filename is not None:
+        where = f"{os.fsdecode(err.filename)}: "
+        if err.filename2 is not None:
+            where = f"{os.fsdecode(err.filename)} -> {os.fsdecode(err.filename2)}: "
+    what = err.strerror or type(err).__name__
+    hint = _OS_HINTS.get(err.errno or 0)
+    return f"{where}{what}" + (f"; {hint}" if hint else "")
+
+
+def _fail(message: str, verbose: bool) -> None:
+    if verbose:
+        traceback.print_exc()
+    message = " ".join(message.split())
+    print(f"h2rec: error: {message}", file=sys.stderr)
+
+
+def _run(parser: Callable[[], argparse.ArgumentParser], argv: Sequence[str] | None) -> int:
+    verbose = "-v" in (sys.argv[1:] if argv is None else argv) or "--verbose" in (
+        sys.argv[1:] if argv is None else argv
+    )
     try:
+        args = parser().parse_args(argv)  # building the parser imports the libraries
+        verbose = bool(getattr(args, "verbose", False))
+        _configure_logging(verbose)
         return int(args.func(args))
+    except KeyboardInterrupt:
+        _fail(
+            "interrupted; finished outputs are kept and the one being written was not replaced "
+            "(a training run continues with --resume)",
+            verbose,
+        )
+        return 130
     except H2RecError as err:
-        message = " ".join(str(err).split())
-        print(f"h2rec: error: {message}", file=sys.stderr)
+        _fail(str(err), verbose)
         return 2
+    except OSError as err:
+        _fail(_os_message(err), verbose)
+        return 2
+    except MemoryError:
+        _fail("out of memory; try a smaller batch (train.batch_size, eval.batch_size)", verbose)
+        return 2
+    except Exception as err:  # noqa: BLE001 - a bug: one line, the traceback with -v
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+        _fail(
+            f"internal error ({type(err).__name__}: {first}); please report it with the "
+            "output of the same command with -v",
+            verbose,
+        )
+        return 1
 
 
 def _evaluate_like(p: argparse.ArgumentParser) -> None:
@@ -583,12 +807,12 @@ def build_train_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``h2rec``: one stage per subcommand."""
-    return _run(build_parser(), argv)
+    return _run(build_parser, argv)
 
 
 def train_main(argv: Sequence[str] | None = None) -> int:
     """``h2rec-train``: the whole pipeline in one command."""
-    return _run(build_train_parser(), argv)
+    return _run(build_train_parser, argv)
 
 
 if __name__ == "__main__":

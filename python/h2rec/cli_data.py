@@ -28,6 +28,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _codebook_size(text: str) -> int:
+    value = _positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 2, got {value}")
+    return value
+
+
 def register(subparsers: Any) -> None:
     """Add ``prepare``, ``embed`` and ``build-sid`` to an ``add_subparsers()`` object."""
     from h2rec.data import INTERACTION_FORMATS, ITEM_FORMATS
@@ -74,7 +81,9 @@ def register(subparsers: Any) -> None:
                    help="shortest user kept (leave-one-out needs 3)")
     p.add_argument("--short-users", choices=("drop", "error"), default="drop")
     p.add_argument("--name", default=None, help="dataset name (default: directory name)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a dataset directory h2rec wrote (never one holding an input)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging, tracebacks")
     p.set_defaults(func=run_prepare)
 
     e = subparsers.add_parser(
@@ -97,6 +106,8 @@ def register(subparsers: Any) -> None:
                    help="vector for items without text")
     e.add_argument("--no-normalize", action="store_true", help="keep raw vector lengths")
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    e.add_argument("-v", "--verbose", action="store_true", help="debug logging, tracebacks")
     e.set_defaults(func=run_embed)
 
     s = subparsers.add_parser(
@@ -107,12 +118,15 @@ def register(subparsers: Any) -> None:
     s.add_argument("embeddings", type=Path, help="embeddings.npy (or a dataset directory)")
     s.add_argument("out", type=Path, help="SID directory to write")
     s.add_argument("--levels", type=_positive_int, default=3)
-    s.add_argument("--codebook-size", type=_positive_int, default=256)
-    s.add_argument("--iters", type=int, default=20)
+    s.add_argument("--codebook-size", type=_codebook_size, default=256)
+    s.add_argument("--iters", type=_positive_int, default=20)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--collision", choices=COLLISIONS, default="none")
     s.add_argument("--normalize-residuals", action="store_true")
     s.add_argument("--balanced", action="store_true")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace a SID directory h2rec wrote (never one holding the embeddings)")
+    s.add_argument("-v", "--verbose", action="store_true", help="debug logging, tracebacks")
     s.set_defaults(func=run_build_sid)
 
 
@@ -182,7 +196,10 @@ def run_embed(args: argparse.Namespace) -> int:
         empty=args.empty,
         seed=args.seed,
     )
-    path = embed_dataset(args.dataset, args.out, options, template=args.template, npy=args.npy)
+    path = embed_dataset(
+        args.dataset, args.out, options, template=args.template, npy=args.npy,
+        overwrite=args.overwrite,
+    )
     import numpy as np
 
     shape = np.load(path, mmap_mode="r").shape
@@ -205,6 +222,7 @@ def run_build_sid(args: argparse.Namespace) -> int:
         collision=args.collision,
         normalize_residuals=args.normalize_residuals,
         balanced=args.balanced,
+        overwrite=args.overwrite,
     )
     r = sids.report
     print(

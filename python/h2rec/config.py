@@ -387,6 +387,15 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
                 values = tomllib.load(f)
         except FileNotFoundError as err:
             raise ConfigError(f"{p}: config file not found") from err
+        except IsADirectoryError as err:
+            raise ConfigError(f"{p}: is a folder; --config takes a TOML file") from err
+        except UnicodeDecodeError as err:
+            raise ConfigError(
+                f"{p}: not UTF-8 text (byte {err.object[err.start:err.start + 1]!r} at offset "
+                f"{err.start}); TOML files are UTF-8"
+            ) from err
+        except OSError as err:
+            raise ConfigError(f"{p}: cannot read the config file ({err.strerror})") from err
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"{p}: not valid TOML: {err}") from err
         try:

@@ -35,16 +35,25 @@ import logging
 import os
 import shutil
 import string
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import polars as pl
 
-from h2rec.errors import DataError
+from h2rec.errors import DataError, quote
+from h2rec.outputs import (
+    check_output_dir,
+    item_fingerprint,
+    locked,
+    named,
+    new_dir_beside,
+    recover,
+    swap_in,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +65,7 @@ INTERACTION_FORMATS = (
 ITEM_FORMATS = ("auto", "csv", "tsv", "parquet", "recbole", "movielens", "json", "beauty")
 SKIPPED_FILE = "skipped_rows.csv"
 _AUTO = "auto"
+NOT_UTF8 = "not valid UTF-8"
 _LINES_SEPARATOR = "\x1f"  # unit separator: a byte that never occurs in the text formats we read
 
 Format = Literal["auto", "csv", "tsv", "parquet", "sequences", "pairs", "recbole", "movielens"]
@@ -146,12 +156,69 @@ def _read_bytes_utf8(path: Path, encoding: str) -> bytes | Path:
     return path.read_bytes().decode("latin-1").encode("utf8")
 
 
-def _read_lines(path: Path, encoding: str = "utf8") -> pl.DataFrame:
-    """Every line of a text file as ``line`` (1-based) and ``text``; blank lines are kept."""
+def _invalid_utf8_lines(path: Path) -> list[tuple[int, bytes]]:
+    """(1-based line, raw bytes) of every line of ``path`` that is not valid UTF-8."""
+    bad: list[tuple[int, bytes]] = []
+    with path.open("rb") as fh:
+        for number, raw in enumerate(fh, start=1):
+            try:
+                raw.decode("utf8")
+            except UnicodeDecodeError:
+                bad.append((number, raw.rstrip(b"\r\n")))
+    return bad
+
+
+def _first_line_with(path: Path, needle: bytes) -> tuple[int, str] | None:
+    """(1-based line, text) of the first line of ``path`` holding ``needle``."""
+    with path.open("rb") as fh:
+        for number, raw in enumerate(fh, start=1):
+            if needle in raw:
+                return number, raw.rstrip(b"\r\n").decode("utf8", "backslashreplace")
+    return None
+
+
+def _utf8_source(
+    path: Path, encoding: str, on_bad_line: str, blank: bytes = b""
+) -> tuple[bytes | Path, pl.DataFrame]:
+    """The file as polars should read it, and its lines that are not valid UTF-8 (as skipped
+    rows). With ``on_bad_line="error"`` the first such line stops the read with its number; with
+    ``"skip"`` each is replaced by ``blank`` so that the other lines keep their numbers."""
+    source = _read_bytes_utf8(path, encoding)
+    if encoding != "utf8":
+        return source, _empty_skipped()
+    bad = _invalid_utf8_lines(path)
+    if not bad:
+        return source, _empty_skipped()
+    skipped = pl.DataFrame(
+        {
+            "file": [str(path)] * len(bad),
+            "line": [n for n, _ in bad],
+            "reason": [NOT_UTF8] * len(bad),
+            "content": [raw.decode("utf8", "backslashreplace") for _, raw in bad],
+        },
+        schema=_empty_skipped().schema,
+    )
+    if on_bad_line == "error":
+        _handle_bad(path, skipped, "error")
+    wanted = {n for n, _ in bad}
+    with path.open("rb") as fh:
+        cleaned = b"".join(
+            (blank + (b"\n" if raw.endswith(b"\n") else b"")) if n in wanted else raw
+            for n, raw in enumerate(fh, start=1)
+        )
+    return cleaned, skipped
+
+
+def _read_lines(
+    path: Path, encoding: str = "utf8", on_bad_line: str = "error"
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Every non-blank line of a text file as ``line`` (1-based) and ``text``, and the lines
+    skipped as not UTF-8 (see :func:`_utf8_source`)."""
     _check_file(path)
-    try:
-        frame = pl.read_csv(
-            _read_bytes_utf8(path, encoding),
+
+    def read(source: bytes | Path) -> pl.DataFrame:
+        return pl.read_csv(
+            source,
             has_header=False,
             separator=_LINES_SEPARATOR,
             quote_char=None,
@@ -161,12 +228,29 @@ def _read_lines(path: Path, encoding: str = "utf8") -> pl.DataFrame:
             row_index_name="line",
             row_index_offset=1,
         )
-    except pl.exceptions.ComputeError as exc:
+
+    not_utf8 = _empty_skipped()
+    try:
+        try:
+            frame = read(_read_bytes_utf8(path, encoding))
+        except pl.exceptions.ComputeError:
+            if encoding != "utf8" or not _invalid_utf8_lines(path):
+                raise
+            source, not_utf8 = _utf8_source(path, encoding, on_bad_line)
+            frame = read(source)
+    except pl.exceptions.PolarsError as exc:
+        unit = _first_line_with(path, _LINES_SEPARATOR.encode())
+        if unit is not None:
+            raise DataError(
+                f"{path}:{unit[0]}: the line contains the control byte 0x1f: {quote(unit[1])}; "
+                "not a text file of the format"
+            ) from exc
         raise DataError(f"{path}: cannot read as text lines ({_first_line(exc)})") from exc
     if frame.width != 2:
         raise DataError(f"{path}: a line contains the control byte 0x1f; not a text file")
     frame = frame.with_columns(pl.col("line").cast(pl.Int64))
-    return frame.filter(pl.col("text").is_not_null() & (pl.col("text").str.strip_chars() != ""))
+    frame = frame.filter(pl.col("text").is_not_null() & (pl.col("text").str.strip_chars() != ""))
+    return frame, not_utf8
 
 
 def _first_line(exc: BaseException) -> str:
@@ -190,9 +274,11 @@ def _handle_bad(path: Path, skipped: pl.DataFrame, on_bad_line: str) -> None:
     first = skipped.sort("line").row(0, named=True)
     if on_bad_line == "error":
         more = f" ({skipped.height - 1} more bad rows)" if skipped.height > 1 else ""
+        hint = "pass on_bad_line='skip' (--on-bad-line skip) to drop such rows"
+        if first["reason"] == NOT_UTF8:
+            hint = "if the file is Latin-1, pass --encoding latin-1; or " + hint
         raise DataError(
-            f"{path}:{first['line']}: {first['reason']}: {first['content']!r}{more}; "
-            "pass on_bad_line='skip' (--on-bad-line skip) to drop such rows"
+            f"{path}:{first['line']}: {first['reason']}: {quote(first['content'])}{more}; {hint}"
         )
     counts = skipped.group_by("reason").len().sort("reason").rows()
     logger.warning(
@@ -212,8 +298,8 @@ def _parse_timestamp(path: Path, frame: pl.DataFrame, name: str) -> tuple[pl.Dat
         if ts.dtype.is_float():
             ts = ts.cast(pl.Float64)
         else:
-            ts = ts.cast(pl.Int64)
-        frame = frame.with_columns(ts.alias("timestamp"))
+            ts = ts.cast(pl.Int64, strict=False)  # beyond int64: a bad timestamp, not a crash
+        frame = frame.with_columns(ts.alias("timestamp"), col.cast(pl.String).alias("_ts_text"))
         bad = pl.col("timestamp").is_null() | (
             pl.col("timestamp").is_nan() if ts.dtype == pl.Float64 else pl.lit(False)
         )
@@ -336,32 +422,64 @@ def _read_table(
 ) -> pl.DataFrame:
     """A csv/tsv/parquet/recbole table with a ``line`` column (1-based file line, header = 1).
 
-    Rows with too many or too few fields stop the read with their line number; with
-    ``on_bad_line="skip"`` they are kept, flagged in a boolean ``_ragged`` column."""
+    Rows with too many fields, or lines that are not UTF-8, stop the read with their line
+    number; with ``on_bad_line="skip"`` they are dropped (see :func:`_read_table_rows`)."""
+    return _read_table_rows(path, fmt, separator, encoding, string_cols, on_bad_line)[0]
+
+
+def _read_table_rows(
+    path: Path,
+    fmt: str,
+    separator: str | None,
+    encoding: str,
+    string_cols: Sequence[str] = (),
+    on_bad_line: str = "error",
+    short_rows: bool = False,
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """:func:`_read_table` and the rows it skipped (``file, line, reason, content``).
+
+    With ``short_rows``, rows with fewer fields than the header are bad rows too (polars fills
+    them with nulls, which would be reported as a missing id or a bad timestamp)."""
     if fmt == "parquet":
         try:
             frame = pl.read_parquet(path)
         except (pl.exceptions.PolarsError, OSError) as exc:
             raise DataError(f"{path}: cannot read as Parquet ({_first_line(exc)})") from exc
-        return frame.with_row_index("line", offset=1).with_columns(pl.col("line").cast(pl.Int64))
+        frame = frame.with_row_index("line", offset=1).with_columns(pl.col("line").cast(pl.Int64))
+        return frame, _empty_skipped()
     sep = separator if separator is not None else ("," if fmt == "csv" else "\t")
+    quote_char = None if fmt == "recbole" else '"'
+    source: bytes | Path = _read_bytes_utf8(path, encoding)
+    skipped = _empty_skipped()
     try:
-        header = pl.read_csv(
-            _read_bytes_utf8(path, encoding), separator=sep, n_rows=0, quote_char='"'
-        ).columns
+        try:
+            header = pl.read_csv(source, separator=sep, n_rows=0, quote_char='"').columns
+        except pl.exceptions.ComputeError:
+            if encoding != "utf8" or not _invalid_utf8_lines(path):
+                raise
+            if _invalid_utf8_lines(path)[0][0] == 1:
+                raise DataError(
+                    f"{path}:1: the header is not valid UTF-8; if the file is Latin-1, pass "
+                    "--encoding latin-1"
+                ) from None
+            header = pl.read_csv(
+                _utf8_source(path, encoding, "skip")[0], separator=sep, n_rows=0,
+                quote_char='"',
+            ).columns
+            source, skipped = _utf8_source(path, encoding, on_bad_line,
+                                           blank=sep.encode() * (len(header) - 1))
     except pl.exceptions.NoDataError as exc:
         raise DataError(f"{path}: file is empty") from exc
     except pl.exceptions.PolarsError as exc:
         raise DataError(f"{path}: cannot read the header ({_first_line(exc)})") from exc
     names = _split_recbole_header(header) if fmt == "recbole" else list(header)
     overrides = {header[names.index(c)]: pl.String for c in string_cols if c in names}
-    quote = None if fmt == "recbole" else '"'
 
     def read(truncate: bool) -> pl.DataFrame:
         return pl.read_csv(
-            _read_bytes_utf8(path, encoding),
+            source,
             separator=sep,
-            quote_char=quote,
+            quote_char=quote_char,
             schema_overrides=overrides,
             infer_schema_length=10_000,
             row_index_name="line",
@@ -369,30 +487,55 @@ def _read_table(
             truncate_ragged_lines=truncate,
         )
 
+    def fail(line: int, content: str, reason: str) -> DataError:
+        return DataError(
+            f"{path}:{line}: {reason} (header has {len(header)}): {quote(content)}; "
+            "pass on_bad_line='skip' (--on-bad-line skip) to drop such rows"
+        )
+
     ragged: list[tuple[int, str]] = []
     try:
-        frame = read(False)
+        try:
+            frame = read(False)
+        except pl.exceptions.ComputeError:
+            if encoding != "utf8" or skipped.height or not _invalid_utf8_lines(path):
+                raise
+            source, skipped = _utf8_source(path, encoding, on_bad_line,
+                                           blank=sep.encode() * (len(header) - 1))
+            frame = read(False)
     except pl.exceptions.PolarsError as exc:
-        ragged = _find_ragged(path, sep, encoding, quote is not None, len(header),
+        ragged = _find_ragged(path, sep, encoding, quote_char is not None, len(header),
                               first_only=on_bad_line == "error")
         if not ragged:
             raise DataError(f"{path}: cannot parse ({_first_line(exc)})") from exc
-        line, content = ragged[0]
         if on_bad_line == "error":
-            raise DataError(
-                f"{path}:{line}: wrong number of fields (header has {len(header)}): {content!r}; "
-                "pass on_bad_line='skip' (--on-bad-line skip) to drop such rows"
-            ) from exc
+            raise fail(*ragged[0], "wrong number of fields") from exc
         try:
             frame = read(True)
         except pl.exceptions.PolarsError as exc2:
             raise DataError(f"{path}: cannot parse ({_first_line(exc2)})") from exc2
+    if short_rows and not ragged and frame.null_count().sum_horizontal().item() > 0:
+        ragged = _find_ragged(path, sep, encoding, quote_char is not None, len(header),
+                              first_only=on_bad_line == "error")
+        ragged = [r for r in ragged if r[0] not in set(skipped.get_column("line").to_list())]
+        if ragged and on_bad_line == "error":
+            raise fail(*ragged[0], "wrong number of fields")
     frame = frame.rename(dict(zip(header, names, strict=True)))
     frame = frame.with_columns(pl.col("line").cast(pl.Int64))
-    if on_bad_line == "skip":
-        bad_lines = pl.Series([ln for ln, _ in ragged], dtype=pl.Int64)
-        frame = frame.with_columns(pl.col("line").is_in(bad_lines.implode()).alias("_ragged"))
-    return frame
+    drop = [ln for ln, _ in ragged] + skipped.get_column("line").to_list()
+    if ragged:
+        skipped = pl.concat([skipped, pl.DataFrame(
+            {
+                "file": [str(path)] * len(ragged),
+                "line": [ln for ln, _ in ragged],
+                "reason": ["wrong number of fields"] * len(ragged),
+                "content": [c for _, c in ragged],
+            },
+            schema=_empty_skipped().schema,
+        )])
+    if drop:
+        frame = frame.filter(~pl.col("line").is_in(pl.Series(drop, dtype=pl.Int64).implode()))
+    return frame, skipped
 
 
 def _require_columns(path: Path, frame: pl.DataFrame, wanted: dict[str, str]) -> None:
@@ -405,17 +548,15 @@ def _require_columns(path: Path, frame: pl.DataFrame, wanted: dict[str, str]) ->
 def _read_table_interactions(
     path: Path, fmt: str, options: ReadOptions
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
-    frame = _read_table(
+    if options.user_col == options.item_col:
+        raise DataError(
+            f"user column and item column are both {options.user_col!r}; give two columns "
+            "(--user-col, --item-col)"
+        )
+    frame, ragged = _read_table_rows(
         path, fmt, options.separator, options.encoding, (options.user_col, options.item_col),
-        options.on_bad_line,
+        options.on_bad_line, short_rows=True,
     )
-    ragged = _empty_skipped()
-    if "_ragged" in frame.columns:
-        content = pl.concat_str(
-            [pl.col(c).cast(pl.String).fill_null("") for c in frame.columns
-             if c not in ("line", "_ragged")], separator=" ")
-        ragged = _bad_rows(path, frame, pl.col("_ragged"), "wrong number of fields", content)
-        frame = frame.filter(~pl.col("_ragged")).drop("_ragged")
     _require_columns(path, frame, {"user": options.user_col, "item": options.item_col})
     time_col = options.time_col
     if time_col == _AUTO:
@@ -424,14 +565,38 @@ def _read_table_interactions(
         _require_columns(path, frame, {"timestamp": time_col})
     cols = [
         pl.col("line"),
-        pl.col(options.user_col).cast(pl.String).str.strip_chars().alias("user"),
-        pl.col(options.item_col).cast(pl.String).str.strip_chars().alias("item"),
+        _id_expr(path, frame, options.user_col, "user").str.strip_chars().alias("user"),
+        _id_expr(path, frame, options.item_col, "item").str.strip_chars().alias("item"),
     ]
     if time_col is not None:
         cols.append(pl.col(time_col).alias("timestamp"))
     frame = frame.select(cols)
     frame, skipped = _validate_rows(path, frame, content_cols=frame.columns[1:])
     return frame, pl.concat([ragged, skipped])
+
+
+def _id_expr(path: Path, frame: pl.DataFrame, name: str, role: str) -> pl.Expr:
+    """Column ``name`` as string ids: strings and integers as they are, floats only when every
+    value is a whole number (``45.0`` -> ``"45"``); nested or binary columns are errors."""
+    dtype = frame.schema[name]
+    if dtype.is_nested() or dtype in (pl.Binary, pl.Object, pl.Null) or dtype.is_temporal():
+        base = dtype.base_type()
+        kind = "list" if base in (pl.List, pl.Array) else "struct" if base == pl.Struct else "non-id"
+        raise DataError(
+            f"{path}: {role} column {name!r} holds {kind} values ({dtype}); ids must be strings "
+            "or integers"
+        )
+    if dtype.is_float():
+        col = frame.get_column(name)
+        whole = col.is_null() | (col.is_finite() & (col == col.floor()) & (col.abs() < 2.0**53))
+        if not whole.all():
+            row = frame.filter(~whole).row(0, named=True)
+            raise DataError(
+                f"{path}:{row['line']}: {role} column {name!r} holds {row[name]!r}, not a "
+                "whole number; ids must be strings or integers"
+            )
+        return pl.col(name).cast(pl.Int64).cast(pl.String)
+    return pl.col(name).cast(pl.String)
 
 
 def _validate_rows(
@@ -450,6 +615,10 @@ def _validate_rows(
         mask = ~bad_any & (pl.col(col).is_null() | (pl.col(col) == ""))
         parts.append(_bad_rows(path, frame, mask, reason, content))
         bad_any = bad_any | pl.col(col).is_null() | (pl.col(col) == "")
+    for col in ("user", "item"):
+        nul = pl.col(col).str.contains("\x00", literal=True).fill_null(False)
+        parts.append(_bad_rows(path, frame, ~bad_any & nul, f"NUL byte in the {col} id", content))
+        bad_any = bad_any | nul
     if "timestamp" in frame.columns:
         frame, bad_ts = _parse_timestamp(path, frame, "timestamp")
         raw = pl.col("_ts_text") if "_ts_text" in frame.columns else pl.col("timestamp")
@@ -470,10 +639,16 @@ def _validate_rows(
 
 
 def _read_sequences(path: Path, options: ReadOptions) -> tuple[pl.DataFrame, pl.DataFrame]:
-    lines = _read_lines(path, options.encoding)
+    lines, not_utf8 = _read_lines(path, options.encoding, options.on_bad_line)
     tokens = lines.with_columns(pl.col("text").str.extract_all(r"\S+").alias("tok"))
     short = pl.col("tok").list.len() < 2
-    skipped = _bad_rows(path, tokens, short, "user without items", pl.col("text"))
+    nul = ~short & pl.col("text").str.contains("\x00", literal=True)
+    skipped = pl.concat([
+        not_utf8,
+        _bad_rows(path, tokens, short, "user without items", pl.col("text")),
+        _bad_rows(path, tokens, nul, "NUL byte in an id", pl.col("text")),
+    ])
+    short = short | nul
     frame = (
         tokens.filter(~short)
         .select(
@@ -488,7 +663,7 @@ def _read_sequences(path: Path, options: ReadOptions) -> tuple[pl.DataFrame, pl.
 
 def _read_pairs(path: Path, options: ReadOptions) -> tuple[pl.DataFrame, pl.DataFrame]:
     """``user item`` or ``user item timestamp`` per line; the width is the most common one."""
-    lines = _read_lines(path, options.encoding)
+    lines, not_utf8 = _read_lines(path, options.encoding, options.on_bad_line)
     tokens = lines.with_columns(pl.col("text").str.extract_all(r"\S+").alias("tok")).with_columns(
         pl.col("tok").list.len().alias("n_tok")
     )
@@ -504,11 +679,11 @@ def _read_pairs(path: Path, options: ReadOptions) -> tuple[pl.DataFrame, pl.Data
         *([pl.col("tok").list.get(2).alias("timestamp")] if use_time else []),
     )
     frame, skipped = _validate_rows(path, frame, content_cols=frame.columns[1:])
-    return frame, pl.concat([shape_rows, skipped])
+    return frame, pl.concat([not_utf8, shape_rows, skipped])
 
 
 def _read_movielens(path: Path, options: ReadOptions) -> tuple[pl.DataFrame, pl.DataFrame]:
-    lines = _read_lines(path, options.encoding)
+    lines, not_utf8 = _read_lines(path, options.encoding, options.on_bad_line)
     parts = lines.with_columns(pl.col("text").str.strip_chars().str.split("::").alias("tok"))
     bad_shape = pl.col("tok").list.len() != 4
     shape_rows = _bad_rows(path, parts, bad_shape, "wrong number of fields", pl.col("text"))
@@ -521,7 +696,7 @@ def _read_movielens(path: Path, options: ReadOptions) -> tuple[pl.DataFrame, pl.
         cols.append(pl.col("tok").list.get(3).str.strip_chars().alias("timestamp"))
     frame = parts.filter(~bad_shape).select(cols)
     frame, skipped = _validate_rows(path, frame, content_cols=frame.columns[1:])
-    return frame, pl.concat([shape_rows, skipped])
+    return frame, pl.concat([not_utf8, shape_rows, skipped])
 
 
 # --------------------------------------------------------------------------------------------
@@ -588,11 +763,13 @@ def _read_id_map(path: Path) -> pl.DataFrame:
             schema={"source": pl.String, "target": pl.String},
         )
     else:
-        lines = _read_lines(path).with_columns(pl.col("text").str.extract_all(r"\S+").alias("tok"))
+        lines = _read_lines(path)[0].with_columns(
+            pl.col("text").str.extract_all(r"\S+").alias("tok")
+        )
         bad = lines.filter(pl.col("tok").list.len() != 2)
         if bad.height:
             row = bad.row(0, named=True)
-            raise DataError(f"{path}:{row['line']}: expected 'source target', got {row['text']!r}")
+            raise DataError(f"{path}:{row['line']}: expected 'source target', got {quote(row['text'])}")
         frame = lines.select(
             pl.col("tok").list.get(0).alias("source"), pl.col("tok").list.get(1).alias("target")
         )
@@ -602,7 +779,7 @@ def _read_id_map(path: Path) -> pl.DataFrame:
         conflicting = conflicting.filter(pl.col("n") > 1)
         if conflicting.height:
             raise DataError(
-                f"{path}: id {conflicting.item(0, 'source')!r} is mapped to several targets"
+                f"{path}: id {quote(conflicting.item(0, 'source'))} is mapped to several targets"
             )
         frame = frame.unique("source", keep="first", maintain_order=True)
     return frame
@@ -694,7 +871,7 @@ def read_item_table(
         if bad.height:
             row = bad.row(0, named=True)
             raise DataError(
-                f"{path}:{row['line']}: id {row['_id']!r} is not an integer, "
+                f"{path}:{row['line']}: id {quote(row['_id'])} is not an integer, "
                 f"but id_offset={options.id_offset} needs one"
             )
         table = table.with_columns((as_int + options.id_offset).cast(pl.String).alias("_id"))
@@ -726,8 +903,8 @@ def _resolve_duplicates(path: Path, table: pl.DataFrame, on_duplicate: str) -> p
     if conflicts.height and on_duplicate == "error":
         row = conflicts.row(0, named=True)
         raise DataError(
-            f"{path}: item {row['id']!r} appears on lines {row['line'][:5]} with different text "
-            f"({row['text'][0]!r} vs {row['text'][1]!r}); {conflicts.height} such items; "
+            f"{path}: item {quote(row['id'])} appears on lines {row['line'][:5]} with different text "
+            f"({quote(row['text'][0])} vs {quote(row['text'][1])}); {conflicts.height} such items; "
             "pass on_duplicate='first' to keep the first row"
         )
     if conflicts.height:
@@ -745,13 +922,13 @@ def _read_movies_dat(path: Path, encoding: str) -> pl.DataFrame:
             raw.decode("utf8")
         except UnicodeDecodeError:
             encoding = "latin-1"
-    lines = _read_lines(path, encoding)
+    lines = _read_lines(path, encoding)[0]
     parts = lines.with_columns(pl.col("text").str.strip_chars().str.split("::").alias("tok"))
     bad = parts.filter(pl.col("tok").list.len() != 3)
     if bad.height:
         row = bad.row(0, named=True)
         raise DataError(
-            f"{path}:{row['line']}: expected 'MovieID::Title::Genres', got {row['text']!r}"
+            f"{path}:{row['line']}: expected 'MovieID::Title::Genres', got {quote(row['text'])}"
         )
     return parts.select(
         pl.col("line"),
@@ -915,27 +1092,6 @@ def compute_stats(
 # --------------------------------------------------------------------------------------------
 
 
-def _atomic_dir(out: Path, overwrite: bool) -> Path:
-    """Create and return a temporary directory beside ``out``."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists() and not overwrite:
-        raise DataError(f"{out}: already exists; pass overwrite=True (--overwrite) to replace it")
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-
-
-def _commit_dir(tmp: Path, out: Path) -> None:
-    """Rename the finished temporary directory onto ``out`` (replacing an old one)."""
-    old: Path | None = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def write_json(path: Path, obj: Any) -> None:
     """Write JSON through a temporary file in the same directory."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -964,8 +1120,38 @@ def prepare(
     out = Path(out)
     if min_length < 1:
         raise DataError(f"min_length={min_length}: must be >= 1")
+    inputs = (interactions, items, item_table.id_map)
+    check_output_dir(out, "dataset", overwrite, inputs)  # before reading anything
+    with locked(out, "dataset folder"):
+        recover(out)
+        check_output_dir(out, "dataset", overwrite, inputs)
+        return _prepare(interactions, out, read, items, item_table, filter, min_length,
+                        short_users, name)
+
+
+def _prepare(
+    interactions: str | Path,
+    out: Path,
+    read: ReadOptions,
+    items: str | Path | None,
+    item_table: ItemTableOptions,
+    filter: FilterOptions,
+    min_length: int,
+    short_users: str,
+    name: str | None,
+) -> Path:
     data = read_interactions(interactions, read)
     src, has_ts, n_bad = data.path, data.has_timestamp, data.skipped.height
+    n_dup = 0
+    if data.format != "sequences":  # a sequence line may repeat an item on purpose
+        key = ["user", "item", "timestamp"] if has_ts else ["user", "item"]
+        n_dup = data.frame.height - data.frame.n_unique(subset=key)
+        if n_dup:
+            logger.warning(
+                "%s: %d rows repeat an earlier row exactly (same %s); they are kept as repeated "
+                "interactions (remove them from the file if they are copies)",
+                src, n_dup, ", ".join(key),
+            )
     skipped_parts = [data.skipped]
     meta_read = asdict(read) | {"format": data.format}
     # from here on users and items are integer codes; the strings live once, in two Series
@@ -1004,7 +1190,7 @@ def prepare(
         if short_users == "error":
             row = short.sort("first").row(0, named=True)
             raise DataError(
-                f"{src}:{row['first']}: user {user_names[row['user']]!r} has {row['len']} "
+                f"{src}:{row['first']}: user {quote(user_names[row['user']])} has {row['len']} "
                 f"interactions, fewer than min_length={min_length} that the leave-one-out split "
                 f"needs ({n_short} such users)"
             )
@@ -1041,8 +1227,11 @@ def prepare(
     first = lengths.sort("first").with_row_index("uid").select(
         pl.col("user"), pl.col("uid").cast(pl.Int64)
     )
-    frame = frame.join(first, on="user", how="left").drop("user")
-    frame = frame.sort(["uid", "timestamp", "line"] if has_ts else ["uid", "line"])
+    # _pos (the row's place in the file, tokens of one line included) breaks the remaining ties:
+    # neither the join nor the sort keeps the order of a line's items by itself
+    frame = frame.with_row_index("_pos").join(first, on="user", how="left").drop("user")
+    keys = ["uid", "timestamp", "line", "_pos"] if has_ts else ["uid", "line", "_pos"]
+    frame = frame.sort(keys).drop("_pos")
     # items numbered by first appearance in the sorted sequences
     item_codes = frame.get_column("item").to_numpy()
     order = frame.get_column("item").unique(maintain_order=True).to_numpy()
@@ -1052,6 +1241,11 @@ def prepare(
     del item_codes
     n_users = first.height
     n_items = int(order.size)
+    if n_items < 2:
+        raise DataError(
+            f"{src}: every kept interaction is with one item ({quote(item_names[int(order[0])])}); "
+            "ranking needs at least 2 items"
+        )
     offsets = np.zeros(n_users + 1, dtype=np.int64)
     np.cumsum(np.bincount(frame.get_column("uid").to_numpy(), minlength=n_users), out=offsets[1:])
 
@@ -1115,10 +1309,12 @@ def prepare(
         "rows_read": n_read + n_bad,
         "rows_skipped": skipped.height,
         "has_timestamp": has_ts,
+        "duplicate_rows": n_dup,
+        "item_ids_sha256": item_fingerprint(item_order.get_column("item").to_list()),
         **extra,
     }
 
-    tmp = _atomic_dir(out, overwrite)
+    tmp = new_dir_beside(out, "dataset")
     try:
         np.save(tmp / "offsets.npy", offsets)
         np.save(tmp / "items.npy", items_np)
@@ -1128,7 +1324,10 @@ def prepare(
             skipped.sort("file", "line").write_csv(tmp / SKIPPED_FILE)
         write_json(tmp / "stats.json", stats)
         write_json(tmp / "meta.json", meta)
-        _commit_dir(tmp, out)
+        swap_in(tmp, out)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise named(err, out) from err
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -1163,6 +1362,12 @@ class Dataset:
     def n_users(self) -> int:
         return len(self.user_ids)
 
+    @cached_property
+    def item_fingerprint(self) -> str:
+        """SHA-256 of the ordered original item ids: what embeddings, Semantic IDs and
+        checkpoints record to prove they were built for this dataset's items."""
+        return item_fingerprint(self.item_ids)
+
     def item_index(self) -> dict[str, int]:
         """Original item id -> internal id (1..n_items)."""
         return {orig: i + 1 for i, orig in enumerate(self.item_ids)}
@@ -1181,8 +1386,11 @@ def _load_npy(path: Path, dtype: type, ndim: int) -> np.ndarray:
         raise DataError(f"{path}: missing; not a complete dataset directory")
     try:
         arr = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as exc:
-        raise DataError(f"{path}: cannot read ({exc})") from exc
+    except (ValueError, OSError, EOFError) as exc:
+        reason = _first_line(exc)[:200]
+        raise DataError(f"{path}: cannot read ({reason}); not a complete dataset directory") from exc
+    if not isinstance(arr, np.ndarray):
+        raise DataError(f"{path}: not a .npy array")
     if arr.dtype != dtype or arr.ndim != ndim:
         raise DataError(f"{path}: expected {np.dtype(dtype).name} with {ndim} dims, "
                         f"got {arr.dtype} with shape {arr.shape}")
@@ -1202,8 +1410,10 @@ def load_dataset(path: str | Path) -> Dataset:
         stats = json.loads((path / "stats.json").read_text(encoding="utf8"))
     except FileNotFoundError as exc:
         raise DataError(f"{exc.filename}: missing; not a complete dataset directory") from exc
-    except json.JSONDecodeError as exc:
+    except (ValueError, OSError) as exc:  # bad JSON, not UTF-8, unreadable
         raise DataError(f"{path}: bad JSON in meta.json or stats.json ({exc})") from exc
+    if not isinstance(meta, dict) or not isinstance(stats, dict):
+        raise DataError(f"{path}: meta.json and stats.json must hold JSON objects")
     if meta.get("format") != DATASET_FORMAT:
         raise DataError(f"{meta_path}: format={meta.get('format')!r}, expected {DATASET_FORMAT!r}")
     if meta.get("version") != DATASET_VERSION:

@@ -21,6 +21,7 @@ SID report shows), or by ``empty="random"`` a seeded random unit vector each (di
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import os
 import sys
@@ -416,15 +417,79 @@ def embed_sentence_transformers(
 # --------------------------------------------------------------------------------------------
 
 
-def load_npy(path: str | Path, n_items: int | None = None, normalize: bool = True) -> np.ndarray:
-    """Import a user's ``.npy`` embeddings (n_items, D) after checking them."""
+def read_npy(path: str | Path, what: str = "embeddings") -> np.ndarray:
+    """``np.load`` of a plain numeric ``.npy`` (no pickles), every failure a DataError."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: file not found")
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder; give the {what} .npy file")
+    hint = f"write {what} with numpy.save(path, array)"
     try:
+        with path.open("rb") as fh:
+            head = fh.read(6)
+        if not head:
+            raise DataError(f"{path}: cannot read as .npy (the file is empty); {hint}")
+        if head != b"\x93NUMPY" and not head.startswith(b"PK"):
+            raise DataError(f"{path}: cannot read as .npy (no .npy header; the file starts with "
+                            f"{head!r}); {hint}")
         x = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as exc:
-        raise DataError(f"{path}: cannot read as .npy ({exc})") from exc
+    except EOFError as exc:
+        raise DataError(f"{path}: cannot read as .npy (the file is cut short); {hint}") from exc
+    except ValueError as exc:
+        if isinstance(exc, DataError):
+            raise
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "allow_pickle" in reason:
+            reason = "it holds Python objects, which h2rec never unpickles"
+        raise DataError(f"{path}: cannot read as .npy ({reason[:200]}); {hint}") from exc
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read as .npy ({exc.strerror or exc})") from exc
+    if not isinstance(x, np.ndarray):  # an .npz archive
+        raise DataError(f"{path}: an .npz archive, not a .npy array; save one array with "
+                        "numpy.save")
+    return x
+
+
+def fingerprint_path(path: str | Path) -> Path:
+    """The file beside an embeddings ``.npy`` that records the item ids it was built for."""
+    path = Path(path)
+    return path.with_name(path.name + ".h2rec.json")
+
+
+def read_item_fingerprint(path: str | Path) -> str | None:
+    """The item-id fingerprint recorded beside embeddings ``path`` (None when there is none)."""
+    side = fingerprint_path(path)
+    try:
+        meta = json.loads(side.read_text("utf8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{side}: unreadable ({exc})") from exc
+    value = meta.get("item_ids_sha256") if isinstance(meta, dict) else None
+    return str(value) if value else None
+
+
+def check_item_fingerprint(path: str | Path, expected: str | None, n_rows: int) -> None:
+    """DataError when the embeddings at ``path`` were built for other item ids."""
+    found = read_item_fingerprint(path)
+    if expected is None or found is None:
+        if expected is not None:
+            logger.warning("%s: no item fingerprint beside it; matched to the dataset by its "
+                           "row count (%d) only", path, n_rows)
+        return
+    if found != expected:
+        raise DataError(
+            f"{path}: built for other item ids (fingerprint {found[:12]}, this dataset "
+            f"{expected[:12]}: another dataset, or the same items in another order); "
+            "rerun h2rec embed on this dataset"
+        )
+
+
+def load_npy(path: str | Path, n_items: int | None = None, normalize: bool = True) -> np.ndarray:
+    """Import a user's ``.npy`` embeddings (n_items, D) after checking them."""
+    path = Path(path)
+    x = read_npy(path)
     x = check_embeddings(x, n_items, str(path))
     return l2_normalize(x) if normalize else x
 
@@ -462,38 +527,70 @@ def embed_dataset(
     options: EmbedOptions = EmbedOptions(),
     template: str | None = None,
     npy: str | Path | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Embed the items of a dataset directory and write ``embeddings.npy`` (atomically).
 
     ``out`` defaults to ``<dataset>/embeddings.npy``. ``template`` rebuilds each item's text from
     the kept item columns (e.g. ``"{title}. {genres}"``). With ``options.backend == "npy"``,
     ``npy`` is the file to import. Returns the written path."""
-    from h2rec.data import read_text_for_items
+    from h2rec.data import load_dataset, read_text_for_items
+    from h2rec.outputs import check_output_file
 
     dataset = Path(dataset)
-    texts = read_text_for_items(dataset, template)
     target = Path(out) if out is not None else dataset / EMBEDDINGS_FILE
+    if options.backend == "npy" and npy is None:
+        raise DataError("backend 'npy' needs the file to import (--npy PATH)")
+    dataset_files = [p for p in dataset.iterdir() if p.is_file() and p.name != EMBEDDINGS_FILE
+                     and not p.name.startswith(EMBEDDINGS_FILE)] if dataset.is_dir() else []
+    check_output_file(target, overwrite, inputs=(npy, *dataset_files))
+    fingerprint = load_dataset(dataset).item_fingerprint
+    texts = read_text_for_items(dataset, template)
     if options.backend == "npy":
         if npy is None:
             raise DataError("backend 'npy' needs the file to import (--npy PATH)")
         x = load_npy(npy, len(texts), options.normalize)
     else:
         x = embed_texts(texts, options)
-    save_embeddings(x, target)
+    save_embeddings(x, target, fingerprint)
     logger.info("wrote %s: %d x %d", target, x.shape[0], x.shape[1])
     return target
 
 
-def save_embeddings(x: np.ndarray, path: str | Path) -> None:
-    """Write float32 (n_items, D) through a temporary file in the same directory."""
+def save_embeddings(
+    x: np.ndarray, path: str | Path, item_fingerprint: str | None = None
+) -> None:
+    """Write float32 (n_items, D) through a temporary file in the same directory, and beside it
+    the fingerprint of the item ids the rows describe (when known)."""
+    from h2rec.outputs import check_free_space, named, remove_stale_files
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npy")
+    side = fingerprint_path(path)
+    remove_stale_files(path)  # what a killed writer left
+    remove_stale_files(side)
+    side_tmp = side.with_name(f".{side.name}.tmp-{os.getpid()}")
     try:
-        np.save(tmp, np.ascontiguousarray(x, dtype=np.float32))
+        try:
+            np.save(tmp, np.ascontiguousarray(x, dtype=np.float32))
+            if item_fingerprint is not None:
+                meta = {"format": "h2rec-embeddings", "item_ids_sha256": item_fingerprint,
+                        "shape": list(x.shape)}
+                side_tmp.write_text(json.dumps(meta) + "\n", "utf8")
+        except OSError as err:
+            raise named(err, path) from err
+        except Exception as err:
+            check_free_space(path, err)
+            raise
+        if item_fingerprint is not None:
+            os.replace(side_tmp, side)
+        else:
+            side.unlink(missing_ok=True)  # an old fingerprint would describe other rows
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
+        side_tmp.unlink(missing_ok=True)
         raise
 
 
@@ -502,15 +599,19 @@ __all__ = [
     "Csr",
     "EmbedOptions",
     "check_embeddings",
+    "check_item_fingerprint",
     "embed_dataset",
     "embed_sentence_transformers",
     "embed_texts",
     "embed_tfidf",
     "fill_empty",
+    "fingerprint_path",
     "l2_normalize",
     "load_npy",
     "load_sentence_transformer",
     "randomized_svd",
+    "read_item_fingerprint",
+    "read_npy",
     "resolve_model_path",
     "save_embeddings",
     "tfidf_matrix",

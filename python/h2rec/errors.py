@@ -7,6 +7,18 @@ field (or argument) and value.
 
 from __future__ import annotations
 
+from typing import Any
+
+QUOTE_LIMIT = 200  # characters of a bad value shown in a message
+
+
+def quote(value: Any, limit: int = QUOTE_LIMIT) -> str:
+    """``value`` quoted and escaped (control characters, quotes), cut at ``limit`` characters."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) > limit:
+        return f"{text[:limit]!r}... ({len(text) - limit:,} more characters)"
+    return repr(text)
+
 
 class H2RecError(Exception):
     """Base class of every error h2rec raises on purpose."""
@@ -22,3 +34,8 @@ class ConfigError(H2RecError, ValueError):
 
 class CheckpointError(H2RecError, ValueError):
     """A checkpoint that does not fit the dataset, codes or model it is loaded with."""
+
+
+class OutputError(DataError):
+    """An output that h2rec refuses to write or replace, or a folder another process holds (a
+    DataError, as the refusal of an existing output always was)."""

@@ -31,10 +31,20 @@ def atomic_writer(path: Path, write: Callable[[BinaryIO], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as err:
+            from h2rec.outputs import named
+
+            raise named(err, path) from err
+        except Exception as err:  # torch reports a full disk as "unexpected pos ..."
+            from h2rec.outputs import check_free_space
+
+            check_free_space(path, err)
+            raise
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -18,9 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -50,6 +48,7 @@ class SemanticIds:
     codebook_size: int
     collision: str
     report: dict[str, Any] = field(default_factory=dict)
+    item_fingerprint: str | None = None  # SHA-256 of the dataset's ordered item ids, if known
 
     @property
     def n_items(self) -> int:
@@ -203,10 +202,12 @@ def build_sid(
         raise DataError(f"collision={collision!r} is not one of {', '.join(COLLISIONS)}")
     if n_levels < 1:
         raise DataError(f"n_levels={n_levels}: must be >= 1")
-    if codebook_size < 1:
-        raise DataError(f"codebook_size={codebook_size}: must be >= 1")
-    if n_iter < 0:
-        raise DataError(f"n_iter={n_iter}: must be >= 0")
+    if codebook_size < 2:
+        raise DataError(
+            f"codebook_size={codebook_size}: must be >= 2 (one code per level says nothing)"
+        )
+    if n_iter < 1:
+        raise DataError(f"n_iter={n_iter}: must be >= 1 (0 iterations leave random centroids)")
     x = check_embeddings(np.asarray(embeddings), source="embeddings", allow_zero=True)
     if codebook_size > x.shape[0]:
         raise DataError(
@@ -246,12 +247,27 @@ def build_sid(
     )
 
 
-def save_sids(sids: SemanticIds, path: str | Path, overwrite: bool = True) -> Path:
-    """Write a SID directory (codes, codebooks, report JSON + Markdown, meta) atomically."""
+def save_sids(
+    sids: SemanticIds,
+    path: str | Path,
+    overwrite: bool = True,
+    inputs: tuple[str | Path | None, ...] = (),
+) -> Path:
+    """Write a SID directory (codes, codebooks, report JSON + Markdown, meta) atomically.
+
+    An existing folder is replaced only with ``overwrite``, only if h2rec wrote it as a SID
+    folder, and never when it holds one of ``inputs``."""
+    from h2rec.outputs import (
+        check_output_dir,
+        locked,
+        named,
+        new_dir_beside,
+        recover,
+        swap_in,
+    )
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists() and not overwrite:
-        raise DataError(f"{path}: already exists; pass overwrite=True to replace it")
+    check_output_dir(path, "sids", overwrite, inputs)
     options = sids.report.get("options", {})
     meta = {
         "format": SID_FORMAT,
@@ -267,29 +283,33 @@ def save_sids(sids: SemanticIds, path: str | Path, overwrite: bool = True) -> Pa
         "n_iter": options.get("n_iter"),
         "normalize_residuals": options.get("normalize_residuals"),
         "balanced": options.get("balanced"),
+        "item_ids_sha256": sids.item_fingerprint,
     }
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        np.save(tmp / "codes.npy", np.ascontiguousarray(sids.codes, dtype=np.int64))
-        np.save(tmp / "codebooks.npy", np.ascontiguousarray(sids.codebooks, dtype=np.float32))
-        (tmp / "sid_report.json").write_text(json.dumps(sids.report, indent=2) + "\n", "utf8")
-        (tmp / "sid_report.md").write_text(report_markdown(sids.report), "utf8")
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", "utf8")
-        old = None
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{os.getpid()}"
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with locked(path, "SID folder"):
+        recover(path)
+        check_output_dir(path, "sids", overwrite, inputs)
+        tmp = new_dir_beside(path, "sids")
+        try:
+            np.save(tmp / "codes.npy", np.ascontiguousarray(sids.codes, dtype=np.int64))
+            np.save(tmp / "codebooks.npy", np.ascontiguousarray(sids.codebooks, dtype=np.float32))
+            (tmp / "sid_report.json").write_text(json.dumps(sids.report, indent=2) + "\n", "utf8")
+            (tmp / "sid_report.md").write_text(report_markdown(sids.report), "utf8")
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", "utf8")
+            swap_in(tmp, path)
+        except OSError as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise named(err, path) from err
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return path
 
 
-def load_sids(path: str | Path, n_items: int | None = None) -> SemanticIds:
-    """Read a SID directory written by ``save_sids`` and check it (``n_items`` if given)."""
+def load_sids(
+    path: str | Path, n_items: int | None = None, item_fingerprint: str | None = None
+) -> SemanticIds:
+    """Read a SID directory written by ``save_sids`` and check it against the dataset: its row
+    count ``n_items`` and the fingerprint of its item ids, when given."""
     path = Path(path)
     if not path.is_dir():
         raise DataError(f"{path}: not a SID directory")
@@ -300,8 +320,11 @@ def load_sids(path: str | Path, n_items: int | None = None) -> SemanticIds:
         codebooks = np.load(path / "codebooks.npy", allow_pickle=False)
     except FileNotFoundError as exc:
         raise DataError(f"{exc.filename}: missing; not a complete SID directory") from exc
-    except (json.JSONDecodeError, ValueError, OSError) as exc:
-        raise DataError(f"{path}: unreadable SID file ({exc})") from exc
+    except (json.JSONDecodeError, ValueError, OSError, EOFError) as exc:
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise DataError(f"{path}: unreadable SID file ({reason})") from exc
+    if not isinstance(meta, dict) or not isinstance(report, dict):
+        raise DataError(f"{path}: meta.json and sid_report.json must hold JSON objects")
     if meta.get("format") != SID_FORMAT or meta.get("version") != SID_VERSION:
         raise DataError(
             f"{path / 'meta.json'}: format={meta.get('format')!r} version={meta.get('version')!r}, "
@@ -327,12 +350,23 @@ def load_sids(path: str | Path, n_items: int | None = None) -> SemanticIds:
         raise DataError(
             f"{path / 'codes.npy'}: {codes.shape[0]} rows, but the dataset has {n_items} items"
         )
+    saved = meta.get("item_ids_sha256")
+    if item_fingerprint is not None and saved is not None and saved != item_fingerprint:
+        raise DataError(
+            f"{path}: Semantic IDs built for other item ids (fingerprint {str(saved)[:12]}, "
+            f"this dataset {item_fingerprint[:12]}: another dataset, or the same items in "
+            "another order); rebuild them: h2rec embed, then h2rec build-sid"
+        )
+    if item_fingerprint is not None and saved is None:
+        logger.warning("%s: no item fingerprint (built from embeddings without one); matched "
+                       "to the dataset by its row count only", path)
     return SemanticIds(
         codes=codes,
         codebooks=codebooks,
         codebook_size=int(meta.get("codebook_size", k)),
         collision=collision,
         report=report,
+        item_fingerprint=str(saved) if saved else None,
     )
 
 
@@ -346,10 +380,16 @@ def build_sid_dir(
     collision: Collision = "none",
     normalize_residuals: bool = False,
     balanced: bool = False,
+    overwrite: bool = False,
 ) -> SemanticIds:
-    """Read ``embeddings.npy``, build the SIDs and write the SID directory ``out``."""
-    from h2rec.embed import load_npy
+    """Read ``embeddings.npy``, build the SIDs and write the SID directory ``out`` (an existing
+    one only with ``overwrite``; never the folder holding the embeddings)."""
+    from dataclasses import replace
 
+    from h2rec.embed import load_npy, read_item_fingerprint
+    from h2rec.outputs import check_output_dir
+
+    check_output_dir(Path(out), "sids", overwrite, (embeddings_path,))  # before the k-means
     x = load_npy(embeddings_path, normalize=False)
     sids = build_sid(
         x,
@@ -361,7 +401,8 @@ def build_sid_dir(
         normalize_residuals=normalize_residuals,
         balanced=balanced,
     )
-    save_sids(sids, out)
+    sids = replace(sids, item_fingerprint=read_item_fingerprint(embeddings_path))
+    save_sids(sids, out, overwrite=overwrite, inputs=(embeddings_path,))
     return sids
 
 

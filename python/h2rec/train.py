@@ -405,8 +405,15 @@ def _verify_checkpoint(
     sids: Any,
     cfg: RunConfig | None,
     resumable_only: bool,
+    item_fingerprint: str | None = None,
 ) -> None:
     """CheckpointError unless ``ckpt`` was trained on this dataset, these codes and this model."""
+    saved_items = ckpt.get("items_sha256")
+    if item_fingerprint is not None and saved_items is not None and saved_items != item_fingerprint:
+        raise CheckpointError(
+            f"{path}: checkpoint was trained on other item ids (fingerprint {saved_items[:12]}, "
+            f"this dataset {item_fingerprint[:12]})"
+        )
     fp = dataset_fingerprint(store)
     saved = ckpt["dataset"]
     if saved != fp:
@@ -443,8 +450,10 @@ def load_checkpoint(
     sids: Any = None,
     embeddings: np.ndarray | None = None,
     device: torch.device | None = None,
+    item_fingerprint: str | None = None,
 ) -> tuple[Recommender, RunConfig]:
-    """The model of a checkpoint (eval mode) and its config, after checking dataset and codes."""
+    """The model of a checkpoint (eval mode) and its config, after checking dataset and codes
+    (and the dataset's item-id fingerprint, when given and recorded)."""
     path = Path(path)
     ckpt = _read_checkpoint(path)
     try:
@@ -454,7 +463,7 @@ def load_checkpoint(
     if not cfg.model.uses_sids:
         sids = None  # SASRec ignores semantic IDs
     check_codes(sids, store.n_items)
-    _verify_checkpoint(path, ckpt, store, sids, None, resumable_only=False)
+    _verify_checkpoint(path, ckpt, store, sids, None, False, item_fingerprint)
     seed_everything(cfg.train.seed)
     model = build_for(cfg, store, sids, embeddings)
     try:
@@ -502,6 +511,7 @@ def train(
     resume: bool = False,
     overwrite: bool = False,
     on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
+    item_fingerprint: str | None = None,
 ) -> TrainResult:
     """Train ``cfg.model`` on ``store``; return the best model and its test metrics.
 
@@ -510,7 +520,8 @@ def train(
     (``config.json``, ``last.pt``, ``best.pt``, ``metrics.jsonl``, ``metrics.json``,
     ``results.md``, ``ndcg10_by_popularity.png``); an existing run is an error unless
     ``resume`` (continue it exactly) or ``overwrite``. ``on_epoch_end(epoch, record)`` is called
-    after each epoch's checkpoint is written."""
+    after each epoch's checkpoint is written. ``item_fingerprint`` (the dataset's
+    ``Dataset.item_fingerprint``) is recorded in the checkpoints and checked on resume."""
     # 1. checks before anything is trained
     rank, world, local_rank = _dist_env()
     if not cfg.model.uses_sids:
@@ -524,7 +535,7 @@ def train(
     if out is not None and last_path is not None:
         if resume:
             ckpt = _read_checkpoint(last_path)
-            _verify_checkpoint(last_path, ckpt, store, sids, cfg, resumable_only=True)
+            _verify_checkpoint(last_path, ckpt, store, sids, cfg, True, item_fingerprint)
         elif (last_path.exists() or (out / "metrics.json").exists()) and not overwrite:
             raise H2RecError(
                 f"{out}: a run already exists there; pass --overwrite to replace it "
@@ -568,17 +579,20 @@ def train(
     )
     opt_cls = torch.optim.AdamW if cfg.train.optimizer == "adamw" else torch.optim.Adam
     optimizer = opt_cls(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    sampler = _core.TrainSampler(
-        store,
-        cfg.model.max_len,
-        cfg.train.batch_size,
-        cfg.train.n_negatives,
-        cfg.train.seed,
-        negative_sampling=cfg.train.negative_sampling,
-        last_only=cfg.train.last_only,
-        bucket_batches=cfg.train.length_buckets,
-        trim=True,
-    )
+    try:
+        sampler = _core.TrainSampler(
+            store,
+            cfg.model.max_len,
+            cfg.train.batch_size,
+            cfg.train.n_negatives,
+            cfg.train.seed,
+            negative_sampling=cfg.train.negative_sampling,
+            last_only=cfg.train.last_only,
+            bucket_batches=cfg.train.length_buckets,
+            trim=True,
+        )
+    except ValueError as err:  # e.g. a user whose training prefix holds every item
+        raise DataError(f"dataset: {err}; drop such users or use a larger catalogue") from err
     if sampler.n_batches == 0:
         raise DataError("dataset: no user has a training item (every sequence is shorter than 3)")
     if cfg.train.compile:  # batch widths vary with the length buckets: dynamic shapes
@@ -610,7 +624,8 @@ def train(
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.json")
         if ckpt is None:
-            for stale in ("best.pt", "last.pt", "metrics.jsonl", "metrics.json"):
+            for stale in ("best.pt", "last.pt", "metrics.jsonl", "metrics.json", "results.md",
+                          "ndcg10_by_popularity.png"):
                 (out / stale).unlink(missing_ok=True)
     data_fp = dataset_fingerprint(store)
     codes_fp = codes_fingerprint(getattr(sids, "codes", None))
@@ -622,6 +637,7 @@ def train(
             "version": CHECKPOINT_VERSION,
             "config": cfg_dict,
             "dataset": data_fp,
+            "items_sha256": item_fingerprint,
             "codes": codes_fp,
             "model": state,
             "optimizer": optimizer.state_dict(),
@@ -729,7 +745,7 @@ def train(
             on_epoch_end(epoch, record)
         if stopped:
             logger.info("early stop: no better validation NDCG@10 in %d validations", bad_evals)
-    epochs_run = max(epoch, start_epoch - 1) if history else 0
+    epochs_run = len(history)  # an early stop leaves the loop one epoch past the last run
 
     # 4. the best checkpoint on the test split
     if best_state is not None:
@@ -761,7 +777,7 @@ def train(
         run_dir=out,
         best_epoch=best_epoch,
         best_valid_ndcg10=best_ndcg,
-        epochs_run=len(history),
+        epochs_run=epochs_run,
         stopped_early=stopped,
         history=history,
         test=test,
