@@ -181,7 +181,7 @@ def test_epoch_under_load(benchmark, beauty: dict[str, Any], policy: str) -> Non
             try:
                 proc = subprocess.run(
                     [sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                    timeout=600, check=True, start_new_session=True,
+                    timeout=300, check=True, start_new_session=True,
                 )
                 out.append(proc.stdout.split()[-3:])
             except subprocess.TimeoutExpired:  # no progress: what spinning waits do under load
@@ -194,7 +194,7 @@ def test_epoch_under_load(benchmark, beauty: dict[str, Any], policy: str) -> Non
         busy.wait()
     seconds, batches, used = float(out[0][0]), int(out[0][1]), int(out[0][2])
     total = -(-beauty["store"].n_users // 128)
-    per_epoch = seconds * total / batches if np.isfinite(seconds) else None  # None: over 600 s
+    per_epoch = seconds * total / batches if np.isfinite(seconds) else None  # None: over 300 s
     record(benchmark, threads=used, batches=batches, seconds_per_epoch=per_epoch)
 
 
