@@ -31,7 +31,7 @@ TINY = [
 def pipeline(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("runs")
     code = train_main(
-        ["--models", "sasrec,sid,h2rec", "--name", "tiny", "--output-dir", str(out), *TINY]
+        ["--models", "sasrec,sid,fusion,h2rec", "--name", "tiny", "--output-dir", str(out), *TINY]
     )
     return {"code": code, "out": out, "base": out / "tiny"}
 
@@ -49,16 +49,16 @@ def test_h2rec_train_runs_the_whole_pipeline(pipeline: dict[str, Any]) -> None:
         "builtin/dataset/meta.json",
     ):
         assert (base / name).is_file(), name
-    for kind in ("sasrec", "sid", "h2rec"):
+    for kind in ("sasrec", "sid", "fusion", "h2rec"):
         assert (base / kind / "best.pt").is_file() and (base / kind / "config.json").is_file()
     metrics = json.loads((base / "metrics.json").read_text())
-    assert list(metrics["models"]) == ["sasrec", "sid", "h2rec"]
+    assert list(metrics["models"]) == ["sasrec", "sid", "fusion", "h2rec"]
     for res in metrics["models"].values():
         assert res["n_users"] == 150 and res["split"] == "test"
         assert 0.0 <= res["metrics"]["NDCG@10"] <= res["metrics"]["HR@10"] <= 1.0
         assert res["groups"]["head"]["n"] + res["groups"]["tail"]["n"] == 150
     table = (base / "results.md").read_text()
-    for kind in ("sasrec", "sid", "h2rec"):
+    for kind in ("sasrec", "sid", "fusion", "h2rec"):
         assert f"| {kind} | overall | 150 |" in table and f"| {kind} | tail |" in table
     assert (base / "ndcg10_by_popularity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     resolved = json.loads((base / "sasrec" / "config.json").read_text())

@@ -53,8 +53,8 @@ __all__ = ["main", "train_main"]
 
 logger = logging.getLogger("h2rec")
 
-MODEL_KINDS = ("sasrec", "sid", "h2rec")
-# h2rec-train without data: the built-in dataset, all three models, a short schedule
+MODEL_KINDS = ("sasrec", "sid", "fusion", "h2rec")
+# h2rec-train without data: the built-in dataset, every model kind, a short schedule
 PIPELINE_SIDS = "semantic_ids"  # h2rec-train's SID folder inside the run folder
 BUILTIN_PRESET = ("name=builtin", "train.epochs=20", "train.patience=5")
 
@@ -582,7 +582,7 @@ def _pipeline_in(
     dataset = load_dataset(data_dir)
     logger.info("dataset %s: %d users, %d items", dataset.name, dataset.n_users, dataset.n_items)
 
-    needs_sids = any(k in ("sid", "h2rec") for k in kinds)
+    needs_sids = any(k in ("sid", "fusion", "h2rec") for k in kinds)
     embeddings = None
     # not base / "sid": that is the SID-only model's run folder
     sid_dir = Path(cfg.sid.path) if cfg.sid.path else base / PIPELINE_SIDS
@@ -790,7 +790,7 @@ def build_train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="h2rec-train",
         description="prepare -> embed -> build-sid -> train -> test in one command. Without "
-        "DATA: the built-in generated dataset, SASRec, SID-only and H2Rec, with the preset "
+        "DATA: the built-in generated dataset, SASRec, SID-only, naive fusion and H2Rec, with the preset "
         + " ".join(BUILTIN_PRESET)
         + " (override with --set)",
     )
@@ -798,7 +798,7 @@ def build_train_parser() -> argparse.ArgumentParser:
     p.add_argument("--items", help="item text table (with an interaction file; or data.items)")
     p.add_argument(
         "--models",
-        help="comma-separated model kinds (default: model.kind; without DATA: sasrec,sid,h2rec)",
+        help="comma-separated model kinds (default: model.kind; without DATA: sasrec,sid,fusion,h2rec)",
     )
     _add_run_options(p)
     p.set_defaults(func=_pipeline)

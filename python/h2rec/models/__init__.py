@@ -22,6 +22,7 @@ from h2rec.models.backbone import (
 )
 from h2rec.models.config import ModelConfig
 from h2rec.models.embeddings import HidEmbedding, SidEmbedding, pca_scores
+from h2rec.models.fusion import FusionRec
 from h2rec.models.h2rec import H2Rec, LevelGate
 from h2rec.models.positives import CooccurrencePositives, tuple_groups
 from h2rec.models.sasrec import SASRec
@@ -29,7 +30,7 @@ from h2rec.models.sid import SidRec
 
 logger = logging.getLogger(__name__)
 
-Recommender = Union[SASRec, SidRec, H2Rec]
+Recommender = Union[SASRec, SidRec, FusionRec, H2Rec]
 
 
 class _SidsLike(Protocol):
@@ -53,7 +54,7 @@ def build_model(
         cfg: model configuration.
         n_items: number of real items.
         sids: semantic IDs (``codes`` (n_items, L), ``codebooks`` (L, K, Dt)); required by
-            "sid" and "h2rec".
+            "sid", "fusion" and "h2rec".
         item_embeddings: (n_items, Dt) text embeddings; required by ``hid_init="pca"``.
         cooccur: co-occurrence positives for H2Rec's item-level alignment (None: positives
             are the item itself and items sharing its SID tuple).
@@ -86,6 +87,9 @@ def build_model(
     elif cfg.kind == "sid":
         assert codes is not None
         model = SidRec(cfg, codes, codebooks)
+    elif cfg.kind == "fusion":
+        assert codes is not None
+        model = FusionRec(cfg, n_items, codes, codebooks, item_embeddings)
     else:
         assert codes is not None
         model = H2Rec(cfg, n_items, codes, codebooks, item_embeddings, cooccur, popularity)
@@ -98,6 +102,7 @@ __all__ = [
     "Backbone",
     "CooccurrencePositives",
     "CrossAttention",
+    "FusionRec",
     "H2Rec",
     "HidEmbedding",
     "LevelCrossAttention",

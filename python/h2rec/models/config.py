@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields
 
 from h2rec.errors import ConfigError
 
-MODEL_KINDS = ("sasrec", "sid", "h2rec")
+MODEL_KINDS = ("sasrec", "sid", "fusion", "h2rec")
 SID_POOLINGS = ("mean", "sum")
 SID_INITS = ("centroids", "random")
 HID_INITS = ("random", "pca")
@@ -24,7 +24,9 @@ class ModelConfig:
     ``cross_attention=False`` (branches without cross-attention), ``shared_backbone=False``.
     """
 
-    kind: str = "h2rec"  # "sasrec" (hash IDs only), "sid" (semantic IDs only) or "h2rec" (both)
+    # "sasrec" (hash IDs only), "sid" (semantic IDs only), "fusion" (HID + SID vectors summed into
+    # one backbone: the naive baseline) or "h2rec" (both, dual branch)
+    kind: str = "h2rec"
     hidden: int = 64  # width D of item embeddings, streams and transformer blocks
     n_layers: int = 2  # transformer blocks in the backbone
     n_heads: int = 1  # attention heads in every (self- and cross-) attention; divides hidden
@@ -83,8 +85,8 @@ class ModelConfig:
 
     @property
     def uses_sids(self) -> bool:
-        """Whether the model needs semantic IDs (SID-only and H2Rec)."""
-        return self.kind in ("sid", "h2rec")
+        """Whether the model needs semantic IDs (SID-only, fusion and H2Rec)."""
+        return self.kind in ("sid", "fusion", "h2rec")
 
 
 _TYPES: dict[str, tuple[type, ...]] = {

@@ -1,0 +1,115 @@
+"""Resumable tuning grid on Amazon Beauty, judged on the *validation* split only.
+
+Each variant is one ``h2rec train`` (its own run folder under ``--runs``), followed by
+``h2rec evaluate --split valid`` whose JSON (overall, head/tail, popularity buckets) is written to
+``--results/<name>.json``. A variant whose result file exists is skipped, so the script can be
+stopped and restarted at will, and several copies can share the list (``--worker i/n`` takes every
+n-th variant). Test metrics are never read here: choose on validation, then test once.
+
+    python examples/tune_beauty.py DATA_DIR --runs runs/tune --results examples/results/beauty-valid \
+        --worker 0/2 &
+    python examples/tune_beauty.py DATA_DIR --runs runs/tune --results examples/results/beauty-valid \
+        --worker 1/2 &
+
+``DATA_DIR`` is a prepared Beauty folder with ``embeddings.npy`` and ``sid/`` (see
+examples/README.md). Every run uses one thread (two workers share two cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+COMMON = ["train.num_threads=1", "train.patience=5", "train.epochs=40"]
+
+VARIANTS: dict[str, list[str]] = {
+    "sasrec": ["model.kind=sasrec"],
+    "h2rec": ["model.kind=h2rec"],
+    "fusion": ["model.kind=fusion"],
+    "h2rec-popgate": ["model.kind=h2rec", "model.hid_pop_gate=true"],
+    "h2rec-seqhid": ["model.kind=h2rec", "model.align_seq_target=hid"],
+    "sasrec-nobucket": ["model.kind=sasrec", "train.length_buckets=0"],
+    "h2rec-pca": ["model.kind=h2rec", "model.hid_init=pca"],
+    "sid": ["model.kind=sid"],
+    "h2rec-align03": ["model.kind=h2rec", "model.align_item_weight=0.3", "model.align_seq_weight=0.3"],
+    "h2rec-noalign": ["model.kind=h2rec", "model.align_item=false", "model.align_seq=false"],
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("data")
+    p.add_argument("--runs", default="runs/tune")
+    p.add_argument("--results", default="examples/results/beauty-valid")
+    p.add_argument("--worker", default="0/1", help="i/n: run every n-th variant starting at i")
+    p.add_argument("--only", default="", help="comma-separated variant names")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--summary", action="store_true", help="print the table of finished variants")
+    args = p.parse_args(argv)
+    if args.summary:
+        print(summary(Path(args.results)))
+        return 0
+    i, n = (int(v) for v in args.worker.split("/"))
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    names = [v for v in VARIANTS if not args.only or v in args.only.split(",")]
+    for k, name in enumerate(names):
+        if k % n != i:
+            continue
+        tag = name if args.seed == 0 else f"{name}-s{args.seed}"
+        out = results / f"{tag}.json"
+        if out.exists():
+            print(f"[{tag}] done, skipped", flush=True)
+            continue
+        sets = [*COMMON, *VARIANTS[name], f"train.seed={args.seed}"]
+        cmd = [sys.executable, "-m", "h2rec.cli", "train", args.data, "--sids", f"{args.data}/sid",
+               "--name", tag, "--output-dir", args.runs]
+        run_dir = Path(args.runs) / tag
+        if (run_dir / "last.pt").exists() and not (run_dir / "metrics.json").exists():
+            cmd.append("--resume")
+        for s in sets:
+            cmd += ["--set", s]
+        t0 = time.time()
+        print(f"[{tag}] training: {' '.join(sets)}", flush=True)
+        if not (run_dir / "metrics.json").exists():
+            subprocess.run(cmd, check=True)
+        ev = [sys.executable, "-m", "h2rec.cli", "evaluate", str(run_dir), "--split", "valid",
+              "--out", str(out.with_suffix(".tmp.json")), "--overwrite"]
+        subprocess.run(ev, check=True, stdout=subprocess.DEVNULL)
+        res = json.loads(out.with_suffix(".tmp.json").read_text())
+        hist = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        res["variant"] = {"name": name, "seed": args.seed, "set": sets}
+        res["epochs"] = len(hist)
+        res["valid_curve"] = [round(h.get("valid", {}).get("NDCG@10", float("nan")), 4) for h in hist]
+        res["epoch_seconds"] = [round(h.get("epoch_seconds", float("nan")), 1) for h in hist]
+        out.write_text(json.dumps(res, indent=1))
+        out.with_suffix(".tmp.json").unlink()
+        print(f"[{tag}] {time.time() - t0:.0f} s, {len(hist)} epochs", flush=True)
+    return 0
+
+
+def summary(results: Path) -> str:
+    """Markdown table of every finished variant: validation NDCG@10 overall, head, tail, buckets."""
+    rows = []
+    buckets: list[str] = []
+    for f in sorted(results.glob("*.json")):
+        if f.name.endswith(".tmp.json"):
+            continue
+        r = json.loads(f.read_text())
+        (res,) = r["models"].values()
+        buckets = [b for b in r["buckets"]]
+        g = res["groups"]
+        cells = [res["metrics"]["NDCG@10"], res["metrics"]["HR@10"], g["head"]["NDCG@10"],
+                 g["tail"]["NDCG@10"], *[g.get(b, {}).get("NDCG@10") for b in buckets]]
+        rows.append(f"| {f.stem} | {r['epochs']} | " + " | ".join(
+            "-" if c is None else f"{c:.4f}" for c in cells) + " |")
+    head = "| variant | epochs | NDCG@10 | HR@10 | head | tail | " + " | ".join(buckets) + " |"
+    return "\n".join([head, "|---" * (6 + len(buckets)) + "|", *rows])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
