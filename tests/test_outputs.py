@@ -313,6 +313,22 @@ def test_embeddings_of_another_item_order_are_refused(
     assert json.loads((sid / "meta.json").read_text())["item_ids_sha256"] == ds.item_fingerprint
 
 
+def test_build_sid_of_a_dataset_refuses_embeddings_of_other_item_ids(
+    staged: dict[str, Path], reordered: dict[str, Path], tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Another dataset's embeddings (with their fingerprint) copied into a dataset folder."""
+    import shutil
+
+    ds = tmp_path / "ds"
+    shutil.copytree(reordered["ds_shuffled"], ds)
+    for name in ("embeddings.npy", "embeddings.npy.h2rec.json"):
+        shutil.copy(staged["ds"] / name, ds / name)
+    assert main(["build-sid", str(ds), str(tmp_path / "sid"), "--codebook-size", "8"]) == 2
+    assert "built for other item ids" in err_line(capsys)
+    assert not (tmp_path / "sid").exists()
+
+
 def test_checkpoint_of_other_item_ids_is_refused(
     staged: dict[str, Path], reordered: dict[str, Path], tmp_path: Path,
     capsys: pytest.CaptureFixture[str],

@@ -212,6 +212,14 @@ def run_build_sid(args: argparse.Namespace) -> int:
     from h2rec.semantic_ids import build_sid_dir
 
     source = args.embeddings / EMBEDDINGS_FILE if args.embeddings.is_dir() else args.embeddings
+    if args.embeddings.is_dir() and (args.embeddings / "meta.json").is_file():
+        # a dataset folder: its embeddings must describe its items, in its order
+        from h2rec.data import load_dataset
+        from h2rec.embed import check_item_fingerprint
+
+        dataset = load_dataset(args.embeddings)
+        if source.is_file():
+            check_item_fingerprint(source, dataset.item_fingerprint, dataset.n_items)
     sids = build_sid_dir(
         source,
         args.out,
