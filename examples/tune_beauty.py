@@ -104,7 +104,7 @@ def summary(results: Path) -> str:
         buckets = [b for b in r["buckets"]]
         g = res["groups"]
         cells = [res["metrics"]["NDCG@10"], res["metrics"]["HR@10"], g["head"]["NDCG@10"],
-                 g["tail"]["NDCG@10"], *[g.get(b, {}).get("NDCG@10") for b in buckets]]
+                 g["tail"]["NDCG@10"], *[g.get(f"pop_{b}", {}).get("NDCG@10") for b in buckets]]
         rows.append(f"| {f.stem} | {r['epochs']} | " + " | ".join(
             "-" if c is None else f"{c:.4f}" for c in cells) + " |")
     head = "| variant | epochs | NDCG@10 | HR@10 | head | tail | " + " | ".join(buckets) + " |"
