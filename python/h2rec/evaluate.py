@@ -323,25 +323,34 @@ def full_ranks(
     scores count as -inf, as in :func:`ranks_against`."""
     device = states.device
     b = states.shape[0]
+    n_cols = items_all.shape[0]
     rows = torch.arange(b, device=device)
     tgt = torch.from_numpy(np.asarray(targets, dtype=np.int64)).to(device)
     scores = states @ items_all.T  # (B, N + 1)
     t = scores[rows, tgt]  # (B,)
     t = torch.nan_to_num(t, nan=float("-inf"))
-    beats = scores >= t[:, None]  # NaN >= t is False, as -inf >= finite t
     lost = torch.isneginf(t)  # a target at -inf (or NaN) ties with every column, NaN ones too
-    if bool(lost.any()):
-        beats[lost] = True
-    count = beats.sum(dim=1) - beats[rows, tgt].long() - beats[:, 0].long()
+
+    def beats(r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Whether column c of row r scores >= the row's target (NaN >= t is False)."""
+        return (scores[r, c] >= t[r]) | lost[r]
+
+    # counted in column slabs: a (B, N + 1) mask and its int64 sum would hold 9 bytes per score
+    count = torch.zeros(b, dtype=torch.int64, device=device)
+    step = max(1, (1 << 22) // max(b, 1))
+    for c0 in range(0, n_cols, step):
+        count += (scores[:, c0 : c0 + step] >= t[:, None]).sum(dim=1)
+    count[lost] = n_cols
+    count = count - beats(rows, tgt).long() - beats(rows, torch.zeros_like(tgt)).long()
     if hist_offsets is not None and hist_items is not None and hist_items.size:
         h_rows = np.repeat(np.arange(b), np.diff(hist_offsets))
-        keys = np.unique(h_rows * (items_all.shape[0]) + hist_items)  # distinct (row, item)
-        h_rows, h_items = keys // items_all.shape[0], keys % items_all.shape[0]
+        keys = np.unique(h_rows * n_cols + hist_items)  # distinct (row, item)
+        h_rows, h_items = keys // n_cols, keys % n_cols
         keep = (h_items != np.asarray(targets)[h_rows]) & (h_items != 0)
         hr = torch.from_numpy(h_rows[keep]).to(device)
         hi = torch.from_numpy(h_items[keep]).to(device)
         count = count - torch.zeros(b, dtype=count.dtype, device=device).index_add_(
-            0, hr, beats[hr, hi].long()
+            0, hr, beats(hr, hi).long()
         )
     return count
 
