@@ -73,7 +73,9 @@ def test_training_improves_validation_ndcg(data: dict[str, Any], tmp_path: Path)
 
 def test_without_a_run_directory_the_best_epoch_is_tested(data: dict[str, Any]) -> None:
     # a large learning rate makes validation NDCG@10 fall after its peak
-    cfg = _cfg("model.kind=sasrec", "train.epochs=4", "train.lr=0.1", "train.loss=bce")
+    cfg = _cfg(
+        "model.kind=sasrec", "train.epochs=4", "train.lr=0.1", "train.loss=bce", "train.loss_scale=batch"
+    )
     result = train(cfg, data["store"], None, run_dir=None)
     valid = [h["valid"]["NDCG@10"] for h in result.history]
     assert result.best_epoch == int(np.argmax(valid)) + 1
@@ -337,3 +339,50 @@ def test_auto_loss_switches_to_shared_sampled_softmax_for_big_catalogues(
     cfg = _cfg("model.kind=h2rec", "train.epochs=1", f"train.full_softmax_max_items={n - 1}")
     res = train(cfg, data["store"], data["sids"], run_dir=None)
     assert np.isfinite(res.history[0]["loss"])
+
+
+@pytest.mark.parametrize("last_only", [False, True])
+def test_epoch_loss_scale_weighs_every_position_the_same_whatever_the_batching(
+    data: dict[str, Any], last_only: bool
+) -> None:
+    """With train.loss_scale=epoch a batch's loss is its sum of per-position cross-entropies
+    over the epoch's mean positions per batch, so (fixed weights) an epoch's summed loss is the
+    same for length-bucketed and for random batches; the per-batch mean is not."""
+    import torch.nn.functional as F
+
+    from h2rec.train import TrainStep, positions_per_batch
+
+    ds = data["dataset"]
+    cfg = _cfg("model.kind=sasrec", "train.loss=full_softmax", f"train.last_only={str(last_only).lower()}")
+    seed_everything(0)
+    model = build_for(cfg, ds.store, None, None)
+    model.eval()  # no dropout: the loss is a function of the batch only
+    step = TrainStep(model, cfg)
+    totals: dict[tuple[int, str], float] = {}
+    for buckets in (0, 4):
+        sampler = _core.TrainSampler(ds.store, cfg.model.max_len, 16, 1, 0, last_only=last_only,
+                                     bucket_batches=buckets, trim=True)
+        scale = positions_per_batch(sampler, last_only)
+        batches = list(sampler.epoch(1))
+        # the oracle: mean positions per batch counted with numpy
+        counts = [int((y[:, -1:] if last_only else y).astype(bool).sum()) for _, y, _ in batches]
+        assert scale == pytest.approx(np.mean(counts))
+        for mode in ("epoch", "batch"):
+            step.position_scale = scale if mode == "epoch" else None
+            total = 0.0
+            with torch.no_grad():
+                for x, y, neg in batches:
+                    loss, _ = step(*(torch.from_numpy(a) for a in (x, y, neg)))
+                    total += float(loss)
+                    if mode == "epoch":  # by hand: summed cross-entropy over all items / scale
+                        states = model(torch.from_numpy(x))
+                        tgt = torch.from_numpy(y)
+                        if last_only:
+                            states, tgt = states[:, -1:], tgt[:, -1:]
+                        logits = states[tgt > 0] @ model.all_item_vectors()[1:].T
+                        ce = F.cross_entropy(logits, tgt[tgt > 0] - 1, reduction="sum")
+                        assert float(loss) == pytest.approx(float(ce) / scale, rel=1e-5)
+            totals[buckets, mode] = total
+    assert totals[0, "epoch"] == pytest.approx(totals[4, "epoch"], rel=1e-5)
+    if not last_only:  # bucketed batch means weigh short users' positions up
+        assert abs(totals[0, "batch"] - totals[4, "batch"]) > 1e-4 * totals[0, "batch"]

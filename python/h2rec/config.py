@@ -122,6 +122,11 @@ class TrainConfig:
     full_softmax_max_items: int = 200_000  # loss="auto": largest catalogue trained with full softmax
     loss_memory_mb: int = 256  # full softmax: memory for one chunk of logits (rows are chunked)
     length_buckets: int = 16  # sort users by length within windows of this many batches; 0 = off
+    # "epoch": a batch's recommendation loss is its sum over positions divided by the epoch's mean
+    # positions per batch, so every position weighs the same whichever batch holds it (length
+    # buckets put short users together: a per-batch mean would weigh their positions up);
+    # "batch": the mean over the batch's positions
+    loss_scale: Literal["epoch", "batch"] = "epoch"
     last_only: bool = False  # train on the last position of each sequence only
     grad_clip: float = 0.0  # max gradient norm; 0 = no clipping
     seed: int = 0  # the one seed of the run (sampler, init, dropout)

@@ -288,6 +288,8 @@ class TrainStep(nn.Module):
         self.last_only = cfg.train.last_only
         self.max_logits = max(cfg.train.loss_memory_mb * 2**20 // 4, 1)
         self.log_q = log_q if self.plan.popularity else None
+        # train.loss_scale="epoch": mean positions per batch over the epoch (see positions_per_batch)
+        self.position_scale: float | None = None
 
     def forward(
         self, inputs: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor
@@ -307,11 +309,25 @@ class TrainStep(nn.Module):
             max_logits=self.max_logits,
             log_q=log_q,
         )
+        if self.position_scale is not None:  # sum over positions / the epoch's mean per batch
+            real = targets[:, -1:] if self.last_only else targets
+            rec = rec * ((real > 0).sum().to(rec.dtype) / self.position_scale)
         parts = {"rec": rec}
         for name, value in self.model.aux_losses(inputs, states, targets).items():
             parts[name] = value
         total = sum(parts.values(), torch.zeros((), device=rec.device))
         return total, parts
+
+
+def positions_per_batch(sampler: _core.TrainSampler, last_only: bool) -> float:
+    """Mean number of trained positions per batch over an epoch (the same for every epoch:
+    only the grouping of users into batches changes)."""
+    total = batches = 0
+    for _, targets, _ in sampler.epoch(0):
+        real = targets[:, -1:] if last_only else targets
+        total += int((real > 0).sum())
+        batches += 1
+    return total / max(batches, 1)
 
 
 def _unused_parameters(
@@ -595,6 +611,9 @@ def train(
         raise DataError(f"dataset: {err}; drop such users or use a larger catalogue") from err
     if sampler.n_batches == 0:
         raise DataError("dataset: no user has a training item (every sequence is shorter than 3)")
+    if cfg.train.loss_scale == "epoch":
+        assert isinstance(step_module, TrainStep)
+        step_module.position_scale = positions_per_batch(sampler, cfg.train.last_only)
     if cfg.train.compile:  # batch widths vary with the length buckets: dynamic shapes
         step_module = torch.compile(step_module, dynamic=True)  # type: ignore[assignment]
     if world > 1:
