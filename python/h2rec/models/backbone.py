@@ -8,6 +8,7 @@ padding changes nothing at real positions.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -94,7 +95,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, drop: nn.Module) ->
     change with the thread count, and with short sequences the plain form is no slower. On GPU
     the fused kernel runs."""
     if q.device.type != "cpu":
-        p = drop.p if drop.training else 0.0  # type: ignore[union-attr]
+        p = float(getattr(drop, "p", 0.0)) if drop.training else 0.0
         return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p)
     scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (N, H, T, S)
     scores = scores.masked_fill(~allowed, float("-inf"))
@@ -324,3 +325,37 @@ class LevelCrossAttention(nn.Module):
         y = y.view(b, n_lv, h, t, d // h).permute(0, 3, 1, 2, 4).reshape(b, t, n_lv, d)
         y = self._proj(y, 3)  # (B, T, L, D)
         return (levels + self.drop(y)) * real[:, :, None, None]
+
+
+class SingleStream(nn.Module):
+    """Base of the one-backbone recommenders (SASRec, SID-only, fusion): a subclass sets
+    ``cfg`` and its item table(s) and defines ``item_vectors``; the input stream is the items'
+    vectors, the user state the backbone's output, and there are no auxiliary losses."""
+
+    cfg: Any
+
+    def _build_stream(self) -> None:
+        """Add the position/dropout input and the backbone ``self.cfg`` asks for."""
+        cfg = self.cfg
+        self.input = SequenceInput(cfg.hidden, cfg.max_len, cfg.dropout, cfg.init_std)
+        self.backbone = Backbone(cfg.hidden, cfg.n_layers, cfg.n_heads, cfg.dropout, cfg.ffn_mult)
+
+    def item_vectors(self, items: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, seq: Tensor) -> Tensor:
+        """seq (B, T) left-padded item ids -> user states (B, T, D), zero at padding."""
+        real = seq > 0  # (B, T)
+        allowed = attention_mask(real, self.cfg.causal)  # (B, 1, T, T)
+        x = self.input(self.item_vectors(seq), real)  # (B, T, D)
+        return self.backbone(x, real, allowed)
+
+    def aux_losses(
+        self,
+        seq: Tensor,
+        states: Tensor,
+        pos_items: Tensor,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, Tensor]:
+        """No auxiliary losses."""
+        return {}

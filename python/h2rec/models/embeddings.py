@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from h2rec.errors import ConfigError, DataError
+from h2rec.models.config import ModelConfig
 
 
 def pca_scores(x: np.ndarray, dim: int) -> np.ndarray:
@@ -182,6 +183,21 @@ class SidEmbedding(nn.Module):
     def pool(self, levels: Tensor) -> Tensor:
         """(..., L, D) -> (..., D) by the configured mean or sum over levels."""
         return levels.mean(dim=-2) if self.pooling == "mean" else levels.sum(dim=-2)
+
+    @classmethod
+    def from_config(
+        cls, cfg: ModelConfig, codes: np.ndarray, codebooks: np.ndarray | None = None
+    ) -> SidEmbedding:
+        """The SID embedding a model configuration asks for (width, init, pooling, freezing)."""
+        return cls(
+            codes,
+            cfg.hidden,
+            codebooks,
+            init=cfg.sid_init,
+            trainable=cfg.codebooks_trainable,
+            pooling=cfg.sid_pooling,
+            init_std=cfg.init_std,
+        )
 
     def forward(self, items: Tensor) -> Tensor:
         """items (...) -> fused SID item embedding (..., D); zero for item 0.

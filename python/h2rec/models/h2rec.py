@@ -69,6 +69,8 @@ class H2Rec(nn.Module):
     only when switched on in the config).
     """
 
+    log_pop: Tensor  # (N+1,) buffer, with hid_pop_gate only
+
     def __init__(
         self,
         cfg: ModelConfig,
@@ -85,15 +87,7 @@ class H2Rec(nn.Module):
         self.n_items = n_items
         self.out_dim = 2 * d
         self.hid = HidEmbedding(n_items, d, cfg.init_std, cfg.hid_init, item_embeddings)
-        self.sid = SidEmbedding(
-            codes,
-            d,
-            codebooks,
-            init=cfg.sid_init,
-            trainable=cfg.codebooks_trainable,
-            pooling=cfg.sid_pooling,
-            init_std=cfg.init_std,
-        )
+        self.sid = SidEmbedding.from_config(cfg, codes, codebooks)
         n_levels = self.sid.n_levels
         self.n_levels = n_levels
         self.input = SequenceInput(d, cfg.max_len, cfg.dropout, cfg.init_std)

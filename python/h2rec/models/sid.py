@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from h2rec.models.backbone import Backbone, SequenceInput, attention_mask
+from h2rec.models.backbone import SingleStream
 from h2rec.models.config import ModelConfig
 from h2rec.models.embeddings import SidEmbedding
 
 
-class SidRec(nn.Module):
+class SidRec(SingleStream):
     """Semantic-ID-only sequential recommender; states and item vectors are D = cfg.hidden wide.
 
     Items sharing their full code tuple share one vector (use the "dedup" collision policy to
@@ -25,24 +25,8 @@ class SidRec(nn.Module):
         self.cfg = cfg
         self.n_items = int(np.asarray(codes).shape[0])
         self.out_dim = cfg.hidden
-        self.sid = SidEmbedding(
-            codes,
-            cfg.hidden,
-            codebooks,
-            init=cfg.sid_init,
-            trainable=cfg.codebooks_trainable,
-            pooling=cfg.sid_pooling,
-            init_std=cfg.init_std,
-        )
-        self.input = SequenceInput(cfg.hidden, cfg.max_len, cfg.dropout, cfg.init_std)
-        self.backbone = Backbone(cfg.hidden, cfg.n_layers, cfg.n_heads, cfg.dropout, cfg.ffn_mult)
-
-    def forward(self, seq: Tensor) -> Tensor:
-        """seq (B, T) left-padded item ids -> user states (B, T, D), zero at padding."""
-        real = seq > 0  # (B, T)
-        allowed = attention_mask(real, self.cfg.causal)  # (B, 1, T, T)
-        x = self.input(self.sid(seq), real)  # (B, T, D)
-        return self.backbone(x, real, allowed)
+        self.sid = SidEmbedding.from_config(cfg, codes, codebooks)
+        self._build_stream()
 
     def item_vectors(self, items: Tensor) -> Tensor:
         """items (...) -> (..., D); zero for item 0."""
@@ -51,13 +35,3 @@ class SidRec(nn.Module):
     def all_item_vectors(self) -> Tensor:
         """(n_items + 1, D); row 0 (padding) is zero."""
         return self.sid(torch.arange(self.n_items + 1, device=self.sid.codes.device))
-
-    def aux_losses(
-        self,
-        seq: Tensor,
-        states: Tensor,
-        pos_items: Tensor,
-        generator: torch.Generator | None = None,
-    ) -> dict[str, Tensor]:
-        """No auxiliary losses for the SID-only model."""
-        return {}
