@@ -43,6 +43,8 @@ VARIANTS: dict[str, list[str]] = {
     # length buckets with every position weighing the same (train.loss_scale=epoch, the default
     # since these runs; the runs above used the per-batch mean)
     "sasrec-epochscale": ["model.kind=sasrec", "train.loss_scale=epoch"],
+    "fusion-epochscale": ["model.kind=fusion", "train.loss_scale=epoch"],
+    "h2rec-epochscale": ["model.kind=h2rec", "train.loss_scale=epoch"],
 }
 
 
@@ -111,10 +113,15 @@ def summary(results: Path) -> str:
         g = res["groups"]
         cells = [res["metrics"]["NDCG@10"], res["metrics"]["HR@10"], g["head"]["NDCG@10"],
                  g["tail"]["NDCG@10"], *[g.get(f"pop_{b}", {}).get("NDCG@10") for b in buckets]]
-        rows.append(f"| {f.stem} | {r['epochs']} | " + " | ".join(
+        sets = r.get("variant", {}).get("set", [])
+        bucketed = "train.length_buckets=0" not in sets
+        scale = "epoch" if "train.loss_scale=epoch" in sets else "batch"  # batch: before the fix
+        batching = f"{'bucketed' if bucketed else 'random'}, loss_scale={scale}"
+        rows.append(f"| {f.stem} | {batching} | {r['epochs']} | " + " | ".join(
             "-" if c is None else f"{c:.4f}" for c in cells) + " |")
-    head = "| variant | epochs | NDCG@10 | HR@10 | head | tail | " + " | ".join(buckets) + " |"
-    return "\n".join([head, "|---" * (6 + len(buckets)) + "|", *rows])
+    head = ("| variant | batches | epochs | NDCG@10 | HR@10 | head | tail | "
+            + " | ".join(buckets) + " |")
+    return "\n".join([head, "|---" * (7 + len(buckets)) + "|", *rows])
 
 
 if __name__ == "__main__":
