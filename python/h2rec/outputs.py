@@ -42,7 +42,7 @@ from h2rec.errors import OutputError
 logger = logging.getLogger(__name__)
 
 MARKER = ".h2rec-output.json"
-KINDS = ("dataset", "sids", "run")
+KINDS = ("dataset", "sids", "run", "export")
 
 __all__ = [
     "KINDS",
@@ -74,7 +74,7 @@ def item_fingerprint(item_ids: Sequence[str]) -> str:
 
 
 def write_marker(folder: Path, kind: str) -> None:
-    """Mark ``folder`` as written by h2rec (kind: dataset, sids or run)."""
+    """Mark ``folder`` as written by h2rec (kind: dataset, sids, run or export)."""
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r}")
     payload = {"format": "h2rec-output", "kind": kind, "version": 1, "id": uuid.uuid4().hex}
