@@ -417,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_recommend)
 
     p = sub.add_parser(
-        "export", help="write the user encoder (TorchScript) and item vectors for serving"
+        "export", help="write the user encoder (torch.export) and item vectors for serving"
     )
     _evaluate_like(p)
     p.add_argument("out", help="output folder")

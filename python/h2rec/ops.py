@@ -32,5 +32,10 @@ class _Softmax(torch.autograd.Function):
 
 
 def softmax(x: Tensor) -> Tensor:
-    """``torch.softmax(x, dim=-1)`` with a backward that is bit-identical for any thread count."""
+    """``torch.softmax(x, dim=-1)`` with a backward that is bit-identical for any thread count.
+
+    Without a backward to run (no grad, or a trace for export) it is
+    ``torch.softmax`` itself: the forward is the same computation."""
+    if torch.jit.is_tracing() or not (torch.is_grad_enabled() and x.requires_grad):
+        return torch.softmax(x, dim=-1)
     return _Softmax.apply(x)  # type: ignore[no-any-return]

@@ -4,7 +4,7 @@ export that a service can run without the training code.
 >>> rec = Recommender.load("runs/h2rec")                       # a run folder or a .pt file
 >>> rec.recommend([["B004756YJA", "B0020YLEYK"], ["7806397051"]], k=10)  # original item ids
 >>> rec.recommend_file("sessions.csv", "top10.parquet", k=10)  # streamed, any number of users
->>> rec.export("serving/")                                     # encoder.pt + item vectors
+>>> rec.export("serving/")                                     # encoder.pt2 + item vectors
 
 New histories use the dataset's original item ids. Items the model does not know are skipped
 (and counted); a history with no known item gets the most popular items of the dataset
@@ -19,7 +19,6 @@ import logging
 import os
 import shutil
 import tempfile
-import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,11 +185,13 @@ def _row_chunks(
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
-def _grouped(sorted_rows: Path, chunk: int) -> Iterator[tuple[list[str], list[list[str]]]]:
-    """Histories from rows sorted by user, ``chunk`` users at a time (a user cut by a slice
-    boundary is carried into the next slice)."""
+def _grouped(
+    sorted_rows: Path, chunk: int, rows_per_slice: int | None = None
+) -> Iterator[tuple[list[str], list[list[str]]]]:
+    """Histories from rows sorted by user, ``chunk`` users at a time, reading
+    ``rows_per_slice`` rows at once (a user cut by a slice boundary is carried over)."""
     n_rows = pl.scan_parquet(sorted_rows).select(pl.len()).collect().item()
-    rows_per_slice = max(chunk * 8, 65_536)
+    rows_per_slice = rows_per_slice or max(chunk * 8, 65_536)
     carry_user: str | None = None
     carry_items: list[str] = []
     users: list[str] = []
@@ -475,7 +476,7 @@ class Recommender:
                 part = work / f"part-{len(parts):06d}.parquet"
                 frame.write_parquet(part)
                 parts.append(part)
-                logger.info("scored %d histories", stats.histories)
+                logger.debug("scored %d histories", stats.histories)
             if not parts:
                 raise DataError(f"{histories}: no histories in the file")
             tmp = work / f"all{suffix}"
@@ -582,8 +583,9 @@ class Recommender:
         return UserEncoder(self.model).eval()
 
     def export(self, out: str | Path, faiss: bool = False, overwrite: bool = False) -> Path:
-        """Write what a service needs into the folder ``out``: ``encoder.pt`` (TorchScript:
-        int64 (B, max_len) left-padded item rows -> float32 (B, E)), ``items.npy``
+        """Write what a service needs into the folder ``out``: ``encoder.pt2`` (a
+        ``torch.export`` program, ``torch.export.load(path).module()``: int64 (B, max_len)
+        left-padded item rows -> float32 (B, E)), ``items.npy
         (n_items, E) and ``hid.npy`` / ``sid.npy`` where the model has them, ``item_ids.json``
         (row r of the tables), ``manifest.json``, and with ``faiss`` an inner-product index
         ``items.faiss`` of ``items.npy``. The encoder is checked after loading it back: its
@@ -606,9 +608,9 @@ class Recommender:
                 for name, array in vectors.items():
                     np.save(work / f"{name}.npy", array)
                 (work / "item_ids.json").write_text(json.dumps(self.item_ids) + "\n", "utf8")
-                traced = self._trace()
-                traced.save(str(work / "encoder.pt"))
-                max_err = self._check_encoder(torch.jit.load(str(work / "encoder.pt")), vectors)
+                torch.export.save(self._exported(), work / "encoder.pt2")
+                loaded = torch.export.load(work / "encoder.pt2").module()
+                max_err = self._check_encoder(loaded, vectors)
                 if faiss:
                     index = faiss_lib.IndexFlatIP(vectors["items"].shape[1])
                     index.add(vectors["items"])
@@ -645,14 +647,13 @@ class Recommender:
             seq[row, self.max_len - n :] = gen.integers(1, self.dataset.n_items + 1, size=n)
         return torch.from_numpy(seq)
 
-    def _trace(self) -> torch.jit.ScriptModule:
+    def _exported(self) -> Any:
+        """The encoder as a ``torch.export`` program on the CPU, any batch size."""
         encoder = self.encoder().cpu()
         example = self._example_inputs(4, 0)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # TracerWarnings on shape checks (fixed max_len)
-            with torch.no_grad():
-                traced = torch.jit.trace(encoder, example, check_trace=False)
-        return traced  # type: ignore[no-any-return]
+        batch = torch.export.Dim("batch", min=1)
+        with torch.no_grad():
+            return torch.export.export(encoder, (example,), dynamic_shapes={"seq": {0: batch}})
 
     def _check_encoder(self, loaded: Any, vectors: dict[str, np.ndarray]) -> float:
         """Largest |score difference| between the reloaded encoder and the model on 37 random

@@ -144,7 +144,8 @@ class H2Rec(nn.Module):
         sid_in = (gate[..., None] * outs).sum(dim=2)  # (B, T, D)
         if self.cfg.shared_backbone:  # one call over both branches: (2B, T, D)
             both = self._twice(self.backbone, sid_in, hid_in, real, allowed)
-            sid_state, hid_state = both.chunk(2, dim=0)
+            b = seq.shape[0]
+            sid_state, hid_state = both[:b], both[b:]  # not chunk(): exportable with dynamic B
         else:
             sid_state = self.backbone(sid_in, real, allowed)  # (B, T, D)
             hid_state = self.backbone_hid(hid_in, real, allowed)  # (B, T, D)
