@@ -270,3 +270,17 @@ def test_readme_python_example_runs_as_written(tmp_path: Path,
     monkeypatch.chdir(tmp_path)
     exec(compile(blocks[0], "README.md", "exec"), {})
     assert (tmp_path / "runs" / "demo" / "h2rec" / "best.pt").is_file()
+
+
+def test_parquet_datetimes_order_the_rows(tmp_path: Path) -> None:
+    import datetime as dt
+
+    path = tmp_path / "h.parquet"
+    pl.DataFrame({
+        "uid": ["a", "b", "a", "a"],
+        "iid": ["x", "z", "y", "w"],
+        "when": [dt.datetime(2020, 1, 3), dt.datetime(2020, 1, 1), dt.datetime(2020, 1, 1),
+                 dt.datetime(2020, 1, 3)],
+    }).write_parquet(path)
+    got = list(iter_histories(path, user_col="uid", item_col="iid", time_col="when"))
+    assert got == [(["a", "b"], [["y", "x", "w"], ["z"]])]  # time, then file order

@@ -140,9 +140,10 @@ def _row_chunks(
     by user (then time, then file order) out of core into a temporary Parquet file, read back
     in slices: memory holds one chunk, not the file."""
     try:
-        columns = _scan(path, fmt).collect_schema().names()
+        schema = _scan(path, fmt).collect_schema()
     except (pl.exceptions.PolarsError, OSError) as err:
         raise DataError(f"{path}: not a readable {fmt} file: {err}") from err
+    columns = schema.names()
     for role, col in (("user", user_col), ("item", item_col)):
         if col not in columns:
             raise DataError(
@@ -158,7 +159,10 @@ def _row_chunks(
     ]
     order = ["user"]
     if time_col is not None:
-        select.append(pl.col(time_col).cast(pl.Float64, strict=False).alias("time"))
+        time = pl.col(time_col)
+        if schema[time_col].is_temporal():  # Parquet dates and datetimes: their integer value
+            time = time.cast(pl.Int64)
+        select.append(time.cast(pl.Float64, strict=False).alias("time"))
         order.append("time")
     tmp_dir = Path(tempfile.mkdtemp(prefix="h2rec-histories-"))
     try:
