@@ -17,10 +17,12 @@ from h2rec._core import (  # noqa: E402
     build_profile,
     code_report,
     cooccurrence,
+    gemm_simd_level,
     kmeans,
     reconstruction_errors,
     residual_kmeans,
     sample_candidates,
+    simd_level,
 )
 from h2rec.errors import CheckpointError, ConfigError, DataError, H2RecError  # noqa: E402
 
@@ -37,8 +39,10 @@ __all__ = [
     "build_profile",
     "code_report",
     "cooccurrence",
+    "gemm_simd_level",
     "kmeans",
     "reconstruction_errors",
     "residual_kmeans",
     "sample_candidates",
+    "simd_level",
 ]
