@@ -587,7 +587,7 @@ fn cooccurrence<'py>(
 }
 
 /// The instruction set of the vector kernels (k-means distances and norms, centroid sums):
-/// "avx2" or "scalar", decided once per process from the CPU and H2REC_SIMD.
+/// "avx2" or "scalar", decided at import from the CPU and H2REC_SIMD.
 #[pyfunction]
 fn simd_level() -> &'static str {
     crate::simd::level().name()
@@ -604,8 +604,10 @@ fn gemm_simd_level() -> &'static str {
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("build_profile", if cfg!(debug_assertions) { "debug" } else { "release" })?;
-    // A mistyped H2REC_SIMD fails the import rather than being ignored.
+    // A mistyped H2REC_SIMD fails the import rather than being ignored; a valid one fixes the
+    // kernels' level now, so that later changes to the environment do not matter.
     crate::simd::env_request().map_err(PyValueError::new_err)?;
+    crate::simd::level();
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;
     m.add_function(wrap_pyfunction!(gemm_simd_level, m)?)?;
     m.add_class::<SequenceStore>()?;

@@ -35,7 +35,7 @@ build_profile: Literal["release", "debug"]
 
 def simd_level() -> Literal["avx2", "scalar"]:
     """Instruction set of the vector kernels (k-means distances and norms, centroid sums),
-    decided once per process: ``"avx2"`` when the CPU has it, else ``"scalar"`` (portable
+    decided when the module is imported: ``"avx2"`` when the CPU has it, else ``"scalar"`` (portable
     x86-64 or other architectures). ``H2REC_SIMD=scalar`` in the environment forces the portable
     kernels (``auto``, the default, and ``avx2`` never go beyond what the CPU has); any other value
     makes the import fail. Both paths return the same bits."""
