@@ -586,10 +586,30 @@ fn cooccurrence<'py>(
     Ok((c.indptr.into_pyarray(py), c.indices.into_pyarray(py), c.weights.into_pyarray(py), c.counts.into_pyarray(py)))
 }
 
+/// The instruction set of the vector kernels (k-means distances and norms, centroid sums):
+/// "avx2" or "scalar", decided at import from the CPU and H2REC_SIMD.
+#[pyfunction]
+fn simd_level() -> &'static str {
+    crate::simd::level().name()
+}
+
+/// The instruction set the `gemm` crate runs the k-means distance GEMM with: "avx512", "avx2"
+/// or "scalar", from the CPU alone.
+#[pyfunction]
+fn gemm_simd_level() -> &'static str {
+    crate::simd::gemm_level()
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("build_profile", if cfg!(debug_assertions) { "debug" } else { "release" })?;
+    // A mistyped H2REC_SIMD fails the import rather than being ignored; a valid one fixes the
+    // kernels' level now, so that later changes to the environment do not matter.
+    crate::simd::env_request().map_err(PyValueError::new_err)?;
+    crate::simd::level();
+    m.add_function(wrap_pyfunction!(simd_level, m)?)?;
+    m.add_function(wrap_pyfunction!(gemm_simd_level, m)?)?;
     m.add_class::<SequenceStore>()?;
     m.add_class::<TrainSampler>()?;
     m.add_class::<EpochIter>()?;

@@ -25,10 +25,12 @@ from h2rec._core import (  # noqa: E402
     build_profile,
     code_report,
     cooccurrence,
+    gemm_simd_level,
     kmeans,
     reconstruction_errors,
     residual_kmeans,
     sample_candidates,
+    simd_level,
 )
 from h2rec.errors import CheckpointError, ConfigError, DataError, H2RecError  # noqa: E402
 
@@ -70,10 +72,12 @@ __all__ = [
     "code_report",
     "cooccurrence",
     "fit",
+    "gemm_simd_level",
     "kmeans",
     "load",
     "load_config",
     "reconstruction_errors",
     "residual_kmeans",
     "sample_candidates",
+    "simd_level",
 ]

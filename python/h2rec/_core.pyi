@@ -22,14 +22,28 @@ __all__ = [
     "build_profile",
     "code_report",
     "cooccurrence",
+    "gemm_simd_level",
     "kmeans",
     "reconstruction_errors",
     "residual_kmeans",
     "sample_candidates",
+    "simd_level",
 ]
 
 __version__: str
 build_profile: Literal["release", "debug"]
+
+def simd_level() -> Literal["avx2", "scalar"]:
+    """Instruction set of the vector kernels (k-means distances and norms, centroid sums),
+    decided when the module is imported: ``"avx2"`` when the CPU has it, else ``"scalar"`` (portable
+    x86-64 or other architectures). ``H2REC_SIMD=scalar`` in the environment forces the portable
+    kernels (``auto``, the default, and ``avx2`` never go beyond what the CPU has); any other value
+    makes the import fail. Both paths return the same bits."""
+
+def gemm_simd_level() -> Literal["avx512", "avx2", "scalar"]:
+    """Instruction set the ``gemm`` crate runs the k-means distance GEMM with, chosen by the crate
+    from the CPU alone (AVX-512F, else FMA with AVX2, else scalar); ``H2REC_SIMD`` does not
+    change it."""
 
 _I64 = NDArray[np.int64]
 _F32 = NDArray[np.float32]
