@@ -284,3 +284,28 @@ def test_parquet_datetimes_order_the_rows(tmp_path: Path) -> None:
     }).write_parquet(path)
     got = list(iter_histories(path, user_col="uid", item_col="iid", time_col="when"))
     assert got == [(["a", "b"], [["y", "x", "w"], ["z"]])]  # time, then file order
+
+
+def test_row_files_split_into_user_buckets_give_the_same_histories(tmp_path: Path) -> None:
+    from h2rec.serving import _row_chunks
+
+    rng = np.random.default_rng(5)
+    n = 3000
+    frame = pl.DataFrame({
+        "user_id": [f"u{u}" for u in rng.integers(0, 400, n)],
+        "item_id": [f"i{i}" for i in rng.integers(0, 50, n)],
+        "timestamp": rng.integers(0, 30, n),  # ties: file order decides
+    })
+    path = tmp_path / "rows.csv"
+    frame.write_csv(path)
+    want: dict[str, list[str]] = {}
+    for row in frame.with_row_index("row").sort(["user_id", "timestamp", "row"]).iter_rows():
+        want.setdefault(row[1], []).append(row[2])
+    for buckets in (1, 3, 16):
+        got: dict[str, list[str]] = {}
+        for users, hists in _row_chunks(path, "csv", 17, "user_id", "item_id", "auto", buckets):
+            assert len(users) <= 17
+            for u, h in zip(users, hists):
+                assert u not in got  # every user once, whole
+                got[u] = h
+        assert got == want, buckets

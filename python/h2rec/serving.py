@@ -128,6 +128,9 @@ def _scan(path: Path, fmt: str) -> pl.LazyFrame:
     )
 
 
+BUCKET_BYTES = 64 * 2**20  # input bytes per user bucket of a row file
+
+
 def _row_chunks(
     path: Path,
     fmt: str,
@@ -135,10 +138,13 @@ def _row_chunks(
     user_col: str,
     item_col: str,
     time_col: str | None,
+    buckets: int | None = None,
 ) -> Iterator[tuple[list[str], list[list[str]]]]:
-    """Interaction rows grouped into histories, ``chunk`` users at a time. The rows are sorted
-    by user (then time, then file order) out of core into a temporary Parquet file, read back
-    in slices: memory holds one chunk, not the file."""
+    """Interaction rows grouped into histories, ``chunk`` users at a time. The rows are split
+    by a hash of the user into buckets of about ``BUCKET_BYTES`` of input (``buckets`` to
+    set the number), written as temporary Parquet files batch by batch; each bucket is then
+    sorted by user (then time, then file order) and read back in slices: memory holds one
+    bucket's rows and one chunk, not the file."""
     try:
         schema = _scan(path, fmt).collect_schema()
     except (pl.exceptions.PolarsError, OSError) as err:
@@ -181,12 +187,33 @@ def _row_chunks(
             bad = nulls.select("row").head(1).collect()
             if bad.height:
                 raise DataError(f"{path}: row {int(bad['row'][0]) + 1}: empty user or item id")
-            frame.sort([*order, "row"]).drop("row").sink_parquet(sorted_rows)
+            n_buckets = buckets or max(1, -(-path.stat().st_size // BUCKET_BYTES))
+            parts = _bucket_rows(frame, n_buckets, tmp_dir)
         except pl.exceptions.PolarsError as err:
             raise DataError(f"{path}: not a readable {fmt} file: {err}") from err
-        yield from _grouped(sorted_rows, chunk)
+        for bucket in parts:  # one bucket's rows in memory at a time
+            pl.scan_parquet(bucket).sort([*order, "row"]).drop("row").sink_parquet(sorted_rows)
+            yield from _grouped(sorted_rows, chunk)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def _bucket_rows(frame: pl.LazyFrame, n_buckets: int, tmp_dir: Path) -> list[list[Path]]:
+    """The rows of ``frame`` split by a hash of the user into ``n_buckets`` sets of Parquet
+    files under ``tmp_dir``, read batch by batch (every row of a user lands in one bucket)."""
+    if n_buckets == 1:
+        single = tmp_dir / "rows.parquet"
+        frame.sink_parquet(single)
+        return [[single]]
+    parts: list[list[Path]] = [[] for _ in range(n_buckets)]
+    bucket = (pl.col("user").hash(seed=0) % n_buckets).alias("bucket")
+    for i, batch in enumerate(frame.collect_batches()):
+        split = batch.with_columns(bucket).partition_by("bucket", as_dict=True, include_key=False)
+        for (key,), rows in split.items():
+            part = tmp_dir / f"b{int(key):05d}-{i:07d}.parquet"  # type: ignore[call-overload]
+            rows.write_parquet(part)
+            parts[int(key)].append(part)  # type: ignore[call-overload]
+    return [p for p in parts if p]
 
 
 def _grouped(
