@@ -211,7 +211,7 @@ def test_interrupted_overwrite_keeps_the_old_run_whole_and_resume_finishes_the_n
     staged: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    import h2rec.train as train_mod
+    import h2rec.train.loop as train_mod  # where the loop looks up _evaluate_all
 
     base = ["train", str(staged["ds"]), "--name", "r", "--output-dir", str(tmp_path), *TINY]
     assert main(base) == 0

@@ -15,7 +15,7 @@ Alignment losses:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -23,11 +23,21 @@ from torch import Tensor
 
 from h2rec.errors import ConfigError
 
-if TYPE_CHECKING:
-    from h2rec.models import Recommender
-
 LossKind = Literal["bce", "sampled_softmax", "softmax"]
 LOSS_KINDS = ("bce", "sampled_softmax", "softmax")
+
+
+class ItemVectors(Protocol):
+    """The item side of a model, all that :func:`recommendation_loss` reads from it (every model
+    of ``h2rec.models`` has it; losses sit below the models and do not import them)."""
+
+    def item_vectors(self, items: Tensor) -> Tensor:
+        """items (...) -> (..., E); zero for item 0 (padding)."""
+        ...
+
+    def all_item_vectors(self) -> Tensor:
+        """(n_items + 1, E); row 0 (padding) is zero."""
+        ...
 
 
 def _last(x: Tensor, last_only: bool) -> Tensor:
@@ -207,7 +217,7 @@ def shared_sampled_softmax(
 
 
 def recommendation_loss(
-    model: Recommender,
+    model: ItemVectors,
     states: Tensor,
     targets: Tensor,
     negatives: Tensor | None = None,

@@ -1,0 +1,142 @@
+"""One training step: the loss a run trains with, its negatives, and how a batch's loss is scaled.
+
+``loss_plan`` resolves ``train.loss`` ("auto": full softmax up to ``full_softmax_max_items``
+items, sampled softmax with shared popularity negatives beyond); ``SharedNegatives`` draws the
+negatives a whole batch shares; ``TrainStep`` is the model plus its whole loss in one ``forward``
+(what DDP synchronises), scaled per position over the epoch (``train.loss_scale="epoch"``,
+with ``positions_per_batch``) or averaged per batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import nn
+
+from h2rec import _core
+from h2rec.config import RunConfig
+
+if TYPE_CHECKING:
+    from h2rec.models import Recommender
+
+
+# loss="auto" beyond full_softmax_max_items: this many popularity negatives shared per batch
+AUTO_SHARED_NEGATIVES = 4096
+
+
+@dataclass(frozen=True)
+class LossPlan:
+    """The recommendation loss a run trains with, once ``train.loss="auto"`` is resolved."""
+
+    kind: str  # "bce", "sampled_softmax" or "softmax" (full)
+    shared: int  # sampled_softmax: negatives shared by the batch; 0 = the sampler's per position
+    popularity: bool  # shared negatives drawn by training popularity (logQ-corrected)
+
+
+def loss_plan(cfg: RunConfig, n_items: int) -> LossPlan:
+    """Resolve ``train.loss``: "auto" is full softmax for catalogues of at most
+    ``train.full_softmax_max_items`` items, and sampled softmax with AUTO_SHARED_NEGATIVES (or
+    ``train.shared_negatives``) popularity negatives, logQ-corrected, beyond."""
+    t = cfg.train
+    if t.loss == "auto":
+        if n_items <= t.full_softmax_max_items:
+            return LossPlan("softmax", 0, False)
+        return LossPlan("sampled_softmax", t.shared_negatives or AUTO_SHARED_NEGATIVES, True)
+    if t.loss == "full_softmax":
+        return LossPlan("softmax", 0, False)
+    if t.loss == "sampled_softmax":
+        return LossPlan("sampled_softmax", t.shared_negatives, t.negative_sampling == "popularity")
+    return LossPlan("bce", 0, False)
+
+
+class SharedNegatives:
+    """Negatives shared by a whole batch, drawn from a fixed distribution over items 1..n.
+
+    Each draw is a pure function of (seed, epoch, step, rank), so runs replay exactly on resume
+    and for any thread count. ``log_q`` (n_items + 1,) is the log-probability of each item under
+    the distribution (row 0, padding, is -inf), for the logQ correction."""
+
+    def __init__(self, store: _core.SequenceStore, count: int, popularity: bool, seed: int) -> None:
+        n = int(store.n_items)
+        weights = (
+            store.popularity(holdout=2)[1:].astype(np.float64) + 1.0
+            if popularity
+            else np.ones(n, dtype=np.float64)
+        )  # add-one smoothing: every item can be drawn
+        q = weights / weights.sum()
+        self.count = count
+        self.seed = seed
+        self.cdf = np.cumsum(q)
+        self.cdf[-1] = 1.0
+        log_q = np.full(n + 1, -np.inf)
+        log_q[1:] = np.log(q)
+        self.log_q = torch.from_numpy(log_q).float()  # (n_items + 1,)
+
+    def draw(self, epoch: int, step: int, rank: int) -> np.ndarray:
+        """(count,) int64 item ids in 1..n_items, with replacement."""
+        rng = np.random.default_rng([self.seed, epoch, step, rank])
+        u = rng.random(self.count)
+        return np.searchsorted(self.cdf, u, side="right").astype(np.int64) + 1
+
+
+class TrainStep(nn.Module):
+    """Wraps the model so that the whole loss is one ``forward`` (what DDP synchronises)."""
+
+    log_q: torch.Tensor | None
+
+    def __init__(
+        self,
+        model: Recommender,
+        cfg: RunConfig,
+        plan: LossPlan | None = None,
+        log_q: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        self.model: Recommender = model
+        self.plan = plan or loss_plan(cfg, model.n_items)
+        self.last_only = cfg.train.last_only
+        self.max_logits = max(cfg.train.loss_memory_mb * 2**20 // 4, 1)
+        self.log_q = log_q if self.plan.popularity else None
+        # train.loss_scale="epoch": mean positions per batch over the epoch (see positions_per_batch)
+        self.position_scale: float | None = None
+
+    def forward(
+        self, inputs: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """inputs (B, T), targets (B, T), negatives (B, T, n) or shared (S,) -> (loss, parts)."""
+        from h2rec.losses import recommendation_loss
+
+        states = self.model(inputs)  # (B, T, E)
+        log_q = self.log_q.to(states.device) if self.log_q is not None else None
+        rec = recommendation_loss(
+            self.model,
+            states,
+            targets,
+            negatives,
+            kind=self.plan.kind,
+            last_only=self.last_only,
+            max_logits=self.max_logits,
+            log_q=log_q,
+        )
+        if self.position_scale is not None:  # sum over positions / the epoch's mean per batch
+            real = targets[:, -1:] if self.last_only else targets
+            rec = rec * ((real > 0).sum().to(rec.dtype) / self.position_scale)
+        parts = {"rec": rec}
+        for name, value in self.model.aux_losses(inputs, states, targets).items():
+            parts[name] = value
+        total = sum(parts.values(), torch.zeros((), device=rec.device))
+        return total, parts
+
+
+def positions_per_batch(sampler: _core.TrainSampler, last_only: bool) -> float:
+    """Mean number of trained positions per batch over an epoch (the same for every epoch:
+    only the grouping of users into batches changes)."""
+    total = batches = 0
+    for _, targets, _ in sampler.epoch(0):
+        real = targets[:, -1:] if last_only else targets
+        total += int((real > 0).sum())
+        batches += 1
+    return total / max(batches, 1)
