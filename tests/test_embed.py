@@ -227,3 +227,16 @@ def test_embed_dataset_writes_file_and_imports_npy(tmp_path: Path) -> None:
     assert not (tmp_path / "w.npy").exists()
     with pytest.raises(DataError, match="needs the file to import"):
         embed_dataset(ds, options=EmbedOptions(backend="npy"))
+
+
+def test_tfidf_embeddings_are_bit_identical_run_to_run() -> None:
+    """The same texts and seed give the same bits (Semantic IDs are built on them)."""
+    from h2rec.embed import EmbedOptions, embed_texts
+    from h2rec.synthetic import SyntheticConfig, generate_frames
+
+    _, table = generate_frames(SyntheticConfig(n_users=50, n_items=1500, seed=3))
+    texts = [" ".join(str(v) for v in row[1:]) for row in table.iter_rows()]
+    first = embed_texts(texts, EmbedOptions(backend="tfidf", dim=32, seed=0))
+    for _ in range(3):
+        again = embed_texts(texts, EmbedOptions(backend="tfidf", dim=32, seed=0))
+        assert first.tobytes() == again.tobytes()

@@ -237,16 +237,21 @@ def tfidf_matrix(
     entries = (
         counts.join(df, on="term", how="inner")
         .with_columns(((1.0 + pl.col("len").cast(pl.Float64).log()) * pl.col("idf")).alias("w"))
-        .with_columns((pl.col("w") / (pl.col("w") ** 2).sum().over("row").sqrt()).alias("w"))
         .sort("row", "col")
     )
     rows = entries.get_column("row").to_numpy()
+    weights = entries.get_column("w").to_numpy().astype(np.float64)
+    # row norms summed in (row, col) order, one term after another: the same bits every time
+    # (a parallel polars sum over a group's rows in hash order was not)
+    sq_norms = np.zeros(n, dtype=np.float64)
+    np.add.at(sq_norms, rows, weights * weights)
+    weights = weights / np.sqrt(sq_norms[rows])
     indptr = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(np.bincount(rows, minlength=n), out=indptr[1:])
     matrix = Csr(
         indptr,
         entries.get_column("col").cast(pl.Int64).to_numpy(),
-        entries.get_column("w").to_numpy().astype(np.float64),
+        weights,
         (n, len(vocab)),
     )
     return matrix, vocab
