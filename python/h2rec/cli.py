@@ -19,7 +19,6 @@ wrote them, run folders locked while a run writes them and swapped in when compl
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import errno
 import importlib.util
 import logging
@@ -77,12 +76,10 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
     if getattr(args, "output_dir", None):
         changes["output_dir"] = args.output_dir
     if changes:
-        try:
-            cfg = dataclasses.replace(cfg, **changes)
-        except (TypeError, ValueError) as err:
-            raise ConfigError(str(err)) from err
-    return cfg
+        from h2rec.runs import replace_config
 
+        cfg = replace_config(cfg, **changes)
+    return cfg
 
 
 # --------------------------------------------------------------------------- train

@@ -40,6 +40,7 @@ from h2rec.outputs import (
 )
 from h2rec.runs import (
     absolute,
+    device_for,
     load_embeddings_for,
     load_sids_for,
     replace_config,
@@ -226,7 +227,6 @@ def compare_runs(
     from h2rec.config import save_config
     from h2rec.evaluate import bucket_labels, evaluate
     from h2rec.report import write_report
-    from h2rec.runs import device_for
     from h2rec.train import load_checkpoint
 
     base = cfg.run_dir

@@ -22,11 +22,13 @@ if TYPE_CHECKING:  # the config pulls in torch: imported where used
 
 __all__ = [
     "absolute",
+    "check_serving_overrides",
     "checkpoint_path",
     "device_for",
     "load_embeddings_for",
     "load_run",
     "load_sids_for",
+    "replace_config",
     "with_values",
 ]
 
