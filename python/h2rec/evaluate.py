@@ -308,6 +308,19 @@ def _score_rows(n_items: int, batch_size: int, max_scores: int) -> int:
     return max(1, min(batch_size, max_scores // (n_items + 1)))
 
 
+def score_matrix(states: torch.Tensor, items_all: torch.Tensor) -> torch.Tensor:
+    """Scores (B, N + 1) of users (B, E) against items (N + 1, E), a fresh tensor.
+
+    Computed as ``(items_all @ states.T).T``: on the CPU that GEMM layout is about twice as
+    fast as ``states @ items_all.T`` for a few hundred users against a catalogue. Evaluation
+    and recommendation both score through here, so their rankings agree to the bit."""
+    return (items_all @ states.T).T
+
+
+# counts of 0/1 in float32 are exact below 2**24 columns
+_FLOAT_COUNT_LIMIT = 1 << 24
+
+
 def full_ranks(
     states: torch.Tensor,
     items_all: torch.Tensor,
@@ -326,7 +339,7 @@ def full_ranks(
     n_cols = items_all.shape[0]
     rows = torch.arange(b, device=device)
     tgt = torch.from_numpy(np.asarray(targets, dtype=np.int64)).to(device)
-    scores = states @ items_all.T  # (B, N + 1)
+    scores = score_matrix(states, items_all)  # (B, N + 1)
     t = scores[rows, tgt]  # (B,)
     t = torch.nan_to_num(t, nan=float("-inf"))
     lost = torch.isneginf(t)  # a target at -inf (or NaN) ties with every column, NaN ones too
@@ -335,13 +348,8 @@ def full_ranks(
         """Whether column c of row r scores >= the row's target (NaN >= t is False)."""
         return (scores[r, c] >= t[r]) | lost[r]
 
-    # counted in column slabs: a (B, N + 1) mask and its int64 sum would hold 9 bytes per score
-    count = torch.zeros(b, dtype=torch.int64, device=device)
-    step = max(1, (1 << 22) // max(b, 1))
-    for c0 in range(0, n_cols, step):
-        count += (scores[:, c0 : c0 + step] >= t[:, None]).sum(dim=1)
-    count[lost] = n_cols
-    count = count - beats(rows, tgt).long() - beats(rows, torch.zeros_like(tgt)).long()
+    # what is not counted against the target, read before the scores are overwritten below
+    not_counted = beats(rows, tgt).long() + beats(rows, torch.zeros_like(tgt)).long()
     if hist_offsets is not None and hist_items is not None and hist_items.size:
         h_rows = np.repeat(np.arange(b), np.diff(hist_offsets))
         keys = np.unique(h_rows * n_cols + hist_items)  # distinct (row, item)
@@ -349,10 +357,18 @@ def full_ranks(
         keep = (h_items != np.asarray(targets)[h_rows]) & (h_items != 0)
         hr = torch.from_numpy(h_rows[keep]).to(device)
         hi = torch.from_numpy(h_items[keep]).to(device)
-        count = count - torch.zeros(b, dtype=count.dtype, device=device).index_add_(
-            0, hr, beats(hr, hi).long()
-        )
-    return count
+        not_counted.index_add_(0, hr, beats(hr, hi).long())
+    if n_cols < _FLOAT_COUNT_LIMIT:
+        # in place: each score becomes 1.0 where it is >= the target (NaN: 0.0), summed as
+        # float32, exact for these counts; no mask, no extra memory
+        count = scores.ge_(t[:, None]).sum(dim=1).long()
+    else:  # column slabs: a (B, N + 1) mask and its int64 sum would hold 9 bytes per score
+        count = torch.zeros(b, dtype=torch.int64, device=device)
+        step = max(1, (1 << 22) // max(b, 1))
+        for c0 in range(0, n_cols, step):
+            count += (scores[:, c0 : c0 + step] >= t[:, None]).sum(dim=1)
+    count[lost] = n_cols
+    return count - not_counted
 
 
 @torch.inference_mode()
@@ -456,7 +472,7 @@ def recommend_top_k(
             else:
                 inputs, _ = store.eval_inputs(bu, max_len, split)
             states = _user_states(model, _trim(inputs), device)  # (B, E)
-            scores = torch.nan_to_num(states @ items_all.T, nan=float("-inf"))  # (B, N + 1)
+            scores = torch.nan_to_num(score_matrix(states, items_all), nan=float("-inf"))
             scores[:, 0] = float("-inf")
             if exclude_history:
                 h_off, h_items = store.histories(bu, holdout)
