@@ -11,6 +11,7 @@ pub mod batch;
 pub mod candidates;
 pub mod kmeans;
 pub mod cooccur;
+pub mod dropout;
 
 #[cfg(feature = "python")]
 mod py;

@@ -589,6 +589,20 @@ fn cooccurrence<'py>(
 /// The instruction set of the vector kernels (k-means distances and norms, centroid sums):
 /// "avx2" or "scalar", decided at import from the CPU and H2REC_SIMD.
 #[pyfunction]
+#[pyo3(signature = (n, p, seed, n_threads=None))]
+fn dropout_mask<'py>(py: Python<'py>, n: i64, p: f64, seed: u64, n_threads: Option<i64>) -> PyResult<Bound<'py, PyArray1<f32>>> {
+    if n < 0 {
+        return Err(PyValueError::new_err(format!("n={n} must be >= 0")));
+    }
+    crate::dropout::threshold(p)?;
+    let nt = threads(n_threads)?;
+    let scale = (1.0 / (1.0 - p)) as f32;
+    let mut out = vec![0.0f32; n as usize];
+    py.detach(|| pool::run(nt, || crate::dropout::fill_mask(&mut out, p, seed, scale)))??;
+    Ok(out.into_pyarray(py))
+}
+
+#[pyfunction]
 fn simd_level() -> &'static str {
     crate::simd::level().name()
 }
@@ -620,5 +634,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(reconstruction_errors, m)?)?;
     m.add_function(wrap_pyfunction!(code_report, m)?)?;
     m.add_function(wrap_pyfunction!(cooccurrence, m)?)?;
+    m.add_function(wrap_pyfunction!(dropout_mask, m)?)?;
     Ok(())
 }

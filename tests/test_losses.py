@@ -176,6 +176,37 @@ def test_item_alignment_is_symmetric_and_normalised() -> None:
     assert float(got) == pytest.approx(want, rel=1e-5)
 
 
+@pytest.mark.parametrize("tau", [0.5, 0.1, 0.03, 0.02])
+def test_fused_item_alignment_matches_the_two_generic_directions(tau: float) -> None:
+    # asymmetric weights (top-k co-occurrence rows need not be symmetric), rows with only the
+    # diagonal, a zero vector; tau=0.02 is past the fused path's range (the generic one runs)
+    g = torch.Generator().manual_seed(5)
+    m, d = 37, 8
+    sid = torch.randn(m, d, generator=g, dtype=torch.float64)
+    hid = torch.randn(m, d, generator=g, dtype=torch.float64) * 3.0
+    hid[4] = 0.0
+    w = (torch.rand(m, m, generator=g, dtype=torch.float64) < 0.15).double()
+    w = w * torch.rand(m, m, generator=g, dtype=torch.float64)
+    w.fill_diagonal_(1.0)
+    w[7] = 0.0
+    w[7, 7] = 1.0
+    assert not torch.equal(w, w.T)
+
+    def generic(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        s, h = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
+        return 0.5 * (multi_positive_info_nce(s, h, w, tau) + multi_positive_info_nce(h, s, w, tau))
+
+    a32, b32 = sid.float().requires_grad_(), hid.float().requires_grad_()
+    got = item_alignment_loss(a32, b32, w.float(), tau)
+    ga, gb = torch.autograd.grad(got, [a32, b32])
+    a64, b64 = sid.clone().requires_grad_(), hid.clone().requires_grad_()
+    want = generic(a64, b64)
+    wa, wb = torch.autograd.grad(want, [a64, b64])
+    assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-5)
+    torch.testing.assert_close(ga.double(), wa, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(gb.double(), wb, rtol=1e-4, atol=1e-6)
+
+
 def test_symmetric_info_nce_by_hand() -> None:
     a = torch.tensor([[3.0, 0.0], [0.0, 2.0]])  # normalised: e1, e2
     b = torch.tensor([[1.0, 1.0], [0.0, -1.0]])  # normalised: (1,1)/sqrt2, -e2

@@ -93,6 +93,21 @@ def test_changing_later_items_changes_no_earlier_output(name: str, sids: FakeSid
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("causal", [True, False])
+def test_user_states_are_the_last_position_of_forward(name: str, causal: bool, sids: FakeSids) -> None:
+    # evaluation and serving read user_states, which runs the last block on one position only
+    model = _model(replace(CONFIGS[name], causal=causal), sids)
+    seq = _batch()
+    seq[3] = 0  # a user with no history at all: a zero state
+    with torch.no_grad():
+        want = model(seq)[:, -1]
+        got = model.user_states(seq)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert torch.all(got[3] == 0)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
 def test_without_causal_mask_later_items_leak(name: str, sids: FakeSids) -> None:
     model = _model(replace(CONFIGS[name], causal=False), sids)
     seq = _batch()
@@ -463,6 +478,30 @@ def test_dropout_keeps_the_expectation_and_is_off_in_eval() -> None:
     assert drop(x) is x
     with pytest.raises(ValueError, match="p=1.0"):
         Dropout(1.0)
+
+
+def test_dropout_mask_is_the_same_whatever_the_thread_count_and_is_the_gradient() -> None:
+    drop = Dropout(0.2)
+    x = torch.randn(3, 70_001, requires_grad=True)  # spans several of the kernel's chunks
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            torch.manual_seed(4)
+            outs.append(drop(x))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    mask = outs[0].detach() / x.detach()  # 0 or 1 / (1 - p)
+    kept = mask != 0
+    torch.testing.assert_close(mask[kept], torch.full_like(mask[kept], 1 / 0.8))
+    (grad,) = torch.autograd.grad(outs[0].sum(), x)
+    torch.testing.assert_close(grad, mask)
+    # consecutive calls draw new masks from the torch generator
+    torch.manual_seed(4)
+    first, second = drop(x), drop(x)
+    assert not torch.equal(first != 0, second != 0)
 
 
 def test_hid_popularity_gate_scales_the_hid_half_of_item_vectors(sids: FakeSids) -> None:

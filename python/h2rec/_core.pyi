@@ -204,3 +204,10 @@ def cooccurrence(
     Returns (indptr (n_items + 2,), indices, weights in [min_weight, max_weight], counts);
     pairs are items within ``window`` positions of each other in the training prefixes
     (all but the last ``holdout`` items); each row keeps its ``top_k`` by PPMI > 0."""
+
+def dropout_mask(n: int, p: float, seed: int, n_threads: int | None = None) -> NDArray[np.float32]:
+    """Inverted-dropout keep mask (n,): 1 / (1 - p) where kept, 0 where dropped.
+
+    Element i is decided by a counter-based hash of (seed, i), so the mask depends only on
+    (n, p, seed), whatever the thread count; the drop probability is quantised to 2^-16.
+    Raises ValueError unless 0 <= p < 1 and n >= 0."""

@@ -57,6 +57,7 @@ __all__ = [
     "metric_names",
     "per_user_metrics",
     "rank_metrics",
+    "states_of",
     "ranks_against",
     "recommend_top_k",
     "result_from_ranks",
@@ -190,8 +191,16 @@ def _device_of(model: ScoringModel) -> torch.device:
 
 
 def _user_states(model: ScoringModel, inputs: np.ndarray, device: torch.device) -> torch.Tensor:
-    seq = torch.from_numpy(inputs).to(device)  # (B, T)
-    return model(seq)[:, -1, :].float()  # (B, E): last real item, sequences are left-padded
+    return states_of(model, torch.from_numpy(inputs).to(device))
+
+
+def states_of(model: Any, seq: torch.Tensor) -> torch.Tensor:
+    """Each user's state (B, E) float32 from left-padded inputs (B, T): the model's
+    ``user_states`` (the last position only) where it has one, else ``model(seq)[:, -1]``."""
+    user_states = getattr(model, "user_states", None)
+    if user_states is not None:
+        return user_states(seq).float()
+    return model(seq)[:, -1, :].float()
 
 
 # --------------------------------------------------------------------------- groups

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from h2rec.config import RunConfig
 from h2rec.errors import ConfigError, DataError, OutputError
-from h2rec.evaluate import EvalResult, eval_users, evaluate, recommend_top_k
+from h2rec.evaluate import EvalResult, eval_users, evaluate, recommend_top_k, states_of
 from h2rec.outputs import check_output_dir, check_output_file, locked, new_dir_beside, recover
 from h2rec.outputs import swap_in
 from h2rec.runs import load_run
@@ -291,7 +291,7 @@ class UserEncoder(nn.Module):
         self.model = model
 
     def forward(self, seq: Tensor) -> Tensor:
-        return self.model(seq)[:, -1, :].float()
+        return states_of(self.model, seq)
 
 
 # --------------------------------------------------------------------------- the recommender

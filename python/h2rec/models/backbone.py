@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from h2rec import _core
 from h2rec.errors import DataError
 from h2rec.ops import softmax
 
@@ -59,14 +60,15 @@ class LayerNorm(nn.Module):
 
 
 class Dropout(nn.Module):
-    """Inverted dropout, as ``nn.Dropout``, with the keep mask drawn from integer uniforms.
+    """Inverted dropout, as ``nn.Dropout``, with the CPU keep mask from the Rust core.
 
-    ``torch.randint`` fills a mask several times faster than ``bernoulli_`` on CPU, and dropout
-    runs a dozen times per H2Rec step. Keep probability is quantised to 2**-24. Draws from the
-    global torch generator, so a seeded run is reproducible and a resumed one continues exactly.
+    PyTorch's CPU generator spends about 10 ns on each random element, and dropout runs a dozen
+    times per H2Rec step (on attention weights too): it was a sixth of an H2Rec step. On CPU the
+    mask comes from :func:`h2rec._core.dropout_mask`, a counter-based hash of one seed drawn
+    from the global torch generator per call, so a seeded run is reproducible whatever the
+    thread count and a resumed one continues exactly. The drop probability is quantised to
+    2**-16. On other devices it is ``F.dropout``.
     """
-
-    _BITS = 1 << 24
 
     def __init__(self, p: float) -> None:
         super().__init__()
@@ -79,9 +81,9 @@ class Dropout(nn.Module):
             return x
         if x.device.type != "cpu":
             return F.dropout(x, self.p, True)
-        draw = torch.randint(0, self._BITS, x.shape, dtype=torch.int32)
-        keep = (draw >= int(round(self.p * self._BITS))).to(x.dtype)
-        return x * keep.mul_(1.0 / (1.0 - self.p))
+        seed = int(torch.randint(0, 2**62, (1,)))
+        mask = _core.dropout_mask(x.numel(), self.p, seed, torch.get_num_threads())
+        return x * torch.from_numpy(mask).view(x.shape).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -349,6 +351,14 @@ class SingleStream(nn.Module):
         allowed = attention_mask(real, self.cfg.causal)  # (B, 1, T, T)
         x = self.input(self.item_vectors(seq), real)  # (B, T, D)
         return self.backbone(x, real, allowed)
+
+    def user_states(self, seq: Tensor) -> Tensor:
+        """seq (B, T) -> each user's state (B, D): ``forward(seq)[:, -1]``, with the last block
+        computing the last position only (what evaluation and serving read)."""
+        real = seq > 0
+        allowed = attention_mask(real, self.cfg.causal)
+        x = self.input(self.item_vectors(seq), real)
+        return self.backbone(x, real, allowed, last_only=True)
 
     def aux_losses(
         self,

@@ -125,9 +125,12 @@ class H2Rec(nn.Module):
         self.register_load_state_dict_pre_hook(_stack_level_attention)
 
     # ----------------------------------------------------------------------------- streams
-    def _branches(self, seq: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _branches(
+        self, seq: Tensor, last_only: bool = False
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """seq (B, T) -> SID-branch states (B, T, D), HID-branch states (B, T, D),
-        gate (B, T, L) and the HID stream (B, T, D)."""
+        gate (B, T, L) and the HID stream (B, T, D). With ``last_only`` the branch states are
+        the last position's, (B, D) each, and the backbones' last block computes only that."""
         real = seq > 0  # (B, T)
         allowed = attention_mask(real, self.cfg.causal)  # (B, 1, T, T)
         hid = self.input(self.hid(seq), real)  # (B, T, D)
@@ -143,12 +146,12 @@ class H2Rec(nn.Module):
             hid_in = hid
         sid_in = (gate[..., None] * outs).sum(dim=2)  # (B, T, D)
         if self.cfg.shared_backbone:  # one call over both branches: (2B, T, D)
-            both = self._twice(self.backbone, sid_in, hid_in, real, allowed)
+            both = self._twice(self.backbone, sid_in, hid_in, real, allowed, last_only)
             b = seq.shape[0]
             sid_state, hid_state = both[:b], both[b:]  # not chunk(): exportable with dynamic B
         else:
-            sid_state = self.backbone(sid_in, real, allowed)  # (B, T, D)
-            hid_state = self.backbone_hid(hid_in, real, allowed)  # (B, T, D)
+            sid_state = self.backbone(sid_in, real, allowed, last_only)  # (B, T, D)
+            hid_state = self.backbone_hid(hid_in, real, allowed, last_only)  # (B, T, D)
         if self.training:
             self._cache = {
                 "seq": seq, "levels": levels, "fused": fused, "gate": gate, "allowed": allowed
@@ -156,15 +159,28 @@ class H2Rec(nn.Module):
         return sid_state, hid_state, gate, hid
 
     @staticmethod
-    def _twice(backbone: Backbone, a: Tensor, b: Tensor, real: Tensor, allowed: Tensor) -> Tensor:
+    def _twice(
+        backbone: Backbone,
+        a: Tensor,
+        b: Tensor,
+        real: Tensor,
+        allowed: Tensor,
+        last_only: bool = False,
+    ) -> Tensor:
         """The backbone over two streams (B, T, D) sharing a mask, as one batch (2B, T, D)."""
         return backbone(
-            torch.cat([a, b]), torch.cat([real, real]), torch.cat([allowed, allowed])
+            torch.cat([a, b]), torch.cat([real, real]), torch.cat([allowed, allowed]), last_only
         )
 
     def forward(self, seq: Tensor) -> Tensor:
         """seq (B, T) left-padded item ids -> user states (B, T, 2D): [SID branch ; HID branch]."""
         sid_state, hid_state, _, _ = self._branches(seq)
+        return torch.cat([sid_state, hid_state], dim=-1)
+
+    def user_states(self, seq: Tensor) -> Tensor:
+        """seq (B, T) -> each user's state (B, 2D): ``forward(seq)[:, -1]``, with the backbones'
+        last block computing the last position only (what evaluation and serving read)."""
+        sid_state, hid_state, _, _ = self._branches(seq, last_only=True)
         return torch.cat([sid_state, hid_state], dim=-1)
 
     def level_gate(self, seq: Tensor) -> Tensor:
