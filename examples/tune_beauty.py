@@ -45,6 +45,10 @@ VARIANTS: dict[str, list[str]] = {
     "sasrec-epochscale": ["model.kind=sasrec", "train.loss_scale=epoch"],
     "fusion-epochscale": ["model.kind=fusion", "train.loss_scale=epoch"],
     "h2rec-epochscale": ["model.kind=h2rec", "train.loss_scale=epoch"],
+    # rare items' hash-ID vectors are mostly noise: start them from the text (PCA of the item
+    # embeddings), or let the score weigh them by the item's training popularity
+    "h2rec-pca-es": ["model.kind=h2rec", "model.hid_init=pca", "train.loss_scale=epoch"],
+    "h2rec-popgate-es": ["model.kind=h2rec", "model.hid_pop_gate=true", "train.loss_scale=epoch"],
 }
 
 

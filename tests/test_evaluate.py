@@ -246,9 +246,10 @@ def test_recommend_excludes_history_and_breaks_ties_by_id() -> None:
 
 def test_full_ranks_equal_the_masked_ranking() -> None:
     # the counting ranker against the mask-based one, with ties (repeated item vectors),
-    # duplicated history items and targets that are also in the history
+    # duplicated history items and targets that are also in the history; 150 users span three
+    # of the CPU's row blocks, the last one partial
     rng = np.random.default_rng(5)
-    n, b, e = 30, 40, 4
+    n, b, e = 30, 150, 4
     base = rng.integers(-2, 3, size=(n + 1, e)).astype(np.float32)  # many exact ties
     base[0] = 0.0
     items_all = torch.from_numpy(base)
