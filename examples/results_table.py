@@ -1,0 +1,213 @@
+"""The results table: SASRec, SID-only, naive fusion and H2Rec on Beauty, Yelp and MovieLens-1M,
+several seeds each, on the *test* split, with default settings (plus any ``--set``).
+
+Each (dataset, model, seed) is one ``h2rec train`` in its own run folder, then two
+``h2rec evaluate --split test`` (full ranking with history excluded, and the paper's sampled
+protocol, 100 negatives); both JSONs and the run's training curve go to
+``--results/<dataset>/<model>-s<seed>.json``. A run whose result file exists is skipped and an
+interrupted training resumes from its ``last.pt``, so the table fills up across sittings;
+copies of the script can share the work (``--worker i/n`` takes every n-th run). Datasets are
+prepared from ``--shared`` (the research-licensed files, never copied into the repository) on
+first use, with TF-IDF embeddings and the default 3 x 256 Semantic IDs.
+
+    python examples/results_table.py --shared ../shared/data --work runs/results \\
+        --results examples/results/test --worker 0/2 &
+    python examples/results_table.py --shared ../shared/data --work runs/results \\
+        --results examples/results/test --worker 1/2 &
+    python examples/results_table.py --results examples/results/test --summary
+
+The summary gives mean +- std over the seeds found (n = how many), overall, head and tail items,
+the popularity buckets, short and long users, the sampled protocol, and the Semantic IDs'
+collision share and codebook usage. Tune on validation (examples/tune_beauty.py), never here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+# prepare arguments per dataset, as in examples/README.md (file names under --shared/<folder>)
+DATASETS: dict[str, dict[str, object]] = {
+    "beauty": {
+        "folder": "beauty",
+        "prepare": ["user_sequence.txt", "--items", "products_lookup.csv"],
+    },
+    "yelp": {
+        "folder": "yelp",
+        "prepare": ["Yelp.txt", "--items", "Yelp.item.json", "--item-id-offset", "1",
+                    "--template", "{title}. Categories: {description}"],
+    },
+    "ml-1m": {
+        "folder": "ml-1m",
+        "prepare": ["ml-1m.txt", "--items", "movies.dat", "--item-id-map",
+                    "sas_to_original_items.txt", "--template", "{title}. Genres: {genres}"],
+    },
+}
+MODELS = ("sasrec", "sid", "fusion", "h2rec")
+COMMON = ["train.patience=5", "train.epochs=60"]
+
+
+def _h2rec(*args: str, quiet: bool = False) -> None:
+    cmd = [sys.executable, "-m", "h2rec.cli", *args]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL if quiet else None)
+
+
+def prepared(name: str, shared: Path, work: Path) -> Path:
+    """The prepared dataset folder (with embeddings.npy and sid/), made on first use."""
+    spec = DATASETS[name]
+    data = work / "data" / name
+    src = shared / str(spec["folder"])
+    if not (data / "meta.json").exists():
+        args = list(spec["prepare"])  # type: ignore[arg-type]
+        inputs = {"--items", "--item-id-map"}
+        resolved = [str(src / args[0])]
+        for i, a in enumerate(args[1:], start=1):
+            resolved.append(str(src / a) if args[i - 1] in inputs else a)
+        _h2rec("prepare", resolved[0], str(data), *resolved[1:], "--overwrite")
+    if not (data / "embeddings.npy").exists():
+        _h2rec("embed", str(data), "--backend", "tfidf")
+    if not (data / "sid" / "codes.npy").exists():
+        _h2rec("build-sid", str(data), str(data / "sid"))
+    return data
+
+
+def run_one(name: str, model: str, seed: int, args: argparse.Namespace, threads: int) -> Path:
+    """Train and evaluate one (dataset, model, seed); returns its result file."""
+    out = Path(args.results) / name / f"{model}-s{seed}.json"
+    if out.exists():
+        return out
+    data = prepared(name, Path(args.shared), Path(args.work))
+    runs = Path(args.work) / "runs" / name
+    tag = f"{model}-s{seed}"
+    run_dir = runs / tag
+    sets = [*COMMON, f"model.kind={model}", f"train.seed={seed}",
+            f"train.num_threads={threads}", *args.set]
+    if not (run_dir / "metrics.json").exists():
+        cmd = ["train", str(data), "--sids", str(data / "sid"), "--name", tag,
+               "--output-dir", str(runs)]
+        if (run_dir / "last.pt").exists():
+            cmd.append("--resume")
+        for s in sets:
+            cmd += ["--set", s]
+        _h2rec(*cmd)
+    res: dict[str, object] = {"dataset": name, "model": model, "seed": seed, "set": sets}
+    for protocol in ("full", "sampled"):
+        tmp = out.parent / f".{tag}.{protocol}.tmp.json"
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        _h2rec("evaluate", str(run_dir), "--split", "test", "--protocol", protocol,
+               "--out", str(tmp), "--overwrite", quiet=True)
+        (res[protocol],) = json.loads(tmp.read_text())["models"].values()
+        res["buckets"] = json.loads(tmp.read_text())["buckets"]
+        tmp.unlink()
+    hist = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    res["epochs"] = len(hist)
+    res["valid_curve"] = [round(h.get("valid", {}).get("NDCG@10", float("nan")), 4) for h in hist]
+    res["epoch_seconds"] = [round(h.get("epoch_seconds", float("nan")), 1) for h in hist]
+    report = data / "sid" / "sid_report.json"
+    if report.exists():
+        sid = json.loads(report.read_text())
+        res["sid"] = {k: sid.get(k) for k in ("n_levels", "codebook_size", "unique_tuples",
+                                                "collision_share", "largest_collision_group")}
+        res["sid"]["codebook_usage"] = [lvl.get("usage_share") for lvl in sid.get("levels", [])]
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(res, indent=1))
+    tmp.replace(out)  # atomic: a result file is complete or absent
+    return out
+
+
+def _cell(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}"
+
+
+def summary(results: Path) -> str:
+    """Markdown tables (one per dataset) of mean ± std over the seeds found."""
+    lines: list[str] = []
+    for name in DATASETS:
+        files = sorted((results / name).glob("*-s*.json"))
+        if not files:
+            continue
+        rows = [json.loads(f.read_text()) for f in files]
+        buckets = [f"pop_{b}" for b in rows[0]["buckets"]]
+        cols = ["NDCG@10", "HR@10", "head", "tail", *buckets, "short", "long",
+                "sampled NDCG@10", "sampled HR@10"]
+        lines += [f"### {name} (test, full ranking with history excluded; mean ± std)", "",
+                  "| model | seeds | " + " | ".join(cols) + " |",
+                  "|---|---:|" + "---:|" * len(cols)]
+        for model in MODELS:
+            mine = [r for r in rows if r["model"] == model]
+            if not mine:
+                continue
+
+            def get(r: dict, col: str) -> float | None:
+                full, sampled = r["full"], r["sampled"]
+                if col in ("NDCG@10", "HR@10"):
+                    return full["metrics"][col]
+                if col.startswith("sampled "):
+                    return sampled["metrics"][col.split(" ", 1)[1]]
+                group = full["groups"].get(col)
+                return None if group is None else group["NDCG@10"]
+
+            cells = []
+            for col in cols:
+                vals = [v for v in (get(r, col) for r in mine) if v is not None]
+                cells.append(_cell(vals))
+            lines.append(f"| {model} | {len(mine)} | " + " | ".join(cells) + " |")
+        sid = rows[0].get("sid")
+        if sid:
+            lines += ["", f"Semantic IDs: {sid['n_levels']} x {sid['codebook_size']}, "
+                      f"{sid['unique_tuples']} distinct tuples, collision share "
+                      f"{sid['collision_share']:.3f} (largest group {sid['largest_collision_group']}), "
+                      f"codebook usage per level {sid['codebook_usage']}."]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shared", default="../shared/data", help="folder of the dataset folders")
+    p.add_argument("--work", default="runs/results", help="prepared data and run folders")
+    p.add_argument("--results", default="examples/results/test", help="result files")
+    p.add_argument("--datasets", default=",".join(DATASETS))
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--set", action="append", default=[], metavar="K=V",
+                   help="extra config override for every run (recorded in the result file)")
+    p.add_argument("--worker", default="0/1", help="i/n: run every n-th job starting at i")
+    p.add_argument("--threads", type=int, default=0,
+                   help="train.num_threads per run (default: 1 with several workers, else 0)")
+    p.add_argument("--summary", action="store_true", help="print the tables of finished runs")
+    args = p.parse_args(argv)
+    if args.summary:
+        print(summary(Path(args.results)))
+        return 0
+    i, n = (int(v) for v in args.worker.split("/"))
+    threads = args.threads or (1 if n > 1 else 0)
+    jobs = [(d, m, int(s)) for s in args.seeds.split(",") for d in args.datasets.split(",")
+            for m in args.models.split(",")]
+    for d, _, _ in jobs:
+        if d not in DATASETS:
+            p.error(f"--datasets: unknown {d!r} (known: {', '.join(DATASETS)})")
+    mine = [job for k, job in enumerate(jobs) if k % n == i]
+    t0 = time.time()
+    for k, (d, m, s) in enumerate(mine, start=1):
+        done_before = (Path(args.results) / d / f"{m}-s{s}.json").exists()
+        run_one(d, m, s, args, threads)
+        took = time.time() - t0
+        print(f"[{k}/{len(mine)}] {d} {m} seed {s}: {'skipped (done)' if done_before else 'done'}"
+              f"; {took / 60:.1f} min so far", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
