@@ -17,6 +17,7 @@ from h2rec.losses import (
     full_softmax_loss,
     fused_full_softmax,
     item_alignment_loss,
+    item_alignment_loss_pairs,
     mask_lowest_levels,
     multi_positive_info_nce,
     recommendation_loss,
@@ -286,6 +287,41 @@ def test_batch_matrix_matches_dense_oracle(use_cooccur: bool, use_same_tuple: bo
     assert got.shape == (21, 21)
     if use_cooccur:
         assert ((got > 0) & (got < 1)).any()  # some PPMI weights really made it in
+
+
+@pytest.mark.parametrize("use_cooccur", [True, False])
+@pytest.mark.parametrize("use_same_tuple", [True, False])
+def test_batch_pairs_are_the_nonzeros_of_the_dense_oracle(
+    use_cooccur: bool, use_same_tuple: bool
+) -> None:
+    rng = np.random.default_rng(8)
+    n = 30
+    indptr, indices, weights = _random_csr(n, rng)
+    codes = rng.integers(0, 2, size=(n, 3))
+    pos = CooccurrencePositives(indptr, indices, weights, n, codes)
+    items = rng.choice(np.arange(1, n + 1), size=21, replace=False)  # distinct, unsorted
+    rows, cols, vals = pos.batch_pairs(torch.from_numpy(items), use_cooccur, use_same_tuple)
+    want = _dense_oracle(indptr, indices, weights, codes, items, use_cooccur, use_same_tuple)
+    got = np.zeros_like(want)
+    got[rows.numpy(), cols.numpy()] = vals.numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    keys = rows.numpy() * 21 + cols.numpy()
+    assert (np.diff(keys) > 0).all()  # distinct pairs, sorted
+    assert (vals.numpy() > 0).all()
+
+
+def test_item_alignment_from_pairs_equals_the_dense_weights() -> None:
+    g = torch.Generator().manual_seed(3)
+    m = 25
+    sid, hid = torch.randn(m, 6, generator=g), torch.randn(m, 6, generator=g)
+    w = (torch.rand(m, m, generator=g) < 0.2).float() * torch.rand(m, m, generator=g)
+    w.fill_diagonal_(1.0)
+    rows, cols = w.nonzero(as_tuple=True)
+    for tau in (0.5, 0.01):  # the fused path and the dense fallback
+        got = item_alignment_loss_pairs(sid, hid, rows, cols, w[rows, cols], tau)
+        s, h = F.normalize(sid, dim=-1), F.normalize(hid, dim=-1)
+        want = 0.5 * (multi_positive_info_nce(s, h, w, tau) + multi_positive_info_nce(h, s, w, tau))
+        assert float(got) == pytest.approx(float(want), rel=1e-5)
 
 
 def test_positives_validate_their_arrays() -> None:

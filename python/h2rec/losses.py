@@ -292,46 +292,56 @@ def multi_positive_info_nce(
 
 
 class _TwoWayMultiPositiveNCE(torch.autograd.Function):
-    """Both directions of the multi-positive InfoNCE between unit rows, fused.
+    """Both directions of the multi-positive InfoNCE between unit rows, fused, with sparse
+    positives.
 
     For unit rows every logit lies within 2 / tau of its row's (and column's) maximum, so
     ``exp(logit - max)`` cannot underflow to zero while 2 / tau stays well inside float32's
     exponent range (the caller checks): the positives' log-sum-exp is then the log of a
-    weighted sum of the same exponentials the denominator uses. That needs two exponentials
-    of the (M, M) logits and no logarithm of the (mostly zero) weights, which on CPU was the
-    slowest part of the loss; backward forms the logits' gradient in place.
+    weighted sum of the same exponentials the denominator uses, read at the P positive pairs
+    only. The (M, M) work is one GEMM, two exponentials and their sums forward, three passes
+    and two GEMMs backward; no (M, M) weight matrix and no logarithm of its zeros.
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, a: Tensor, b: Tensor, weights: Tensor, tau: float
+        ctx: Any, a: Tensor, b: Tensor, rows: Tensor, cols: Tensor, vals: Tensor, tau: float
     ) -> Tensor:
-        """a, b (M, D) unit rows, weights (M, M) -> 0.5 * (loss(a -> b) + loss(b -> a))."""
+        """a, b (M, D) unit rows; positives w[rows, cols] = vals (P,) ->
+        0.5 * (loss(a -> b) + loss(b -> a)), anchor i's positives in direction a -> b being
+        w[i, :] and anchor b_j's in direction b -> a being w[j, :]."""
         m = a.shape[0]
         logits = (a @ b.T).mul_(1.0 / tau)  # (M, M), logits[i, j] = <a_i, b_j> / tau
         e_row = (logits - logits.amax(dim=1, keepdim=True)).exp_()  # a_i's softmax, unnormalised
         e_col = logits.sub_(logits.amax(dim=0, keepdim=True)).exp_()  # b_j's, in place
-        w_t = weights.T.contiguous()  # b_j's positives: w[j, i] at (i, j)
-        den_row, num_row = e_row.sum(dim=1), (weights * e_row).sum(dim=1)  # (M,)
-        den_col, num_col = e_col.sum(dim=0), (w_t * e_col).sum(dim=0)  # (M,)
+        den_row, den_col = e_row.sum(dim=1), e_col.sum(dim=0)  # (M,)
+        p_row = vals * e_row[rows, cols]  # (P,) anchor a_r's positive b_c
+        p_col = vals * e_col[cols, rows]  # (P,) anchor b_r's positive a_c, logit <a_c, b_r>
+        num_row = torch.zeros_like(den_row).index_add_(0, rows, p_row)
+        num_col = torch.zeros_like(den_col).index_add_(0, rows, p_col)
         loss = 0.5 * (
             (den_row.log() - num_row.log()).mean() + (den_col.log() - num_col.log()).mean()
         )
         ctx.tau, ctx.m = tau, m
-        ctx.save_for_backward(a, b, weights, w_t, e_row, e_col, den_row, num_row, den_col, num_col)
+        ctx.save_for_backward(
+            a, b, rows, cols, e_row, e_col, den_row, den_col, p_row / num_row[rows],
+            p_col / num_col[rows],
+        )
         return loss
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        a, b, weights, w_t, e_row, e_col, den_row, num_row, den_col, num_col = ctx.saved_tensors
-        # d loss / d logits[i, j] = 0.5 / M * (e_row * (1/den_row_i - w_ij/num_row_i)
-        #                                      + e_col * (1/den_col_j - w_ji/num_col_j))
-        g = (weights * (-1.0 / num_row)[:, None]).add_((1.0 / den_row)[:, None]).mul_(e_row)
-        g2 = (w_t * (-1.0 / num_col)[None, :]).add_((1.0 / den_col)[None, :]).mul_(e_col)
-        g.add_(g2).mul_(grad * (0.5 / (ctx.m * ctx.tau)))  # d loss / d (a @ b.T)
+        a, b, rows, cols, e_row, e_col, den_row, den_col, q_row, q_col = ctx.saved_tensors
+        # d loss / d logits = 0.5 / M * (softmax over rows + softmax over columns
+        #                                - each direction's posterior over its positives)
+        g = e_row * (1.0 / den_row)[:, None]
+        g.addcmul_(e_col, (1.0 / den_col)[None, :])
+        g.index_put_((rows, cols), -q_row, accumulate=True)
+        g.index_put_((cols, rows), -q_col, accumulate=True)
+        g.mul_(grad * (0.5 / (ctx.m * ctx.tau)))  # d loss / d (a @ b.T)
         grad_a = g @ b if ctx.needs_input_grad[0] else None
         grad_b = g.T @ a if ctx.needs_input_grad[1] else None
-        return grad_a, grad_b, None, None
+        return grad_a, grad_b, None, None, None, None
 
 
 # exp(x) stays a normal float32 for x > -87: the fused path needs 2 / tau below that
@@ -348,16 +358,30 @@ def item_alignment_loss(sid: Tensor, hid: Tensor, weights: Tensor, tau: float = 
         tau: temperature.
 
     Returns:
-        mean of the SID->HID and HID->SID directions (each a :func:`multi_positive_info_nce`),
-        computed fused (see ``_TwoWayMultiPositiveNCE``) unless tau is so small that the
-        exponentials could underflow.
+        mean of the SID->HID and HID->SID directions (each a :func:`multi_positive_info_nce`).
+    """
+    rows, cols = weights.nonzero(as_tuple=True)
+    return item_alignment_loss_pairs(sid, hid, rows, cols, weights[rows, cols], tau)
+
+
+def item_alignment_loss_pairs(
+    sid: Tensor, hid: Tensor, rows: Tensor, cols: Tensor, vals: Tensor, tau: float = 0.5
+) -> Tensor:
+    """:func:`item_alignment_loss` with the positive weights given sparse: weight ``vals[p]``
+    at (``rows[p]``, ``cols[p]``), distinct pairs, every row with a positive (the diagonal).
+
+    Computed fused (see ``_TwoWayMultiPositiveNCE``) unless tau is so small that the
+    exponentials could underflow; then by :func:`multi_positive_info_nce` on the dense weights.
     """
     if sid.shape[0] == 0:
         return (sid.sum() + hid.sum()) * 0.0
     s = F.normalize(sid.float(), dim=-1)
     h = F.normalize(hid.float(), dim=-1)
     if 2.0 / tau < _FUSED_MAX_SPREAD:
-        return _TwoWayMultiPositiveNCE.apply(s, h, weights.float(), tau)
+        return _TwoWayMultiPositiveNCE.apply(s, h, rows, cols, vals.float(), tau)
+    m = s.shape[0]
+    weights = torch.zeros(m, m, dtype=s.dtype, device=s.device)
+    weights[rows, cols] = vals.to(s.dtype)
     return 0.5 * (
         multi_positive_info_nce(s, h, weights, tau) + multi_positive_info_nce(h, s, weights, tau)
     )

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from h2rec.errors import DataError
 from h2rec.ops import softmax
-from h2rec.losses import item_alignment_loss, mask_lowest_levels, symmetric_info_nce
+from h2rec.losses import item_alignment_loss_pairs, mask_lowest_levels, symmetric_info_nce
 from h2rec.models.backbone import (
     Backbone,
     CrossAttention,
@@ -261,11 +261,11 @@ class H2Rec(nn.Module):
         out: dict[str, Tensor] = {}
         if cfg.align_item and cfg.align_item_weight > 0:
             items = self.batch_items(pos_items, generator)  # (M,)
-            weights = self.positives(items.device).batch_matrix(
+            rows, cols, vals = self.positives(items.device).batch_pairs(
                 items, cfg.align_item_cooccur, cfg.align_item_same_tuple
-            )  # (M, M)
+            )  # the (M, M) positive weights, sparse
             sid, hid = self.sid(items), self.hid(items)  # (M, D) each
-            loss = item_alignment_loss(sid, hid, weights, cfg.align_item_tau)
+            loss = item_alignment_loss_pairs(sid, hid, rows, cols, vals, cfg.align_item_tau)
             out["align_item"] = cfg.align_item_weight * loss
         if cfg.align_seq and cfg.align_seq_weight > 0 and self.n_levels >= 2:
             out["align_seq"] = cfg.align_seq_weight * self._sequence_alignment(seq, states)

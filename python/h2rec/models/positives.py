@@ -164,6 +164,52 @@ class CooccurrencePositives:
         other.groups = None if self.groups is None else self.groups.to(device)
         return other
 
+    def batch_pairs(
+        self, items: Tensor, use_cooccur: bool = True, use_same_tuple: bool = True
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The non-zero entries of :meth:`batch_matrix` for distinct ``items``, without the
+        (M, M) matrix.
+
+        Args:
+            items: (M,) distinct item ids in 1..n_items, on this object's device.
+
+        Returns:
+            rows (P,), cols (P,) int64 positions in ``items`` and their weights (P,) float32,
+            one entry per non-zero (i, j) of ``batch_matrix(items)``, sorted by (row, col).
+        """
+        m = items.shape[0]
+        dev = items.device
+        pos = torch.arange(m, device=dev)
+        rows, cols = [pos], [pos]
+        vals = [torch.ones(m, dtype=torch.float32, device=dev)]
+        if use_cooccur and self.n_pairs > 0 and m > 0:
+            order = torch.argsort(items)
+            uniq = items[order]  # (M,) sorted
+            starts = self.indptr[items]  # (M,)
+            counts = self.indptr[items + 1] - starts  # (M,)
+            r = torch.repeat_interleave(pos, counts)  # (Q,)
+            first = torch.cumsum(counts, 0) - counts
+            flat = torch.arange(r.shape[0], device=dev)
+            at = flat - first[r] + starts[r]  # (Q,) into indices / weights
+            nbr = self.indices[at]
+            k = torch.searchsorted(uniq, nbr).clamp(max=m - 1)
+            hit = uniq[k] == nbr  # the neighbour is in the batch
+            rows.append(r[hit])
+            cols.append(order[k[hit]])
+            vals.append(self.weights[at[hit]])
+        if use_same_tuple and self.groups is not None and m > 0:
+            g = self.groups[items]  # (M,)
+            same = (g[:, None] == g[None, :]).nonzero()  # (S, 2), the diagonal included
+            rows.append(same[:, 0])
+            cols.append(same[:, 1])
+            vals.append(torch.ones(same.shape[0], dtype=torch.float32, device=dev))
+        key = torch.cat(rows) * m + torch.cat(cols)
+        val = torch.cat(vals)
+        uniq_key, inverse = torch.unique(key, sorted=True, return_inverse=True)
+        best = torch.zeros(uniq_key.shape[0], dtype=torch.float32, device=dev)
+        best = best.scatter_reduce(0, inverse, val, reduce="amax", include_self=False)
+        return uniq_key // max(m, 1), uniq_key % max(m, 1), best
+
     def batch_matrix(
         self, items: Tensor, use_cooccur: bool = True, use_same_tuple: bool = True
     ) -> Tensor:
