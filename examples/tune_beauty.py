@@ -49,6 +49,14 @@ VARIANTS: dict[str, list[str]] = {
     # embeddings), or let the score weigh them by the item's training popularity
     "h2rec-pca-es": ["model.kind=h2rec", "model.hid_init=pca", "train.loss_scale=epoch"],
     "h2rec-popgate-es": ["model.kind=h2rec", "model.hid_pop_gate=true", "train.loss_scale=epoch"],
+    # the masked SID view pulled to the SID branch's own state (no second backbone pass)
+    "h2rec-pca-seqbranch-es": ["model.kind=h2rec", "model.hid_init=pca",
+                               "model.align_seq_target=branch", "train.loss_scale=epoch"],
+    # is a gain from PCA-initialised HIDs the method's, or the init's? the same init elsewhere
+    "fusion-pca-es": ["model.kind=fusion", "model.hid_init=pca", "train.loss_scale=epoch"],
+    "sasrec-pca-es": ["model.kind=sasrec", "model.hid_init=pca", "train.loss_scale=epoch"],
+    "h2rec-seqbranch-es": ["model.kind=h2rec", "model.align_seq_target=branch",
+                           "train.loss_scale=epoch"],
 }
 
 

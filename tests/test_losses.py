@@ -406,7 +406,7 @@ def test_batch_items_cap() -> None:
     assert len(drawn) == 4 and len(set(drawn.tolist())) == 4
 
 
-@pytest.mark.parametrize("target", ["sid", "hid"])
+@pytest.mark.parametrize("target", ["sid", "branch", "hid"])
 def test_sequence_alignment_by_hand(target: str) -> None:
     model = _h2rec(align_item=False, align_seq_target=target, align_seq_weight=0.3).eval()
     states = model(SEQ)
@@ -426,6 +426,8 @@ def test_sequence_alignment_by_hand(target: str) -> None:
     u = model.backbone(model.input(masked.mean(2), real), real, allowed)[:, -1]
     if target == "sid":
         v = model.backbone(model.input(levels.mean(2), real), real, allowed)[:, -1]
+    elif target == "branch":
+        v = states[:, -1, :8]  # the SID branch's state
     else:
         v = states[:, -1, 8:]
     torch.testing.assert_close(aux["align_seq"], 0.3 * symmetric_info_nce(u, v, 1.0))

@@ -11,7 +11,7 @@ MODEL_KINDS = ("sasrec", "sid", "fusion", "h2rec")
 SID_POOLINGS = ("mean", "sum")
 SID_INITS = ("centroids", "random")
 HID_INITS = ("random", "pca")
-ALIGN_SEQ_TARGETS = ("sid", "hid")
+ALIGN_SEQ_TARGETS = ("sid", "branch", "hid")
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,10 @@ class ModelConfig:
     align_seq: bool = True  # H2Rec: sequence-level masked-granularity contrastive loss
     align_seq_weight: float = 0.1  # weight of the sequence-level alignment loss
     align_seq_tau: float = 1.0  # temperature of the sequence-level alignment loss
-    align_seq_target: str = "sid"  # masked SID state is pulled to the full "sid" or the "hid" state
+    # the masked SID view's state is pulled to: "sid", the unmasked SID view through the backbone
+    # (a second backbone pass); "branch", the SID branch's own state (no extra pass); "hid",
+    # the HID branch's state
+    align_seq_target: str = "sid"
     hid_pop_gate: bool = False  # H2Rec: scale items' HID vectors in the score by a learned
     # sigmoid of their log training popularity, so rare items lean on their SID vectors
 

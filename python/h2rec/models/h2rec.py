@@ -302,7 +302,8 @@ class H2Rec(nn.Module):
             masked_user, target = both.chunk(2, dim=0)  # (B, D) each
         else:
             masked_user = self.backbone(masked_in, real, allowed, last_only=True)  # (B, D)
-            target = states[:, -1, d:]  # (B, D) HID-branch state
+            branch = slice(None, d) if cfg.align_seq_target == "branch" else slice(d, None)
+            target = states[:, -1, branch]  # (B, D) the SID- or the HID-branch state
         rows = real[:, -1]  # users with a real last position
         return symmetric_info_nce(masked_user[rows], target[rows], cfg.align_seq_tau)
 
