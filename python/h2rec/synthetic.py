@@ -26,7 +26,10 @@ Users
       - otherwise: a fresh draw by popularity within the liked departments.
     Inside a semantic candidate set items are drawn with weight ``popularity ** tail_power``
     (0.5), which flattens the head, so rare items appear mainly through these transitions and
-    their text (category, type, brand) predicts what comes next. A user never repeats an item.
+    their text (category, type, brand) predicts what comes next. Users are brand-loyal, as
+    shoppers are: each has one of the three brands of every category, and a semantic draw is
+    restricted to that brand with probability ``p_brand`` (0.6), so a rare item's brand says who
+    buys it. A user never repeats an item.
 
 Output
     ``interactions.csv`` (``user_id,item_id,timestamp``, rows in global time order, unix
@@ -131,6 +134,7 @@ class SyntheticConfig:
     p_same_category: float = 0.55  # next item from a recent item's category
     p_next_type: float = 0.7  # ... and of the next product type in that category
     p_same_department: float = 0.2  # next item from a recent item's department
+    p_brand: float = 0.6  # a semantic draw keeps to the user's own brand of that category
     seed: int = 0  # everything is drawn from this seed
 
 
@@ -149,6 +153,7 @@ class _Catalogue:
     titles: list[str]
     categories: list[str]
     brands: list[str]
+    brand_idx: np.ndarray  # (n,) which of its category's three brands, 0..2
 
 
 def _catalogue(config: SyntheticConfig, rng: np.random.Generator) -> _Catalogue:
@@ -184,7 +189,7 @@ def _catalogue(config: SyntheticConfig, rng: np.random.Generator) -> _Catalogue:
         brands.append(brand)
     ranks = rng.permutation(n) + 1
     weight = 1.0 / ranks.astype(np.float64) ** config.zipf
-    return _Catalogue(dept, cat, ptype, weight, titles, categories, brands)
+    return _Catalogue(dept, cat, ptype, weight, titles, categories, brands, brand_pick)
 
 
 class _Sampler:
@@ -224,6 +229,8 @@ def generate_frames(
             f"synthetic n_users={config.n_users}, min_length={config.min_length}, "
             f"max_length={config.max_length}: need n_users >= 1 and 3 <= min_length <= max_length"
         )
+    if not 0.0 <= config.p_brand <= 1.0:
+        raise DataError(f"synthetic p_brand={config.p_brand} must be in [0, 1]")
     if config.mean_length <= config.min_length:
         raise DataError(f"synthetic mean_length={config.mean_length} must exceed min_length")
     rng = np.random.default_rng(config.seed)
@@ -233,11 +240,16 @@ def generate_frames(
     by_dept = _Sampler(cat.dept, cat.weight)
     by_cat = _Sampler(cat.cat, flat)
     by_type = _Sampler(cat.ptype, flat)
+    # the same groups split by brand: key = group * 3 + brand
+    by_cat_brand = _Sampler(cat.cat * 3 + cat.brand_idx, flat)
+    by_type_brand = _Sampler(cat.ptype * 3 + cat.brand_idx, flat)
     global_cum = np.cumsum(cat.weight)
 
     extra = rng.geometric(1.0 / (config.mean_length - config.min_length + 1), size=config.n_users)
     lengths = np.minimum(config.min_length + extra - 1, config.max_length)
     prefs = rng.dirichlet(np.full(n_depts, 0.3), size=config.n_users)
+    n_cats = n_depts * 4
+    loyal = rng.integers(0, 3, size=(config.n_users, n_cats))  # each user's brand per category
     users: list[int] = []
     items: list[int] = []
     times: list[int] = []
@@ -245,25 +257,34 @@ def generate_frames(
         seen: set[int] = set()
         seq: list[int] = []
         t = 1_600_000_000 + int(rng.integers(0, 180 * 86_400))
-        uniforms = rng.random((int(lengths[u]) * 25, 5))  # enough draws for retries
+        uniforms = rng.random((int(lengths[u]) * 25, 6))  # enough draws for retries
         k = 0
         while len(seq) < lengths[u] and k < uniforms.shape[0]:
-            r_mode, r_pick, r_item, r_type, r_gap = uniforms[k]
+            r_mode, r_pick, r_item, r_type, r_gap, r_brand = uniforms[k]
             k += 1
+            own = r_brand < config.p_brand  # keep to the user's brand in this draw
             if seq and r_mode < config.p_same_category:
                 anchor = seq[-1 - int(r_pick * min(3, len(seq)))]
                 item = -1
+                c = int(cat.cat[anchor])
                 if r_type < config.p_next_type:
                     leaf = int(cat.ptype[anchor])
                     nxt = (leaf // 4) * 4 + (leaf % 4 + 1) % 4
-                    item = by_type.draw(nxt, r_item)
+                    if own:
+                        item = by_type_brand.draw(nxt * 3 + int(loyal[u, c]), r_item)
+                    if item < 0:
+                        item = by_type.draw(nxt, r_item)
+                if item < 0 and own:
+                    item = by_cat_brand.draw(c * 3 + int(loyal[u, c]), r_item)
                 if item < 0:  # the anchor's category always has the anchor itself
-                    item = by_cat.draw(int(cat.cat[anchor]), r_item)
+                    item = by_cat.draw(c, r_item)
             elif seq and r_mode < config.p_same_category + config.p_same_department:
                 anchor = seq[-1 - int(r_pick * min(3, len(seq)))]
                 d = int(cat.dept[anchor])
                 other = d * 4 + (int(cat.cat[anchor]) % 4 + 1 + int(r_type * 3)) % 4
-                item = by_cat.draw(other, r_item)
+                item = by_cat_brand.draw(other * 3 + int(loyal[u, other]), r_item) if own else -1
+                if item < 0:
+                    item = by_cat.draw(other, r_item)
                 if item < 0:
                     item = by_dept.draw(d, r_item)
             else:
