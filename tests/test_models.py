@@ -391,17 +391,34 @@ def test_every_trainable_parameter_gets_a_gradient(cfg: ModelConfig, sids: FakeS
 def test_batched_level_attention_equals_per_level_cross_attention() -> None:
     torch.manual_seed(3)
     per_level = [CrossAttention(16, 2, dropout=0.4).eval() for _ in range(3)]
+    with torch.no_grad():  # LayerNorm affines away from 1 / 0: the batched form folds them in
+        for m in per_level:
+            for ln in (m.ln_q, m.ln_kv):
+                ln.weight.uniform_(0.5, 1.5)
+                ln.bias.normal_(0.0, 0.3)
     batched = LevelCrossAttention.from_modules(per_level).eval()
     seq = _batch()
     real = seq > 0
     allowed = attention_mask(real, causal=True)
     g = torch.Generator().manual_seed(4)
-    levels = torch.randn(4, T, 3, 16, generator=g) * real[..., None, None]
-    kv = torch.randn(4, T, 16, generator=g) * real[..., None]
+    levels = (torch.randn(4, T, 3, 16, generator=g) * real[..., None, None]).requires_grad_()
+    kv = (torch.randn(4, T, 16, generator=g) * real[..., None]).requires_grad_()
     want = torch.stack(
         [m(levels[:, :, lvl], kv, real, allowed) for lvl, m in enumerate(per_level)], dim=2
     )
-    torch.testing.assert_close(batched(levels, kv, real, allowed), want, rtol=1e-5, atol=1e-6)
+    got = batched(levels, kv, real, allowed)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    w = torch.randn(want.shape, generator=g)
+    grads_want = torch.autograd.grad((want * w).sum(), [levels, kv], retain_graph=True)
+    grads_got = torch.autograd.grad((got * w).sum(), [levels, kv], retain_graph=True)
+    for a, b in zip(grads_got, grads_want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    # and the LayerNorm parameters the fold reads get the same gradients
+    (got * w).sum().backward()
+    (want * w).sum().backward()
+    for lvl, m in enumerate(per_level):
+        torch.testing.assert_close(batched.ln_kv_weight.grad[lvl], m.ln_kv.weight.grad, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(batched.ln_kv_bias.grad[lvl], m.ln_kv.bias.grad, rtol=1e-4, atol=1e-5)
 
 
 def test_old_checkpoints_with_per_level_attention_load(sids: FakeSids) -> None:
