@@ -57,6 +57,9 @@ VARIANTS: dict[str, list[str]] = {
     "sasrec-pca-es": ["model.kind=sasrec", "model.hid_init=pca", "train.loss_scale=epoch"],
     "h2rec-seqbranch-es": ["model.kind=h2rec", "model.align_seq_target=branch",
                            "train.loss_scale=epoch"],
+    # the paper's ablation "without either alignment loss"
+    "h2rec-noalign-es": ["model.kind=h2rec", "model.align_item=false", "model.align_seq=false",
+                         "train.loss_scale=epoch"],
 }
 
 
