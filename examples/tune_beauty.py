@@ -60,6 +60,14 @@ VARIANTS: dict[str, list[str]] = {
     # the paper's ablation "without either alignment loss"
     "h2rec-noalign-es": ["model.kind=h2rec", "model.align_item=false", "model.align_seq=false",
                          "train.loss_scale=epoch"],
+    # the rest of the paper's ablations
+    "h2rec-noitem-es": ["model.kind=h2rec", "model.align_item=false", "train.loss_scale=epoch"],
+    "h2rec-noseq-es": ["model.kind=h2rec", "model.align_seq=false", "train.loss_scale=epoch"],
+    "h2rec-nosidbranch-es": ["model.kind=h2rec", "model.branches=hid", "train.loss_scale=epoch"],
+    "h2rec-nohidbranch-es": ["model.kind=h2rec", "model.branches=sid", "train.loss_scale=epoch"],
+    "h2rec-nogate-es": ["model.kind=h2rec", "model.gate=false", "train.loss_scale=epoch"],
+    "h2rec-window1-es": ["model.kind=h2rec", "model.align_item_window=1", "train.loss_scale=epoch"],
+    "h2rec-window5-es": ["model.kind=h2rec", "model.align_item_window=5", "train.loss_scale=epoch"],
 }
 
 

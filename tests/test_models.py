@@ -58,6 +58,8 @@ CONFIGS = {
     "h2rec-separate": _cfg("h2rec", shared_backbone=False),
     "h2rec-no-cross": _cfg("h2rec", cross_attention=False),
     "h2rec-no-gate": _cfg("h2rec", gate=False, sid_init="random"),
+    "h2rec-sid-branch": _cfg("h2rec", branches="sid"),
+    "h2rec-hid-branch": _cfg("h2rec", branches="hid", shared_backbone=False),
 }
 
 
@@ -200,7 +202,7 @@ def test_user_gate_depends_on_the_user(sids: FakeSids) -> None:
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_shapes_and_scores(name: str, sids: FakeSids) -> None:
     model = _model(CONFIGS[name], sids)
-    e = 32 if name.startswith("h2rec") else 16
+    e = 32 if name.startswith("h2rec") and "branch" not in name else 16
     assert model.out_dim == e
     seq = _batch()
     with torch.no_grad():
@@ -386,6 +388,31 @@ def test_every_trainable_parameter_gets_a_gradient(cfg: ModelConfig, sids: FakeS
 
 # ----------------------------------------------------------------------------- cheaper step
 # The faster H2Rec step must compute the same mathematics as the per-level, uncached one.
+
+
+@pytest.mark.parametrize("branch", ["sid", "hid"])
+def test_one_branch_is_that_half_of_the_dual_model(branch: str, sids: FakeSids) -> None:
+    # the ablations "without the HID / SID branch": with the dual model's weights, a one-branch
+    # model's states and item vectors are the dual model's halves
+    d = CONFIGS["h2rec"].hidden
+    dual = _model(CONFIGS["h2rec"], sids)
+    one = _model(replace(CONFIGS["h2rec"], branches=branch), sids)
+    missing, unexpected = one.load_state_dict(dual.state_dict(), strict=False)
+    assert missing == []
+    assert unexpected and all(k.startswith(("level_attn.", "hid_attn.", "gate.")) for k in unexpected)
+    half = slice(0, d) if branch == "sid" else slice(d, 2 * d)
+    seq = _batch()
+    with torch.no_grad():
+        torch.testing.assert_close(one(seq), dual(seq)[..., half], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(one.user_states(seq), dual.user_states(seq)[..., half], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(one.all_item_vectors(), dual.all_item_vectors()[:, half])
+    assert one.out_dim == d
+
+
+def test_one_branch_refuses_a_target_from_the_other() -> None:
+    with pytest.raises(ConfigError, match="align_seq_target='hid' reads both branches"):
+        _cfg("h2rec", branches="sid", align_seq_target="hid")
+    _cfg("h2rec", branches="sid", align_seq_target="hid", align_seq=False)  # no loss, no clash
 
 
 def test_batched_level_attention_equals_per_level_cross_attention() -> None:

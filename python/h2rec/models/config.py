@@ -12,6 +12,7 @@ SID_POOLINGS = ("mean", "sum")
 SID_INITS = ("centroids", "random")
 HID_INITS = ("random", "pca")
 ALIGN_SEQ_TARGETS = ("sid", "branch", "hid")
+BRANCHES = ("both", "sid", "hid")
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,10 @@ class ModelConfig:
     codebooks_trainable: bool = True  # False freezes the code tables (the projection still learns)
     shared_backbone: bool = True  # H2Rec: one backbone for both branches; False gives each its own
     cross_attention: bool = True  # H2Rec: branch inputs via cross-attention (False: plain streams)
+    # H2Rec: "both" branches, or the "sid" / "hid" branch alone (the paper's "without the HID /
+    # SID branch" ablations): the state is that branch's, scored against the table it is paired
+    # with (the SID branch against HID vectors, the HID branch against SID vectors)
+    branches: str = "both"
     gate: bool = True  # H2Rec: per-user softmax gate over SID levels (False: uniform mixing)
     gate_prior: float = 0.8  # coarse-to-fine prior: gate logit bias drops this much, level 0 -> L-1
     align_item: bool = True  # H2Rec: item-level code-guided multi-positive InfoNCE (SID vs HID)
@@ -48,6 +53,7 @@ class ModelConfig:
     align_item_tau: float = 0.5  # temperature of the item-level alignment loss
     align_item_cooccur: bool = True  # positives include PPMI-weighted co-occurring items
     align_item_same_tuple: bool = True  # positives include items sharing the full SID tuple
+    align_item_window: int = 3  # co-occurrence window (positions) when mining those positives
     align_item_max_items: int = 1024  # most distinct batch items in one item-level loss (M x M)
     align_seq: bool = True  # H2Rec: sequence-level masked-granularity contrastive loss
     align_seq_weight: float = 0.1  # weight of the sequence-level alignment loss
@@ -67,7 +73,14 @@ class ModelConfig:
         _choice("sid_pooling", self.sid_pooling, SID_POOLINGS)
         _choice("sid_init", self.sid_init, SID_INITS)
         _choice("align_seq_target", self.align_seq_target, ALIGN_SEQ_TARGETS)
-        positive = ("hidden", "n_layers", "n_heads", "max_len", "ffn_mult", "align_item_max_items")
+        _choice("branches", self.branches, BRANCHES)
+        if self.branches != "both" and self.align_seq and self.align_seq_target != "sid":
+            raise ConfigError(
+                f"model.align_seq_target={self.align_seq_target!r} reads both branches' states; "
+                f"with model.branches={self.branches!r} use 'sid' or model.align_seq=false"
+            )
+        positive = ("hidden", "n_layers", "n_heads", "max_len", "ffn_mult", "align_item_max_items",
+                    "align_item_window")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"model.{name}={getattr(self, name)!r}: must be >= 1")

@@ -85,18 +85,23 @@ class H2Rec(nn.Module):
         d = cfg.hidden
         self.cfg = cfg
         self.n_items = n_items
-        self.out_dim = 2 * d
+        self.use_sid_branch = cfg.branches in ("both", "sid")
+        self.use_hid_branch = cfg.branches in ("both", "hid")
+        self.out_dim = d * (int(self.use_sid_branch) + int(self.use_hid_branch))
         self.hid = HidEmbedding(n_items, d, cfg.init_std, cfg.hid_init, item_embeddings)
         self.sid = SidEmbedding.from_config(cfg, codes, codebooks)
         n_levels = self.sid.n_levels
         self.n_levels = n_levels
         self.input = SequenceInput(d, cfg.max_len, cfg.dropout, cfg.init_std)
-        if cfg.cross_attention:
+        if cfg.cross_attention and self.use_sid_branch:
             self.level_attn = LevelCrossAttention(n_levels, d, cfg.n_heads, cfg.dropout)
+        if cfg.cross_attention and self.use_hid_branch:
             self.hid_attn = CrossAttention(d, cfg.n_heads, cfg.dropout)
-        self.gate = LevelGate(d, n_levels, cfg.gate_prior, learned=cfg.gate)
+        # the gate mixes the SID branch's levels: without that branch it is the uniform mean (which
+        # the sequence-level loss then reads to pick the levels it masks)
+        self.gate = LevelGate(d, n_levels, cfg.gate_prior, learned=cfg.gate and self.use_sid_branch)
         self.backbone = Backbone(d, cfg.n_layers, cfg.n_heads, cfg.dropout, cfg.ffn_mult)
-        if not cfg.shared_backbone:
+        if not cfg.shared_backbone and self.use_hid_branch:
             self.backbone_hid = Backbone(d, cfg.n_layers, cfg.n_heads, cfg.dropout, cfg.ffn_mult)
         if cfg.align_seq and n_levels >= 2:
             self.mask_vectors = nn.Parameter(torch.randn(n_levels, d) * cfg.init_std)  # (L, D)
@@ -127,10 +132,11 @@ class H2Rec(nn.Module):
     # ----------------------------------------------------------------------------- streams
     def _branches(
         self, seq: Tensor, last_only: bool = False
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    ) -> tuple[Tensor | None, Tensor | None, Tensor, Tensor]:
         """seq (B, T) -> SID-branch states (B, T, D), HID-branch states (B, T, D),
         gate (B, T, L) and the HID stream (B, T, D). With ``last_only`` the branch states are
-        the last position's, (B, D) each, and the backbones' last block computes only that."""
+        the last position's, (B, D) each, and the backbones' last block computes only that.
+        A branch switched off by ``model.branches`` gives None."""
         real = seq > 0  # (B, T)
         allowed = attention_mask(real, self.cfg.causal)  # (B, 1, T, T)
         hid = self.input(self.hid(seq), real)  # (B, T, D)
@@ -138,20 +144,24 @@ class H2Rec(nn.Module):
         level_streams = self.input(levels, real)  # (B, T, L, D)
         fused = self.input(self.sid.pool(levels), real)  # (B, T, D)
         gate = self.gate(hid)  # (B, T, L)
-        if self.cfg.cross_attention:
-            outs = self.level_attn(level_streams, hid, real, allowed)  # (B, T, L, D), one call
-            hid_in = self.hid_attn(hid, fused, real, allowed)  # (B, T, D)
-        else:
-            outs = level_streams
-            hid_in = hid
-        sid_in = (gate[..., None] * outs).sum(dim=2)  # (B, T, D)
-        if self.cfg.shared_backbone:  # one call over both branches: (2B, T, D)
+        cross = self.cfg.cross_attention
+        sid_state = hid_state = None
+        if self.use_sid_branch:
+            outs = self.level_attn(level_streams, hid, real, allowed) if cross else level_streams
+            sid_in = (gate[..., None] * outs).sum(dim=2)  # (B, T, D); one call for all levels
+        if self.use_hid_branch:
+            hid_in = self.hid_attn(hid, fused, real, allowed) if cross else hid  # (B, T, D)
+        if self.cfg.shared_backbone and self.use_sid_branch and self.use_hid_branch:
+            # one call over both branches: (2B, T, D)
             both = self._twice(self.backbone, sid_in, hid_in, real, allowed, last_only)
             b = seq.shape[0]
             sid_state, hid_state = both[:b], both[b:]  # not chunk(): exportable with dynamic B
         else:
-            sid_state = self.backbone(sid_in, real, allowed, last_only)  # (B, T, D)
-            hid_state = self.backbone_hid(hid_in, real, allowed, last_only)  # (B, T, D)
+            if self.use_sid_branch:
+                sid_state = self.backbone(sid_in, real, allowed, last_only)  # (B, T, D)
+            if self.use_hid_branch:
+                backbone = self.backbone if self.cfg.shared_backbone else self.backbone_hid
+                hid_state = backbone(hid_in, real, allowed, last_only)  # (B, T, D)
         if self.training:
             self._cache = {
                 "seq": seq, "levels": levels, "fused": fused, "gate": gate, "allowed": allowed
@@ -175,13 +185,19 @@ class H2Rec(nn.Module):
     def forward(self, seq: Tensor) -> Tensor:
         """seq (B, T) left-padded item ids -> user states (B, T, 2D): [SID branch ; HID branch]."""
         sid_state, hid_state, _, _ = self._branches(seq)
-        return torch.cat([sid_state, hid_state], dim=-1)
+        return self._join(sid_state, hid_state)
+
+    @staticmethod
+    def _join(sid_state: Tensor | None, hid_state: Tensor | None) -> Tensor:
+        """[SID branch ; HID branch] along the last axis, of the branches that ran."""
+        parts = [x for x in (sid_state, hid_state) if x is not None]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
     def user_states(self, seq: Tensor) -> Tensor:
         """seq (B, T) -> each user's state (B, 2D): ``forward(seq)[:, -1]``, with the backbones'
         last block computing the last position only (what evaluation and serving read)."""
         sid_state, hid_state, _, _ = self._branches(seq, last_only=True)
-        return torch.cat([sid_state, hid_state], dim=-1)
+        return self._join(sid_state, hid_state)
 
     def level_gate(self, seq: Tensor) -> Tensor:
         """Gate weights over SID levels at every position (B, T, L); position T-1 is the user's."""
@@ -199,11 +215,17 @@ class H2Rec(nn.Module):
     def item_vectors(self, items: Tensor) -> Tensor:
         """items (...) -> (..., 2D): [HID embedding ; fused SID embedding]; zero for item 0.
 
-        With ``hid_pop_gate`` the HID half is scaled by :meth:`hid_weight`."""
-        hid = self.hid(items)
-        if self.cfg.hid_pop_gate:
-            hid = hid * self.hid_weight(items)[..., None]
-        return torch.cat([hid, self.sid(items)], dim=-1)
+        With ``hid_pop_gate`` the HID half is scaled by :meth:`hid_weight`. With one branch
+        (``model.branches``) only the half that branch scores against, (..., D)."""
+        parts = []
+        if self.use_sid_branch:
+            hid = self.hid(items)
+            if self.cfg.hid_pop_gate:
+                hid = hid * self.hid_weight(items)[..., None]
+            parts.append(hid)
+        if self.use_hid_branch:
+            parts.append(self.sid(items))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
     def all_item_vectors(self) -> Tensor:
         """(n_items + 1, 2D); row 0 (padding) is zero."""

@@ -51,7 +51,9 @@ def _cooccurrence_for(cfg: RunConfig, store: _core.SequenceStore, sids: Any) -> 
         return None
     from h2rec.models import CooccurrencePositives
 
-    return CooccurrencePositives.from_store(store, codes=np.asarray(sids.codes), holdout=2)
+    return CooccurrencePositives.from_store(
+        store, codes=np.asarray(sids.codes), window=m.align_item_window, holdout=2
+    )
 
 
 def build_for(
