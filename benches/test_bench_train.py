@@ -40,7 +40,7 @@ from conftest import DATA, FULL, record
 from h2rec import _core
 from h2rec.config import RunConfig, apply_overrides
 from h2rec.evaluate import eval_users, evaluate
-from h2rec.train import SharedNegatives, TrainStep, build_for, loss_plan, seed_everything
+from h2rec.train import build_for, seed_everything
 
 N_BATCHES = int(os.environ.get("H2REC_BENCH_BATCHES", "0" if FULL else "3"))  # 0: one epoch
 EVAL_USERS = int(os.environ.get("H2REC_BENCH_EVAL_USERS", "0" if FULL else "500"))  # 0: all
@@ -77,30 +77,25 @@ def beauty(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 def _epoch(cfg: RunConfig, data: dict[str, Any], device: torch.device, n_batches: int) -> tuple[int, int]:
-    """Train ``n_batches`` (0: all) batches of epoch 1 as ``train`` does; (sequences, batches)."""
-    seed_everything(0)
-    store = data["store"]
-    model = build_for(cfg, store, data["sids"], None).to(device)
-    plan = loss_plan(cfg, int(store.n_items))
-    shared = SharedNegatives(store, plan.shared, plan.popularity, 0) if plan.shared else None
-    step = TrainStep(model, cfg, plan, shared.log_q if shared else None).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
-    sampler = _core.TrainSampler(
-        store, cfg.model.max_len, cfg.train.batch_size, 1, 0,
-        bucket_batches=cfg.train.length_buckets, trim=True,
-    )
+    """Train ``n_batches`` (0: all) batches of epoch 1 with what ``train`` sets up (model, loss
+    plan and scale, fused optimiser, sampler); (sequences, batches)."""
+    from h2rec.runs import replace_config
+    from h2rec.train.loop import _setup
+
+    cfg = replace_config(cfg, train=replace_config(cfg.train, device=device.type))
+    run = _setup(cfg, data["store"], data["sids"], None, None, 0, 1, 0)
     n = b = 0
-    for i, (x, y, neg) in enumerate(sampler.epoch(1)):
+    for i, (x, y, neg) in enumerate(run.sampler.epoch(1)):
         if n_batches and i >= n_batches:
             break
-        if shared is not None:
-            neg = shared.draw(1, i, 0)
+        if run.shared is not None:
+            neg = run.shared.draw(1, i, 0)
         args = [torch.from_numpy(a).to(device) for a in (x, y, neg)]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss, _ = step(*args)
-        opt.zero_grad(set_to_none=True)
+            loss, _ = run.step(*args)
+        run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        run.optimizer.step()
         n, b = n + x.shape[0], b + 1
     if device.type == "cuda":
         torch.cuda.synchronize()
