@@ -74,7 +74,7 @@ def test_training_improves_validation_ndcg(data: dict[str, Any], tmp_path: Path)
 def test_without_a_run_directory_the_best_epoch_is_tested(data: dict[str, Any]) -> None:
     # a large learning rate makes validation NDCG@10 fall after its peak
     cfg = _cfg(
-        "model.kind=sasrec", "train.epochs=4", "train.lr=0.1", "train.loss=bce", "train.loss_scale=batch"
+        "model.kind=sasrec", "train.epochs=4", "train.lr=0.3", "train.loss=bce", "train.loss_scale=batch"
     )
     result = train(cfg, data["store"], None, run_dir=None)
     valid = [h["valid"]["NDCG@10"] for h in result.history]
