@@ -129,3 +129,13 @@ def test_config_is_frozen() -> None:
     cfg = RunConfig()
     with pytest.raises(AttributeError):
         cfg.train.lr = 1.0  # type: ignore[misc]
+
+
+def test_the_papers_setting_ships_as_a_config_file() -> None:
+    path = Path(__file__).resolve().parents[1] / "configs" / "paper.toml"
+    cfg = load_config(path)
+    assert (cfg.train.loss, cfg.train.n_negatives, cfg.train.loss_scale) == ("bce", 1, "batch")
+    assert (cfg.model.kind, cfg.model.max_len, cfg.train.batch_size) == ("h2rec", 200, 256)
+    assert cfg.model.causal  # the leak of the paper's mask-free training is refused
+    default = load_config()
+    assert default.train.loss != cfg.train.loss  # the defaults use the loss that wins
