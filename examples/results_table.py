@@ -59,10 +59,19 @@ def _h2rec(*args: str, quiet: bool = False) -> None:
 
 
 def prepared(name: str, shared: Path, work: Path) -> Path:
-    """The prepared dataset folder (with embeddings.npy and sid/), made on first use."""
+    """The prepared dataset folder (with embeddings.npy and sid/), made on first use; workers
+    that start together take turns (a lock file), so one prepares and the others reuse it."""
+    import fcntl
+
     spec = DATASETS[name]
     data = work / "data" / name
-    src = shared / str(spec["folder"])
+    data.parent.mkdir(parents=True, exist_ok=True)
+    with open(work / "data" / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _prepare_locked(spec, data, shared / str(spec["folder"]))
+
+
+def _prepare_locked(spec: dict[str, object], data: Path, src: Path) -> Path:
     if not (data / "meta.json").exists():
         args = list(spec["prepare"])  # type: ignore[arg-type]
         inputs = {"--items", "--item-id-map"}
@@ -133,7 +142,7 @@ def summary(results: Path) -> str:
     """Markdown tables (one per dataset) of mean ± std over the seeds found."""
     lines: list[str] = []
     for name in DATASETS:
-        files = sorted((results / name).glob("*-s*.json"))
+        files = sorted(f for f in (results / name).glob("*-s*.json") if not f.name.startswith("."))
         if not files:
             continue
         rows = [json.loads(f.read_text()) for f in files]

@@ -3,8 +3,9 @@
 //! Element `i` of a mask reads 16-bit lane `i % 4` of `mix(seed, i / 4)`, a SplitMix64 output
 //! of the block counter: the mask depends only on `(seed, n, p)`, never on how the elements are
 //! split between threads, and filling it is a few instructions per element (PyTorch's CPU
-//! generator spends about 10 ns on each). The keep test `lane >= round(p * 65536)` quantises the
-//! drop probability to 2^-16.
+//! generator spends about 10 ns on each). The keep test `lane >= t`, `t = round(p * 65536)`,
+//! quantises the drop probability to 2^-16, and kept elements are scaled by `65536 / (65536 - t)`,
+//! the inverse of the quantised keep probability, so the mask's expectation is exactly 1.
 
 use rayon::prelude::*;
 
@@ -31,9 +32,16 @@ pub fn threshold(p: f64) -> Result<u32> {
     Ok(((p * 65536.0).round() as u32).min(65535))
 }
 
-/// Fills `out` with the inverted-dropout mask: `scale` where kept, 0 where dropped.
-pub fn fill_mask(out: &mut [f32], p: f64, seed: u64, scale: f32) -> Result<()> {
+/// The value of a kept element: the inverse of the quantised keep probability.
+pub fn scale(p: f64) -> Result<f32> {
     let thr = threshold(p)?;
+    Ok((65536.0 / (65536.0 - thr as f64)) as f32)
+}
+
+/// Fills `out` with the inverted-dropout mask: [`scale`]`(p)` where kept, 0 where dropped.
+pub fn fill_mask(out: &mut [f32], p: f64, seed: u64) -> Result<()> {
+    let thr = threshold(p)?;
+    let scale = scale(p)?;
     let key = mix(seed ^ TAG_DROPOUT.wrapping_mul(0x9e37_79b9_7f4a_7c15));
     out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, chunk)| {
         let first_block = (c * CHUNK / 4) as u64;
@@ -55,7 +63,7 @@ mod tests {
 
     fn mask(n: usize, p: f64, seed: u64) -> Vec<f32> {
         let mut v = vec![f32::NAN; n];
-        fill_mask(&mut v, p, seed, 1.0 / (1.0 - p as f32)).unwrap();
+        fill_mask(&mut v, p, seed).unwrap();
         v
     }
 
@@ -64,7 +72,8 @@ mod tests {
         for p in [0.0, 0.1, 0.2, 0.5, 0.9] {
             let n = 400_000;
             let m = mask(n, p, 7);
-            let scale = 1.0 / (1.0 - p as f32);
+            let scale = scale(p).unwrap();
+            assert!((scale * (1.0 - p as f32) - 1.0).abs() < 1e-4); // quantised: close to 1/(1-p)
             assert!(m.iter().all(|&v| v == 0.0 || v == scale));
             let kept = m.iter().filter(|&&v| v != 0.0).count() as f64 / n as f64;
             // binomial std at n = 4e5 is below 8e-4
@@ -92,10 +101,20 @@ mod tests {
     }
 
     #[test]
+    fn the_expectation_is_one_at_the_ends_too() {
+        // p so small that nothing drops: no scaling; p so close to 1 that the threshold clamps:
+        // the scale follows the clamped keep probability
+        assert_eq!(scale(1e-7).unwrap(), 1.0);
+        assert!(mask(1000, 1e-7, 1).iter().all(|&v| v == 1.0));
+        assert_eq!(scale(0.999_999).unwrap(), 65536.0);
+        assert_eq!(scale(0.5).unwrap(), 2.0);
+    }
+
+    #[test]
     fn bad_probability_is_an_error() {
         let mut v = vec![0.0f32; 4];
-        assert!(fill_mask(&mut v, 1.0, 0, 1.0).is_err());
-        assert!(fill_mask(&mut v, -0.1, 0, 1.0).is_err());
-        assert!(fill_mask(&mut v, f64::NAN, 0, 1.0).is_err());
+        assert!(fill_mask(&mut v, 1.0, 0).is_err());
+        assert!(fill_mask(&mut v, -0.1, 0).is_err());
+        assert!(fill_mask(&mut v, f64::NAN, 0).is_err());
     }
 }

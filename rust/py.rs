@@ -586,8 +586,8 @@ fn cooccurrence<'py>(
     Ok((c.indptr.into_pyarray(py), c.indices.into_pyarray(py), c.weights.into_pyarray(py), c.counts.into_pyarray(py)))
 }
 
-/// The instruction set of the vector kernels (k-means distances and norms, centroid sums):
-/// "avx2" or "scalar", decided at import from the CPU and H2REC_SIMD.
+/// Inverted-dropout keep mask of n elements for drop probability p, from a counter-based hash
+/// of (seed, element): the same whatever the thread count.
 #[pyfunction]
 #[pyo3(signature = (n, p, seed, n_threads=None))]
 fn dropout_mask<'py>(py: Python<'py>, n: i64, p: f64, seed: u64, n_threads: Option<i64>) -> PyResult<Bound<'py, PyArray1<f32>>> {
@@ -596,12 +596,13 @@ fn dropout_mask<'py>(py: Python<'py>, n: i64, p: f64, seed: u64, n_threads: Opti
     }
     crate::dropout::threshold(p)?;
     let nt = threads(n_threads)?;
-    let scale = (1.0 / (1.0 - p)) as f32;
     let mut out = vec![0.0f32; n as usize];
-    py.detach(|| pool::run(nt, || crate::dropout::fill_mask(&mut out, p, seed, scale)))??;
+    py.detach(|| pool::run(nt, || crate::dropout::fill_mask(&mut out, p, seed)))??;
     Ok(out.into_pyarray(py))
 }
 
+/// The instruction set of the vector kernels (k-means distances and norms, centroid sums):
+/// "avx2" or "scalar", decided at import from the CPU and H2REC_SIMD.
 #[pyfunction]
 fn simd_level() -> &'static str {
     crate::simd::level().name()

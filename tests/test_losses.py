@@ -488,3 +488,14 @@ def test_shared_sampled_softmax_by_hand() -> None:
     assert float(got) == pytest.approx(-p + math.log(math.exp(p) + math.exp(n)), rel=1e-6)
     plain = shared_sampled_softmax(user, pos, neg, torch.tensor([7]), torch.tensor([3, 7]))
     assert float(plain) == pytest.approx(-2.0 + math.log(math.exp(2.0) + math.exp(1.0)), rel=1e-6)
+
+
+def test_item_alignment_runs_in_float32_under_autocast() -> None:
+    g = torch.Generator().manual_seed(6)
+    sid, hid = torch.randn(30, 8, generator=g), torch.randn(30, 8, generator=g)
+    rows = cols = torch.arange(30)
+    want = item_alignment_loss_pairs(sid, hid, rows, cols, torch.ones(30), 0.5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = item_alignment_loss_pairs(sid, hid, rows, cols, torch.ones(30), 0.5)
+    assert got.dtype == torch.float32
+    assert float(got) == float(want)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from h2rec.errors import ConfigError, DataError
-from h2rec.losses import recommendation_loss
+from h2rec.losses import mask_lowest_levels, recommendation_loss, symmetric_info_nce
 from h2rec.models.backbone import Dropout
 from h2rec.models import (
     CrossAttention,
@@ -410,9 +410,28 @@ def test_one_branch_is_that_half_of_the_dual_model(branch: str, sids: FakeSids) 
 
 
 def test_one_branch_refuses_a_target_from_the_other() -> None:
-    with pytest.raises(ConfigError, match="align_seq_target='hid' reads both branches"):
+    with pytest.raises(ConfigError, match="reads the HID branch's state, which model.branches='sid'"):
         _cfg("h2rec", branches="sid", align_seq_target="hid")
+    with pytest.raises(ConfigError, match="reads the SID branch's state, which model.branches='hid'"):
+        _cfg("h2rec", branches="hid", align_seq_target="branch")
     _cfg("h2rec", branches="sid", align_seq_target="hid", align_seq=False)  # no loss, no clash
+    _cfg("h2rec", branches="sid", align_seq_target="branch")
+    _cfg("h2rec", branches="hid", align_seq_target="hid")
+
+
+@pytest.mark.parametrize("branches,target", [("sid", "branch"), ("hid", "hid")])
+def test_one_branch_pulls_the_masked_view_to_its_own_state(branches: str, target: str, sids: FakeSids) -> None:
+    model = _model(_cfg("h2rec", branches=branches, align_seq_target=target, align_item=False), sids)
+    seq = _batch()
+    states = model(seq)
+    got = model._sequence_alignment(seq, states)
+    real = seq > 0
+    allowed = attention_mask(real, True)
+    gate = model.level_gate(seq)[:, -1]
+    masked = mask_lowest_levels(model.sid.levels(seq), gate, model.mask_vectors, real)
+    u = model.backbone(model.input(model.sid.pool(masked), real), real, allowed)[:, -1]
+    rows = real[:, -1]
+    torch.testing.assert_close(got, symmetric_info_nce(u[rows], states[:, -1][rows], 1.0))
 
 
 def test_batched_level_attention_equals_per_level_cross_attention() -> None:
@@ -525,7 +544,7 @@ def test_dropout_keeps_the_expectation_and_is_off_in_eval() -> None:
 
 
 def test_dropout_mask_is_the_same_whatever_the_thread_count_and_is_the_gradient() -> None:
-    drop = Dropout(0.2)
+    drop = Dropout(0.25)  # 0.25 * 65536 is whole: the kernel's scale is exactly 1 / 0.75
     x = torch.randn(3, 70_001, requires_grad=True)  # spans several of the kernel's chunks
     before = torch.get_num_threads()
     outs = []
@@ -539,7 +558,8 @@ def test_dropout_mask_is_the_same_whatever_the_thread_count_and_is_the_gradient(
     assert all(torch.equal(outs[0], o) for o in outs[1:])
     mask = outs[0].detach() / x.detach()  # 0 or 1 / (1 - p)
     kept = mask != 0
-    torch.testing.assert_close(mask[kept], torch.full_like(mask[kept], 1 / 0.8))
+    torch.testing.assert_close(mask[kept], torch.full_like(mask[kept], 1 / 0.75))
+    assert abs(float(kept.float().mean()) - 0.75) < 0.01
     (grad,) = torch.autograd.grad(outs[0].sum(), x)
     torch.testing.assert_close(grad, mask)
     # consecutive calls draw new masks from the torch generator

@@ -307,6 +307,13 @@ class _TwoWayMultiPositiveNCE(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx: Any, a: Tensor, b: Tensor, rows: Tensor, cols: Tensor, vals: Tensor, tau: float
     ) -> Tensor:
+        with torch.autocast(a.device.type, enabled=False):  # float32 inputs, float32 math
+            return _TwoWayMultiPositiveNCE._forward(ctx, a.float(), b.float(), rows, cols, vals.float(), tau)
+
+    @staticmethod
+    def _forward(
+        ctx: Any, a: Tensor, b: Tensor, rows: Tensor, cols: Tensor, vals: Tensor, tau: float
+    ) -> Tensor:
         """a, b (M, D) unit rows; positives w[rows, cols] = vals (P,) ->
         0.5 * (loss(a -> b) + loss(b -> a)), anchor i's positives in direction a -> b being
         w[i, :] and anchor b_j's in direction b -> a being w[j, :]."""
@@ -331,6 +338,11 @@ class _TwoWayMultiPositiveNCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        with torch.autocast(grad.device.type, enabled=False):
+            return _TwoWayMultiPositiveNCE._backward(ctx, grad.float())
+
+    @staticmethod
+    def _backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         a, b, rows, cols, e_row, e_col, den_row, den_col, q_row, q_col = ctx.saved_tensors
         # d loss / d logits = 0.5 / M * (softmax over rows + softmax over columns
         #                                - each direction's posterior over its positives)
@@ -359,8 +371,9 @@ def item_alignment_loss(sid: Tensor, hid: Tensor, weights: Tensor, tau: float = 
 
     Returns:
         mean of the SID->HID and HID->SID directions (each a :func:`multi_positive_info_nce`).
+        Negative weights count as zero.
     """
-    rows, cols = weights.nonzero(as_tuple=True)
+    rows, cols = (weights > 0).nonzero(as_tuple=True)
     return item_alignment_loss_pairs(sid, hid, rows, cols, weights[rows, cols], tau)
 
 

@@ -67,7 +67,8 @@ class Dropout(nn.Module):
     mask comes from :func:`h2rec._core.dropout_mask`, a counter-based hash of one seed drawn
     from the global torch generator per call, so a seeded run is reproducible whatever the
     thread count and a resumed one continues exactly. The drop probability is quantised to
-    2**-16. On other devices it is ``F.dropout``.
+    2**-16 and kept elements are scaled by the inverse of the quantised keep probability. On other
+    devices it is ``F.dropout``.
     """
 
     def __init__(self, p: float) -> None:

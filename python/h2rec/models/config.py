@@ -74,10 +74,12 @@ class ModelConfig:
         _choice("sid_init", self.sid_init, SID_INITS)
         _choice("align_seq_target", self.align_seq_target, ALIGN_SEQ_TARGETS)
         _choice("branches", self.branches, BRANCHES)
-        if self.branches != "both" and self.align_seq and self.align_seq_target != "sid":
+        needs = {"branch": "sid", "hid": "hid"}.get(self.align_seq_target)
+        if self.align_seq and needs and self.branches not in ("both", needs):
             raise ConfigError(
-                f"model.align_seq_target={self.align_seq_target!r} reads both branches' states; "
-                f"with model.branches={self.branches!r} use 'sid' or model.align_seq=false"
+                f"model.align_seq_target={self.align_seq_target!r} reads the {needs.upper()} "
+                f"branch's state, which model.branches={self.branches!r} leaves out; use 'sid' "
+                "or model.align_seq=false"
             )
         positive = ("hidden", "n_layers", "n_heads", "max_len", "ffn_mult", "align_item_max_items",
                     "align_item_window")

@@ -324,8 +324,9 @@ class H2Rec(nn.Module):
             masked_user, target = both.chunk(2, dim=0)  # (B, D) each
         else:
             masked_user = self.backbone(masked_in, real, allowed, last_only=True)  # (B, D)
-            branch = slice(None, d) if cfg.align_seq_target == "branch" else slice(d, None)
-            target = states[:, -1, branch]  # (B, D) the SID- or the HID-branch state
+            # states are [SID branch ; HID branch], of the branches that ran
+            first = cfg.align_seq_target == "branch" or not self.use_sid_branch
+            target = states[:, -1, :d] if first else states[:, -1, d:]  # (B, D)
         rows = real[:, -1]  # users with a real last position
         return symmetric_info_nce(masked_user[rows], target[rows], cfg.align_seq_tau)
 
