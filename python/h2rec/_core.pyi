@@ -22,6 +22,7 @@ __all__ = [
     "build_profile",
     "code_report",
     "cooccurrence",
+    "dropout_mask",
     "gemm_simd_level",
     "kmeans",
     "reconstruction_errors",
