@@ -58,10 +58,12 @@ class ModelConfig:
     align_seq: bool = True  # H2Rec: sequence-level masked-granularity contrastive loss
     align_seq_weight: float = 0.1  # weight of the sequence-level alignment loss
     align_seq_tau: float = 1.0  # temperature of the sequence-level alignment loss
-    # the masked SID view's state is pulled to: "sid", the unmasked SID view through the backbone
-    # (a second backbone pass); "branch", the SID branch's own state (no extra pass); "hid",
+    # the masked SID view's state is pulled to: "branch", the SID branch's own state (the HID
+    # branch's when model.branches="hid"; no extra backbone pass; Beauty validation NDCG@10
+    # 0.0706 against 0.0695 with "sid"); "sid", the
+    # unmasked fused SID view through the backbone (the paper's; a second backbone pass); "hid",
     # the HID branch's state
-    align_seq_target: str = "sid"
+    align_seq_target: str = "branch"
     hid_pop_gate: bool = False  # H2Rec: scale items' HID vectors in the score by a learned
     # sigmoid of their log training popularity, so rare items lean on their SID vectors
 
@@ -74,7 +76,7 @@ class ModelConfig:
         _choice("sid_init", self.sid_init, SID_INITS)
         _choice("align_seq_target", self.align_seq_target, ALIGN_SEQ_TARGETS)
         _choice("branches", self.branches, BRANCHES)
-        needs = {"branch": "sid", "hid": "hid"}.get(self.align_seq_target)
+        needs = {"hid": "hid"}.get(self.align_seq_target)  # "branch": the model's own state
         if self.align_seq and needs and self.branches not in ("both", needs):
             raise ConfigError(
                 f"model.align_seq_target={self.align_seq_target!r} reads the {needs.upper()} "
