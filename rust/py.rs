@@ -587,17 +587,16 @@ fn cooccurrence<'py>(
 }
 
 /// Inverted-dropout keep mask of n elements for drop probability p, from a counter-based hash
-/// of (seed, element): the same whatever the thread count.
+/// of (seed, element), filled on the calling thread.
 #[pyfunction]
-#[pyo3(signature = (n, p, seed, n_threads=None))]
-fn dropout_mask<'py>(py: Python<'py>, n: i64, p: f64, seed: u64, n_threads: Option<i64>) -> PyResult<Bound<'py, PyArray1<f32>>> {
+#[pyo3(signature = (n, p, seed))]
+fn dropout_mask<'py>(py: Python<'py>, n: i64, p: f64, seed: u64) -> PyResult<Bound<'py, PyArray1<f32>>> {
     if n < 0 {
         return Err(PyValueError::new_err(format!("n={n} must be >= 0")));
     }
     crate::dropout::threshold(p)?;
-    let nt = threads(n_threads)?;
     let mut out = vec![0.0f32; n as usize];
-    py.detach(|| pool::run(nt, || crate::dropout::fill_mask(&mut out, p, seed)))??;
+    py.detach(|| crate::dropout::fill_mask(&mut out, p, seed))?;
     Ok(out.into_pyarray(py))
 }
 

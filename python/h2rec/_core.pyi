@@ -206,11 +206,11 @@ def cooccurrence(
     pairs are items within ``window`` positions of each other in the training prefixes
     (all but the last ``holdout`` items); each row keeps its ``top_k`` by PPMI > 0."""
 
-def dropout_mask(n: int, p: float, seed: int, n_threads: int | None = None) -> NDArray[np.float32]:
+def dropout_mask(n: int, p: float, seed: int) -> NDArray[np.float32]:
     """Inverted-dropout keep mask (n,): 65536 / (65536 - t) where kept, 0 where dropped, for
     the threshold t = round(p * 65536) (so about 1 / (1 - p), and exactly the inverse of the
     quantised keep probability: the mask's expectation is 1).
 
     Element i is decided by a counter-based hash of (seed, i), so the mask depends only on
-    (n, p, seed), whatever the thread count.
+    (n, p, seed); it is filled on the calling thread (about 2 ms for 1.28M elements).
     Raises ValueError unless 0 <= p < 1 and n >= 0."""

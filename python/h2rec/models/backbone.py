@@ -83,7 +83,7 @@ class Dropout(nn.Module):
         if x.device.type != "cpu":
             return F.dropout(x, self.p, True)
         seed = int(torch.randint(0, 2**62, (1,)))
-        mask = _core.dropout_mask(x.numel(), self.p, seed, torch.get_num_threads())
+        mask = _core.dropout_mask(x.numel(), self.p, seed)
         return x * torch.from_numpy(mask).view(x.shape).to(x.dtype)
 
     def extra_repr(self) -> str:
