@@ -267,14 +267,26 @@ def test_checkpoint_from_another_dataset_or_model(
     assert cfg.model.kind == "sasrec" and not model.training
 
 
-def test_thread_count_does_not_change_the_run(data: dict[str, Any]) -> None:
-    # one thread, two threads, and the per-epoch automatic choice all train the same model
-    runs = []
+@pytest.mark.parametrize(
+    "settings",
+    [(), ("model.align_seq_target=branch", "model.item_score=fused"), ("model.kind=fusion",)],
+)
+def test_thread_count_does_not_change_the_run(
+    data: dict[str, Any], settings: tuple[str, ...]
+) -> None:
+    # one thread, two threads, and the per-epoch automatic choice all train the same model, to
+    # the bit (MKL's strict reproducible mode, which importing h2rec asks for)
+    assert os.environ.get("MKL_CBWR") == "AUTO,STRICT"
+    runs, weights = [], []
     for threads in ("train.num_threads=1", "train.num_threads=2", "train.num_threads=0"):
-        cfg = _cfg("model.kind=h2rec", "train.epochs=2", threads)
+        cfg = _cfg("model.kind=h2rec", "train.epochs=2", threads, *settings)
         result = train(cfg, data["store"], data["sids"], run_dir=None)
         runs.append([(h["loss"], h["valid"]["NDCG@10"]) for h in result.history])
+        weights.append(result.model.state_dict())
     assert runs[0] == runs[1] == runs[2]
+    for other in weights[1:]:
+        for k, v in weights[0].items():
+            assert torch.equal(v, other[k]), k
     torch.set_num_threads(1)
 
 
@@ -390,3 +402,40 @@ def test_epoch_loss_scale_weighs_every_position_the_same_whatever_the_batching(
     assert totals[0, "epoch"] == pytest.approx(totals[4, "epoch"], rel=1e-5)
     if not last_only:  # bucketed batch means weigh short users' positions up
         assert abs(totals[0, "batch"] - totals[4, "batch"]) > 1e-4 * totals[0, "batch"]
+
+
+def test_hid_decay_shrinks_the_hash_id_table_after_every_step(data: dict[str, Any]) -> None:
+    """train.hid_decay=d: after each optimiser step the HID table (only) is multiplied by
+    (1 - lr * d); oracle: the plain loop with that product done by hand."""
+    import time
+
+    from h2rec.train.loop import _setup, _train_epoch
+
+    lr, decay = 0.01, 5.0
+    cfg = _cfg("model.kind=fusion", f"train.lr={lr}", f"train.hid_decay={decay}")
+    run = _setup(cfg, data["store"], data["sids"], None, None, 0, 1, 0)
+    _train_epoch(run, 1, time.perf_counter(), False)
+    ref = _setup(_cfg("model.kind=fusion", f"train.lr={lr}"), data["store"], data["sids"], None,
+                 None, 0, 1, 0)
+    assert ref.hid_table is None
+    for x, y, neg in ref.sampler.epoch(1):
+        loss, _ = ref.step(*(torch.from_numpy(a) for a in (x, y, neg)))
+        ref.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        ref.optimizer.step()
+        with torch.no_grad():
+            ref.model.hid.weight.mul_(1.0 - lr * decay)
+    got, want = run.model.state_dict(), ref.model.state_dict()
+    assert got.keys() == want.keys()
+    for k in got:
+        assert torch.equal(got[k], want[k]), k
+    # the decay did something: the table is smaller than without it
+    plain = _setup(_cfg("model.kind=fusion", f"train.lr={lr}"), data["store"], data["sids"], None,
+                   None, 0, 1, 0)
+    _train_epoch(plain, 1, time.perf_counter(), False)
+    assert float(run.model.hid.weight.detach().norm()) < 0.9 * float(plain.model.hid.weight.detach().norm())
+    with pytest.raises(ConfigError, match="train.hid_decay"):
+        _cfg("train.hid_decay=-1")
+    with pytest.raises(ConfigError, match="model.kind='sid' has no hash-ID table"):
+        _setup(_cfg("model.kind=sid", "train.hid_decay=1"), data["store"], data["sids"], None,
+               None, 0, 1, 0)

@@ -8,6 +8,8 @@ started with ``setsid``). h2rec therefore
 - asks OpenMP for passive waits (``OMP_WAIT_POLICY=PASSIVE``: an idle thread sleeps) unless the
   user set a policy; this must happen before torch is first imported, which importing
   :mod:`h2rec` does;
+- asks MKL for thread-count-independent results (``MKL_CBWR=AUTO,STRICT``) unless the user set
+  a mode, so that training gives the same bits on 1 thread and on 8;
 - uses as many threads as the CPUs this process may run on (its affinity mask, as set by
   ``taskset``, cgroups or a job scheduler), capped by ``OMP_NUM_THREADS`` when that is set, unless
   ``train.num_threads`` says otherwise;
@@ -41,6 +43,11 @@ def passive_waits() -> bool:
     """Set ``OMP_WAIT_POLICY=PASSIVE`` unless set; True when it can still take effect (torch not
     yet imported)."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # MKL's strict conditional numerical reproducibility: its GEMMs then give the same bits
+    # whatever the thread count (without it a step's weight gradients differ in the last bits
+    # between 1 and 2 threads; measured cost on one thread: none). MKL reads it when it first
+    # runs, so setting it after torch's import still works, up to the first matrix product
+    os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
     return "torch" not in sys.modules
 
 

@@ -13,6 +13,7 @@ SID_INITS = ("centroids", "random")
 HID_INITS = ("random", "pca")
 ALIGN_SEQ_TARGETS = ("sid", "branch", "hid")
 BRANCHES = ("both", "sid", "hid")
+ITEM_SCORES = ("paired", "fused")
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,11 @@ class ModelConfig:
     # against 0.0695, one seed; not the default yet: its gradients are not yet bit-identical
     # across CPU thread counts); "hid", the HID branch's state
     align_seq_target: str = "sid"
+    # H2Rec: what each branch's state is scored against. "paired" (the paper's): the SID branch
+    # against HID vectors, the HID branch against SID vectors; "fused": both against the item's
+    # HID + SID vector (the fusion baseline's item vector), so a rare item's score leans on
+    # its codes in both halves
+    item_score: str = "paired"
     hid_pop_gate: bool = False  # H2Rec: scale items' HID vectors in the score by a learned
     # sigmoid of their log training popularity, so rare items lean on their SID vectors
 
@@ -76,6 +82,7 @@ class ModelConfig:
         _choice("sid_init", self.sid_init, SID_INITS)
         _choice("align_seq_target", self.align_seq_target, ALIGN_SEQ_TARGETS)
         _choice("branches", self.branches, BRANCHES)
+        _choice("item_score", self.item_score, ITEM_SCORES)
         needs = {"hid": "hid"}.get(self.align_seq_target)  # "branch": the model's own state
         if self.align_seq and needs and self.branches not in ("both", needs):
             raise ConfigError(

@@ -215,16 +215,20 @@ class H2Rec(nn.Module):
     def item_vectors(self, items: Tensor) -> Tensor:
         """items (...) -> (..., 2D): [HID embedding ; fused SID embedding]; zero for item 0.
 
-        With ``hid_pop_gate`` the HID half is scaled by :meth:`hid_weight`. With one branch
+        With ``hid_pop_gate`` the HID half is scaled by :meth:`hid_weight`; with
+        ``item_score="fused"`` both halves are HID + SID (after that scaling). With one branch
         (``model.branches``) only the half that branch scores against, (..., D)."""
+        hid = self.hid(items)
+        if self.cfg.hid_pop_gate:
+            hid = hid * self.hid_weight(items)[..., None]
+        sid = self.sid(items)
+        if self.cfg.item_score == "fused":
+            hid = sid = hid + sid
         parts = []
         if self.use_sid_branch:
-            hid = self.hid(items)
-            if self.cfg.hid_pop_gate:
-                hid = hid * self.hid_weight(items)[..., None]
             parts.append(hid)
         if self.use_hid_branch:
-            parts.append(self.sid(items))
+            parts.append(sid)
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
     def all_item_vectors(self) -> Tensor:

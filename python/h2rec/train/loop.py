@@ -88,6 +88,7 @@ class _Run:
     sampler: _core.TrainSampler
     shared: SharedNegatives | None  # negatives shared by each batch, when the loss plan has them
     out: Path | None  # the run directory (None: no files)
+    hid_table: torch.Tensor | None = None  # the hash-ID table when train.hid_decay > 0
 
     @property
     def use_amp(self) -> bool:
@@ -311,7 +312,18 @@ def _setup(
         sampler=sampler,
         shared=shared,
         out=out,
+        hid_table=_hid_table(model, cfg.model.kind) if cfg.train.hid_decay > 0 else None,
     )
+
+
+def _hid_table(model: nn.Module, kind: str) -> torch.Tensor:
+    """The model's hash-ID table (``model.hid``), for ``train.hid_decay``."""
+    hid = getattr(model, "hid", None)
+    if hid is None:
+        raise ConfigError(
+            f"train.hid_decay: model.kind={kind!r} has no hash-ID table; set it to 0"
+        )
+    return hid.weight
 
 
 def _prepare_run_dir(out: Path, cfg: RunConfig, resumed: bool) -> None:
@@ -363,6 +375,9 @@ def _train_epoch(run: _Run, epoch: int, t0: float, show_bar: bool) -> dict[str, 
         if cfg.train.grad_clip > 0:
             nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         optimizer.step()
+        if run.hid_table is not None:
+            with torch.no_grad():
+                run.hid_table.mul_(1.0 - cfg.train.lr * cfg.train.hid_decay)
         total += float(loss.detach())
         for k, v in parts.items():
             parts_sum[k] = parts_sum.get(k, 0.0) + float(v.detach())
