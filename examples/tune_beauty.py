@@ -26,48 +26,59 @@ from pathlib import Path
 
 COMMON = ["train.num_threads=1", "train.patience=5", "train.epochs=40"]
 
+# the H2Rec runs before item_score=fused and align_seq_target=branch became the defaults
+PAPER_SCORE = ["model.item_score=paired", "model.align_seq_target=sid"]
+FUSED = ["model.kind=h2rec", "model.item_score=fused", "model.align_seq_target=branch",
+         "train.loss_scale=epoch"]
+
 VARIANTS: dict[str, list[str]] = {
     # the first runs used the per-batch mean of the loss (the default then)
     "sasrec": ["model.kind=sasrec", "train.loss_scale=batch"],
-    "h2rec": ["model.kind=h2rec", "train.loss_scale=batch"],
+    "h2rec": ["model.kind=h2rec", *PAPER_SCORE, "train.loss_scale=batch"],
     "fusion": ["model.kind=fusion", "train.loss_scale=batch"],
-    "h2rec-popgate": ["model.kind=h2rec", "model.hid_pop_gate=true", "train.loss_scale=batch"],
-    "h2rec-seqhid": ["model.kind=h2rec", "model.align_seq_target=hid", "train.loss_scale=batch"],
+    "h2rec-popgate": ["model.kind=h2rec", *PAPER_SCORE, "model.hid_pop_gate=true", "train.loss_scale=batch"],
+    "h2rec-seqhid": ["model.kind=h2rec", "model.item_score=paired", "model.align_seq_target=hid", "train.loss_scale=batch"],
     "sasrec-nobucket": ["model.kind=sasrec", "train.length_buckets=0", "train.loss_scale=batch"],
-    "h2rec-pca": ["model.kind=h2rec", "model.hid_init=pca", "train.loss_scale=batch"],
+    "h2rec-pca": ["model.kind=h2rec", *PAPER_SCORE, "model.hid_init=pca", "train.loss_scale=batch"],
     "sid": ["model.kind=sid", "train.loss_scale=batch"],
-    "h2rec-align03": ["model.kind=h2rec", "model.align_item_weight=0.3", "model.align_seq_weight=0.3", "train.loss_scale=batch"],
-    "h2rec-noalign": ["model.kind=h2rec", "model.align_item=false", "model.align_seq=false", "train.loss_scale=batch"],
-    "h2rec-nobucket": ["model.kind=h2rec", "train.length_buckets=0", "train.loss_scale=batch"],
+    "h2rec-align03": ["model.kind=h2rec", *PAPER_SCORE, "model.align_item_weight=0.3", "model.align_seq_weight=0.3", "train.loss_scale=batch"],
+    "h2rec-noalign": ["model.kind=h2rec", *PAPER_SCORE, "model.align_item=false", "model.align_seq=false", "train.loss_scale=batch"],
+    "h2rec-nobucket": ["model.kind=h2rec", *PAPER_SCORE, "train.length_buckets=0", "train.loss_scale=batch"],
     "fusion-nobucket": ["model.kind=fusion", "train.length_buckets=0", "train.loss_scale=batch"],
     # length buckets with every position weighing the same (train.loss_scale=epoch, the default
     # since these runs; the runs above used the per-batch mean)
     "sasrec-epochscale": ["model.kind=sasrec", "train.loss_scale=epoch"],
     "fusion-epochscale": ["model.kind=fusion", "train.loss_scale=epoch"],
-    "h2rec-epochscale": ["model.kind=h2rec", "train.loss_scale=epoch"],
+    "h2rec-epochscale": ["model.kind=h2rec", *PAPER_SCORE, "train.loss_scale=epoch"],
     # rare items' hash-ID vectors are mostly noise: start them from the text (PCA of the item
     # embeddings), or let the score weigh them by the item's training popularity
-    "h2rec-pca-es": ["model.kind=h2rec", "model.hid_init=pca", "train.loss_scale=epoch"],
-    "h2rec-popgate-es": ["model.kind=h2rec", "model.hid_pop_gate=true", "train.loss_scale=epoch"],
+    "h2rec-pca-es": ["model.kind=h2rec", *PAPER_SCORE, "model.hid_init=pca", "train.loss_scale=epoch"],
+    "h2rec-popgate-es": ["model.kind=h2rec", *PAPER_SCORE, "model.hid_pop_gate=true", "train.loss_scale=epoch"],
     # the masked SID view pulled to the SID branch's own state (no second backbone pass)
-    "h2rec-pca-seqbranch-es": ["model.kind=h2rec", "model.hid_init=pca",
+    "h2rec-pca-seqbranch-es": ["model.kind=h2rec", "model.item_score=paired", "model.hid_init=pca",
                                "model.align_seq_target=branch", "train.loss_scale=epoch"],
     # is a gain from PCA-initialised HIDs the method's, or the init's? the same init elsewhere
     "fusion-pca-es": ["model.kind=fusion", "model.hid_init=pca", "train.loss_scale=epoch"],
     "sasrec-pca-es": ["model.kind=sasrec", "model.hid_init=pca", "train.loss_scale=epoch"],
-    "h2rec-seqbranch-es": ["model.kind=h2rec", "model.align_seq_target=branch",
+    "h2rec-seqbranch-es": ["model.kind=h2rec", "model.item_score=paired", "model.align_seq_target=branch",
                            "train.loss_scale=epoch"],
     # the paper's ablation "without either alignment loss"
-    "h2rec-noalign-es": ["model.kind=h2rec", "model.align_item=false", "model.align_seq=false",
+    "h2rec-noalign-es": ["model.kind=h2rec", *PAPER_SCORE, "model.align_item=false", "model.align_seq=false",
                          "train.loss_scale=epoch"],
-    # the rest of the paper's ablations
-    "h2rec-noitem-es": ["model.kind=h2rec", "model.align_item=false", "train.loss_scale=epoch"],
-    "h2rec-noseq-es": ["model.kind=h2rec", "model.align_seq=false", "train.loss_scale=epoch"],
-    "h2rec-nosidbranch-es": ["model.kind=h2rec", "model.branches=hid", "train.loss_scale=epoch"],
-    "h2rec-nohidbranch-es": ["model.kind=h2rec", "model.branches=sid", "train.loss_scale=epoch"],
-    "h2rec-nogate-es": ["model.kind=h2rec", "model.gate=false", "train.loss_scale=epoch"],
-    "h2rec-window1-es": ["model.kind=h2rec", "model.align_item_window=1", "train.loss_scale=epoch"],
-    "h2rec-window5-es": ["model.kind=h2rec", "model.align_item_window=5", "train.loss_scale=epoch"],
+    # both branches scored against the item's HID + SID vector (model.item_score=fused), with the
+    # paper's sequence-level target and with the branch's own (together the defaults since then)
+    "h2rec-fused-es": ["model.kind=h2rec", "model.item_score=fused", "model.align_seq_target=sid",
+                       "train.loss_scale=epoch"],
+    "h2rec-fused-seqbranch-es": [*FUSED, "train.loss_scale=epoch"],
+    # the paper's ablations, of that default
+    "h2rec-fused-noitem": [*FUSED, "model.align_item=false"],
+    "h2rec-fused-noseq": [*FUSED, "model.align_seq=false"],
+    "h2rec-fused-noalign": [*FUSED, "model.align_item=false", "model.align_seq=false"],
+    "h2rec-fused-nosidbranch": [*FUSED, "model.branches=hid"],
+    "h2rec-fused-nohidbranch": [*FUSED, "model.branches=sid"],
+    "h2rec-fused-nogate": [*FUSED, "model.gate=false"],
+    "h2rec-fused-window1": [*FUSED, "model.align_item_window=1"],
+    "h2rec-fused-window5": [*FUSED, "model.align_item_window=5"],
 }
 
 
@@ -80,9 +91,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default="", help="comma-separated variant names")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--summary", action="store_true", help="print the table of finished variants")
+    p.add_argument("--plot", default="", help="with --summary: write a per-bucket PNG here")
+    p.add_argument("--plot-variants", default="sasrec-epochscale,fusion-epochscale,h2rec-epochscale",
+                   help="variants in the plot; the first is the reference of the ratio panel")
     args = p.parse_args(argv)
     if args.summary:
         print(summary(Path(args.results)))
+        if args.plot:
+            plot(Path(args.results), args.plot_variants.split(","), Path(args.plot))
         return 0
     i, n = (int(v) for v in args.worker.split("/"))
     results = Path(args.results)
@@ -145,6 +161,44 @@ def summary(results: Path) -> str:
     head = ("| variant | batches | epochs | NDCG@10 | HR@10 | head | tail | "
             + " | ".join(buckets) + " |")
     return "\n".join([head, "|---" * (7 + len(buckets)) + "|", *rows])
+
+
+def plot(results: Path, names: list[str], out: Path) -> None:
+    """Validation NDCG@10 by target popularity bucket: the values, and each variant's ratio to
+    the first one (where the differences between models are visible)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    from h2rec.report import atomic_writer
+
+    runs = {}
+    for name in names:
+        (res,) = json.loads((results / f"{name}.json").read_text())["models"].values()
+        runs[name] = res["groups"]
+    first = runs[names[0]]
+    labels = [k[4:] for k in first if k.startswith("pop_")]
+    fig = Figure(figsize=(11, 4))
+    ax_abs, ax_rel = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    width = 0.8 / len(names)
+    for i, (name, groups) in enumerate(runs.items()):
+        xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(labels))]
+        vals = [groups[f"pop_{b}"]["NDCG@10"] for b in labels]
+        ref = [first[f"pop_{b}"]["NDCG@10"] for b in labels]
+        ax_abs.bar(xs, vals, width=width, label=name)
+        ax_rel.bar(xs, [v / r for v, r in zip(vals, ref)], width=width, label=name)
+    ticks = [f"{b}\n(n={first[f'pop_{b}']['n']})" for b in labels]
+    for ax, title in ((ax_abs, "validation NDCG@10"), (ax_rel, f"NDCG@10 / {names[0]}'s")):
+        ax.set_xticks(range(len(labels)))
+        ax.set_xticklabels(ticks)
+        ax.set_xlabel("target's training popularity")
+        ax.set_title(title)
+    ax_rel.axhline(1.0, color="black", linewidth=0.8)
+    ax_rel.set_ylim(0.7, 1.3)
+    ax_abs.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_writer(out, lambda f: fig.savefig(f, format="png", dpi=110))
 
 
 if __name__ == "__main__":

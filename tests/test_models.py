@@ -570,7 +570,8 @@ def test_hid_popularity_gate_scales_the_hid_half_of_item_vectors(sids: FakeSids)
     pop = np.zeros(N_ITEMS + 1)
     pop[1:] = np.arange(N_ITEMS)  # item 1 never seen in training, item 40 seen 39 times
     torch.manual_seed(0)
-    model = build_model(_cfg("h2rec", hid_pop_gate=True), N_ITEMS, sids, popularity=pop)
+    model = build_model(_cfg("h2rec", hid_pop_gate=True, item_score="paired"), N_ITEMS, sids,
+                        popularity=pop)
     items = torch.tensor([1, 2, 40])
     w = model.hid_weight(items).detach()
     assert 0 < float(w[0]) < float(w[1]) < float(w[2]) < 1  # rarer items weigh less
@@ -582,6 +583,39 @@ def test_hid_popularity_gate_scales_the_hid_half_of_item_vectors(sids: FakeSids)
     assert model.pop_scale.grad is not None and float(model.pop_scale.grad) != 0.0
     with pytest.raises(DataError, match="hid_pop_gate needs the training popularity"):
         build_model(_cfg("h2rec", hid_pop_gate=True), N_ITEMS, sids)
+
+
+@pytest.mark.parametrize("branches", ["both", "sid", "hid"])
+def test_fused_item_score_gives_every_branch_the_hid_plus_sid_vector(
+    branches: str, sids: FakeSids
+) -> None:
+    """model.item_score=fused: each branch's half of an item vector is HID row + SID vector
+    (the paired default: the SID branch's half is the HID row, the HID branch's the SID
+    vector); the user states are the same as the paired model's."""
+    torch.manual_seed(0)
+    fused = build_model(_cfg("h2rec", item_score="fused", branches=branches), N_ITEMS, sids)
+    torch.manual_seed(0)
+    paired = build_model(_cfg("h2rec", item_score="paired", branches=branches), N_ITEMS, sids)
+    paired.load_state_dict(fused.state_dict())
+    fused.eval(), paired.eval()
+    items = torch.tensor([[0, 4, 8, 40]])
+    with torch.no_grad():
+        want = (fused.hid(items) + fused.sid(items))[0]  # (4, D)
+        vec = fused.item_vectors(items)[0]
+        halves = 2 if branches == "both" else 1
+        assert vec.shape == (4, 16 * halves)
+        for h in range(halves):
+            torch.testing.assert_close(vec[:, 16 * h : 16 * (h + 1)], want)
+        assert torch.equal(vec[0], torch.zeros_like(vec[0]))  # padding stays zero
+        torch.testing.assert_close(fused.all_item_vectors()[items[0]], vec)
+        seq = torch.tensor([[0, 3, 9, 12], [5, 6, 7, 8]])
+        torch.testing.assert_close(fused.user_states(seq), paired.user_states(seq))
+        if branches == "both":
+            pv = paired.item_vectors(items)[0]
+            torch.testing.assert_close(pv[:, :16], paired.hid(items)[0])
+            torch.testing.assert_close(pv[:, 16:], paired.sid(items)[0])
+    with pytest.raises(ConfigError, match="item_score"):
+        _cfg("h2rec", item_score="sum")
 
 
 def test_fusion_item_is_its_hid_row_plus_its_pooled_sid_levels(sids: FakeSids) -> None:

@@ -269,7 +269,7 @@ def test_checkpoint_from_another_dataset_or_model(
 
 @pytest.mark.parametrize(
     "settings",
-    [(), ("model.align_seq_target=branch", "model.item_score=fused"), ("model.kind=fusion",)],
+    [(), ("model.align_seq_target=sid", "model.item_score=paired"), ("model.kind=fusion",)],
 )
 def test_thread_count_does_not_change_the_run(
     data: dict[str, Any], settings: tuple[str, ...]

@@ -11,8 +11,11 @@ position this is the per-user gate) and encoded by the backbone.
 HID branch (cross-attention injection): cross-attention with queries = HID stream and
 keys/values = fused SID stream, encoded by the backbone (shared by default).
 Score: user vector [SID-branch state ; HID-branch state] (B, T, 2D) against item vector
-[HID embedding ; fused SID embedding] (..., 2D), i.e. the SID branch, which reads HID values,
-scores against the HID table and the HID branch, which reads SID values, against the SID one.
+[HID + SID ; HID + SID] (..., 2D) by default (``item_score="fused"``: both branches score the
+fusion baseline's item vector, so a rare item's score carries its codes in both halves), or the
+paper's [HID embedding ; fused SID embedding] (``item_score="paired"``: the SID branch, which
+reads HID values, scores against the HID table and the HID branch, which reads SID values,
+against the SID one).
 """
 
 from __future__ import annotations
@@ -213,7 +216,8 @@ class H2Rec(nn.Module):
         return torch.sigmoid(self.pop_scale * self.log_pop[items] + self.pop_shift)
 
     def item_vectors(self, items: Tensor) -> Tensor:
-        """items (...) -> (..., 2D): [HID embedding ; fused SID embedding]; zero for item 0.
+        """items (...) -> (..., 2D): [HID + SID ; HID + SID] (``item_score="fused"``) or
+        [HID embedding ; fused SID embedding] (``"paired"``); zero for item 0.
 
         With ``hid_pop_gate`` the HID half is scaled by :meth:`hid_weight`; with
         ``item_score="fused"`` both halves are HID + SID (after that scaling). With one branch
