@@ -55,6 +55,7 @@ CONFIGS = {
     "sid-sum": _cfg("sid", sid_pooling="sum"),
     "fusion": _cfg("fusion"),
     "h2rec": _cfg("h2rec"),
+    "h2rec-paired": _cfg("h2rec", item_score="paired"),
     "h2rec-separate": _cfg("h2rec", shared_backbone=False),
     "h2rec-no-cross": _cfg("h2rec", cross_attention=False),
     "h2rec-no-gate": _cfg("h2rec", gate=False, sid_init="random"),
@@ -202,7 +203,7 @@ def test_user_gate_depends_on_the_user(sids: FakeSids) -> None:
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_shapes_and_scores(name: str, sids: FakeSids) -> None:
     model = _model(CONFIGS[name], sids)
-    e = 32 if name.startswith("h2rec") and "branch" not in name else 16
+    e = 32 if name == "h2rec-paired" else 16  # fused scores: the branch states' sum, D wide
     assert model.out_dim == e
     seq = _batch()
     with torch.no_grad():
@@ -231,7 +232,8 @@ def _grad_norm(module: torch.nn.Module) -> float:
 
 @pytest.mark.parametrize("shared", [True, False])
 def test_gradients_reach_both_branches(shared: bool, sids: FakeSids) -> None:
-    model = _model(_cfg("h2rec", shared_backbone=shared, dropout=0.0), sids)
+    # paired scores: the state's halves are the branches (fused: their sum, see below)
+    model = _model(_cfg("h2rec", shared_backbone=shared, dropout=0.0, item_score="paired"), sids)
     model.train()
     seq = _batch()
     targets = torch.roll(seq, -1, 1) * (seq > 0)
@@ -390,13 +392,15 @@ def test_every_trainable_parameter_gets_a_gradient(cfg: ModelConfig, sids: FakeS
 # The faster H2Rec step must compute the same mathematics as the per-level, uncached one.
 
 
+@pytest.mark.parametrize("score", ["paired", "fused"])
 @pytest.mark.parametrize("branch", ["sid", "hid"])
-def test_one_branch_is_that_half_of_the_dual_model(branch: str, sids: FakeSids) -> None:
+def test_one_branch_is_that_half_of_the_dual_model(branch: str, score: str, sids: FakeSids) -> None:
     # the ablations "without the HID / SID branch": with the dual model's weights, a one-branch
-    # model's states and item vectors are the dual model's halves
+    # model's states are the (paired) dual model's halves; its item vectors are the dual
+    # model's halves (paired) or the whole HID + SID vector (fused)
     d = CONFIGS["h2rec"].hidden
-    dual = _model(CONFIGS["h2rec"], sids)
-    one = _model(replace(CONFIGS["h2rec"], branches=branch), sids)
+    dual = _model(CONFIGS["h2rec-paired"], sids)
+    one = _model(replace(CONFIGS["h2rec"], branches=branch, item_score=score), sids)
     missing, unexpected = one.load_state_dict(dual.state_dict(), strict=False)
     assert missing == []
     assert unexpected and all(k.startswith(("level_attn.", "hid_attn.", "gate.")) for k in unexpected)
@@ -405,7 +409,9 @@ def test_one_branch_is_that_half_of_the_dual_model(branch: str, sids: FakeSids) 
     with torch.no_grad():
         torch.testing.assert_close(one(seq), dual(seq)[..., half], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(one.user_states(seq), dual.user_states(seq)[..., half], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(one.all_item_vectors(), dual.all_item_vectors()[:, half])
+        items = torch.arange(N_ITEMS + 1)
+        want = dual.all_item_vectors()[:, half] if score == "paired" else dual.hid(items) + dual.sid(items)
+        torch.testing.assert_close(one.all_item_vectors(), want)
     assert one.out_dim == d
 
 
@@ -585,35 +591,46 @@ def test_hid_popularity_gate_scales_the_hid_half_of_item_vectors(sids: FakeSids)
         build_model(_cfg("h2rec", hid_pop_gate=True), N_ITEMS, sids)
 
 
-@pytest.mark.parametrize("branches", ["both", "sid", "hid"])
-def test_fused_item_score_gives_every_branch_the_hid_plus_sid_vector(
-    branches: str, sids: FakeSids
-) -> None:
-    """model.item_score=fused: each branch's half of an item vector is HID row + SID vector
-    (the paired default: the SID branch's half is the HID row, the HID branch's the SID
-    vector); the user states are the same as the paired model's."""
+def test_fused_item_score_scores_both_branches_against_hid_plus_sid(sids: FakeSids) -> None:
+    """model.item_score=fused: the score is [s_sid ; s_hid] . [HID + SID ; HID + SID], computed
+    as (s_sid + s_hid) . (HID + SID), D wide. Oracle: the paired model with the same weights,
+    whose state halves are the two branches, scored against the doubled fused vector."""
     torch.manual_seed(0)
-    fused = build_model(_cfg("h2rec", item_score="fused", branches=branches), N_ITEMS, sids)
-    torch.manual_seed(0)
-    paired = build_model(_cfg("h2rec", item_score="paired", branches=branches), N_ITEMS, sids)
+    fused = build_model(_cfg("h2rec"), N_ITEMS, sids)
+    assert fused.cfg.item_score == "fused" and fused.out_dim == 16
+    paired = build_model(_cfg("h2rec", item_score="paired"), N_ITEMS, sids)
     paired.load_state_dict(fused.state_dict())
     fused.eval(), paired.eval()
     items = torch.tensor([[0, 4, 8, 40]])
+    seq = _batch()
     with torch.no_grad():
-        want = (fused.hid(items) + fused.sid(items))[0]  # (4, D)
-        vec = fused.item_vectors(items)[0]
-        halves = 2 if branches == "both" else 1
-        assert vec.shape == (4, 16 * halves)
-        for h in range(halves):
-            torch.testing.assert_close(vec[:, 16 * h : 16 * (h + 1)], want)
-        assert torch.equal(vec[0], torch.zeros_like(vec[0]))  # padding stays zero
-        torch.testing.assert_close(fused.all_item_vectors()[items[0]], vec)
-        seq = torch.tensor([[0, 3, 9, 12], [5, 6, 7, 8]])
-        torch.testing.assert_close(fused.user_states(seq), paired.user_states(seq))
-        if branches == "both":
-            pv = paired.item_vectors(items)[0]
-            torch.testing.assert_close(pv[:, :16], paired.hid(items)[0])
-            torch.testing.assert_close(pv[:, 16:], paired.sid(items)[0])
+        f = (fused.hid(items) + fused.sid(items))[0]  # (4, D)
+        torch.testing.assert_close(fused.item_vectors(items)[0], f)
+        assert torch.equal(f[0], torch.zeros_like(f[0]))  # padding stays zero
+        torch.testing.assert_close(fused.all_item_vectors()[items[0]], f)
+        halves = paired.user_states(seq)  # (B, 2D)
+        states = fused.user_states(seq)
+        torch.testing.assert_close(states, halves[:, :16] + halves[:, 16:])
+        torch.testing.assert_close(fused(seq), paired(seq)[..., :16] + paired(seq)[..., 16:])
+        want = halves @ torch.cat([fused.all_item_vectors()] * 2, dim=1).T  # (B, N + 1)
+        torch.testing.assert_close(states @ fused.all_item_vectors().T, want, atol=1e-5, rtol=1e-5)
+        pv = paired.item_vectors(items)[0]  # the paper's pairing
+        torch.testing.assert_close(pv[:, :16], paired.hid(items)[0])
+        torch.testing.assert_close(pv[:, 16:], paired.sid(items)[0])
+    # training: the sequence-level loss reads each branch's own state, not the sum
+    targets = torch.roll(seq, -1, 1) * (seq > 0)
+    for target in ("branch", "hid"):
+        cached, uncached = [], []
+        for model in (fused, paired):
+            model.cfg = replace(model.cfg, align_seq_target=target, align_item=False)
+            model.train()  # the forward caches the branch states for the loss
+            torch.manual_seed(3)
+            cached.append(model.aux_losses(seq, model(seq), targets)["align_seq"])
+            model.eval()  # no cache, no dropout: the fused model recomputes its branch states
+            uncached.append(model.aux_losses(seq, model(seq), targets)["align_seq"])
+        torch.testing.assert_close(cached[0], cached[1])
+        torch.testing.assert_close(uncached[0], uncached[1])
+        assert float(cached[0].detach()) != float(uncached[0].detach())  # dropout was on first
     with pytest.raises(ConfigError, match="item_score"):
         _cfg("h2rec", item_score="sum")
 

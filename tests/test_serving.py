@@ -237,10 +237,10 @@ def test_export_reloads_and_reproduces_the_scores(rec: Any, tmp_path: Path) -> N
     items = np.load(out / "items.npy")
     ids = json.loads((out / "item_ids.json").read_text())
     assert ids == rec.dataset.item_ids and items.shape[0] == len(ids)
-    if rec.kind == "h2rec":  # [hid + sid ; hid + sid] (model.item_score=fused, the default)
+    if rec.kind == "h2rec":  # hid + sid, scored by the branch states' sum (item_score=fused)
         assert rec.model.cfg.item_score == "fused"
-        both = np.load(out / "hid.npy") + np.load(out / "sid.npy")
-        np.testing.assert_allclose(items, np.hstack([both, both]), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(items, np.load(out / "hid.npy") + np.load(out / "sid.npy"),
+                                   rtol=1e-6, atol=1e-7)
     encoder = torch.export.load(out / "encoder.pt2").module()
     # other batch sizes and lengths than the trace's
     store = rec.dataset.store

@@ -322,6 +322,23 @@ def config_from_dict(values: Mapping[str, object]) -> RunConfig:
     return _build(RunConfig, values)  # type: ignore[no-any-return]
 
 
+# model settings whose default changed after checkpoints were written without them: a saved
+# config that lacks one was trained with the value given here
+_SAVED_BEFORE = {"item_score": "paired"}
+
+
+def config_from_saved(values: Mapping[str, object]) -> RunConfig:
+    """The :class:`RunConfig` of a saved run (a checkpoint's resolved config): like
+    :func:`config_from_dict`, with a setting that the run's h2rec did not have yet taken as
+    the behaviour it had then, not today's default."""
+    model = values.get("model")
+    if isinstance(model, Mapping):
+        missing = {k: v for k, v in _SAVED_BEFORE.items() if k not in model}
+        if missing:
+            values = {**values, "model": {**model, **missing}}
+    return config_from_dict(values)
+
+
 def config_to_dict(cfg: object) -> dict[str, Any]:
     """Nested plain values of a config (tuples become lists), ready for JSON or TOML."""
 

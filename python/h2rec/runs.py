@@ -131,7 +131,7 @@ def load_run(
     ``eval.*``, ``train.device`` and ``train.num_threads``."""
     import torch
 
-    from h2rec.config import apply_overrides, config_from_dict
+    from h2rec.config import apply_overrides, config_from_saved
     from h2rec.data import load_dataset
     from h2rec.train import load_checkpoint
 
@@ -139,7 +139,7 @@ def load_run(
     overrides = check_serving_overrides(overrides)
     try:
         raw = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        cfg = config_from_dict(raw["config"])
+        cfg = config_from_saved(raw["config"])
     except H2RecError:
         raise
     except Exception as err:

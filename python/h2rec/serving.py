@@ -599,8 +599,8 @@ class Recommender:
     def item_vectors(self) -> dict[str, np.ndarray]:
         """The item tables (n_items, ·) float32, row ``r`` = item ``item_ids[r]``: ``items``
         (what the score uses: user vector @ items.T), and ``hid`` / ``sid`` where the model has
-        them (fusion's ``items`` is hid + sid; H2Rec's [hid + sid ; hid + sid] by default,
-        [hid ; sid] with ``model.item_score=paired``)."""
+        them (fusion's and, by default, H2Rec's ``items`` is hid + sid; H2Rec's is [hid ; sid]
+        with ``model.item_score=paired``)."""
         model = self.model
         rows = torch.arange(1, self.dataset.n_items + 1, device=_device(model))
         out = {"items": model.all_item_vectors()[1:].float().cpu().numpy()}

@@ -90,7 +90,11 @@ class H2Rec(nn.Module):
         self.n_items = n_items
         self.use_sid_branch = cfg.branches in ("both", "sid")
         self.use_hid_branch = cfg.branches in ("both", "hid")
-        self.out_dim = d * (int(self.use_sid_branch) + int(self.use_hid_branch))
+        # fused scores: [s_sid ; s_hid] . [f ; f] = (s_sid + s_hid) . f, so the user vector is the
+        # sum of the branch states and the item vector f = HID + SID, D wide (half the scoring)
+        self.fused_score = cfg.item_score == "fused"
+        n_branches = int(self.use_sid_branch) + int(self.use_hid_branch)
+        self.out_dim = d if self.fused_score else d * n_branches
         self.hid = HidEmbedding(n_items, d, cfg.init_std, cfg.hid_init, item_embeddings)
         self.sid = SidEmbedding.from_config(cfg, codes, codebooks)
         n_levels = self.sid.n_levels
@@ -169,6 +173,10 @@ class H2Rec(nn.Module):
             self._cache = {
                 "seq": seq, "levels": levels, "fused": fused, "gate": gate, "allowed": allowed
             }
+            if sid_state is not None:
+                self._cache["sid_state"] = sid_state
+            if hid_state is not None:
+                self._cache["hid_state"] = hid_state
         return sid_state, hid_state, gate, hid
 
     @staticmethod
@@ -186,18 +194,21 @@ class H2Rec(nn.Module):
         )
 
     def forward(self, seq: Tensor) -> Tensor:
-        """seq (B, T) left-padded item ids -> user states (B, T, 2D): [SID branch ; HID branch]."""
+        """seq (B, T) left-padded item ids -> user states: the sum of the two branches' states
+        (B, T, D) with fused scores, else [SID branch ; HID branch] (B, T, 2D)."""
         sid_state, hid_state, _, _ = self._branches(seq)
         return self._join(sid_state, hid_state)
 
-    @staticmethod
-    def _join(sid_state: Tensor | None, hid_state: Tensor | None) -> Tensor:
-        """[SID branch ; HID branch] along the last axis, of the branches that ran."""
+    def _join(self, sid_state: Tensor | None, hid_state: Tensor | None) -> Tensor:
+        """The user vector from the branches that ran: their sum (fused scores) or
+        [SID branch ; HID branch] along the last axis."""
         parts = [x for x in (sid_state, hid_state) if x is not None]
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+        if len(parts) == 1:
+            return parts[0]
+        return parts[0] + parts[1] if self.fused_score else torch.cat(parts, dim=-1)
 
     def user_states(self, seq: Tensor) -> Tensor:
-        """seq (B, T) -> each user's state (B, 2D): ``forward(seq)[:, -1]``, with the backbones'
+        """seq (B, T) -> each user's state (B, E): ``forward(seq)[:, -1]``, with the backbones'
         last block computing the last position only (what evaluation and serving read)."""
         sid_state, hid_state, _, _ = self._branches(seq, last_only=True)
         return self._join(sid_state, hid_state)
@@ -216,18 +227,19 @@ class H2Rec(nn.Module):
         return torch.sigmoid(self.pop_scale * self.log_pop[items] + self.pop_shift)
 
     def item_vectors(self, items: Tensor) -> Tensor:
-        """items (...) -> (..., 2D): [HID + SID ; HID + SID] (``item_score="fused"``) or
-        [HID embedding ; fused SID embedding] (``"paired"``); zero for item 0.
+        """items (...) -> HID + SID (..., D) (``item_score="fused"``: scored by the sum of the
+        branch states, which equals [s_sid ; s_hid] . [HID + SID ; HID + SID]) or
+        [HID embedding ; fused SID embedding] (..., 2D) (``"paired"``); zero for item 0.
 
-        With ``hid_pop_gate`` the HID half is scaled by :meth:`hid_weight`; with
-        ``item_score="fused"`` both halves are HID + SID (after that scaling). With one branch
-        (``model.branches``) only the half that branch scores against, (..., D)."""
+        With ``hid_pop_gate`` the HID vector is scaled by :meth:`hid_weight` first. With one
+        branch (``model.branches``) and paired scores, only the half that branch scores
+        against, (..., D)."""
         hid = self.hid(items)
         if self.cfg.hid_pop_gate:
             hid = hid * self.hid_weight(items)[..., None]
         sid = self.sid(items)
-        if self.cfg.item_score == "fused":
-            hid = sid = hid + sid
+        if self.fused_score:  # one D-wide vector: the user vector sums the branches
+            return hid + sid
         parts = []
         if self.use_sid_branch:
             parts.append(hid)
@@ -236,7 +248,7 @@ class H2Rec(nn.Module):
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
     def all_item_vectors(self) -> Tensor:
-        """(n_items + 1, 2D); row 0 (padding) is zero."""
+        """(n_items + 1, E); row 0 (padding) is zero."""
         return self.item_vectors(torch.arange(self.n_items + 1, device=self.hid.weight.device))
 
     # ----------------------------------------------------------------------------- alignment
@@ -279,7 +291,7 @@ class H2Rec(nn.Module):
 
         Args:
             seq: (B, T) the inputs given to ``forward``.
-            states: (B, T, 2D) ``forward(seq)``.
+            states: (B, T, E) ``forward(seq)``.
             pos_items: (B, T) targets (0 = none); their distinct items enter the item loss.
             generator: optional CPU generator to subsample items beyond align_item_max_items.
 
@@ -332,9 +344,17 @@ class H2Rec(nn.Module):
             masked_user, target = both.chunk(2, dim=0)  # (B, D) each
         else:
             masked_user = self.backbone(masked_in, real, allowed, last_only=True)  # (B, D)
-            # states are [SID branch ; HID branch], of the branches that ran
             first = cfg.align_seq_target == "branch" or not self.use_sid_branch
-            target = states[:, -1, :d] if first else states[:, -1, d:]  # (B, D)
+            if not self.fused_score:  # states are [SID branch ; HID branch], of those that ran
+                target = states[:, -1, :d] if first else states[:, -1, d:]  # (B, D)
+            else:  # states are the branches' sum: read each branch's own state
+                key = "sid_state" if first and self.use_sid_branch else "hid_state"
+                if cache is not None:
+                    target = cache[key][:, -1]
+                else:
+                    sid_s, hid_s, _, _ = self._branches(seq, last_only=True)
+                    self._cache = None
+                    target = sid_s if key == "sid_state" else hid_s  # type: ignore[assignment]
         rows = real[:, -1]  # users with a real last position
         return symmetric_info_nce(masked_user[rows], target[rows], cfg.align_seq_tau)
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from h2rec import _core
-from h2rec.config import RunConfig, config_from_dict, config_to_dict
+from h2rec.config import RunConfig, config_from_saved, config_to_dict
 from h2rec.errors import CheckpointError, ConfigError
 from h2rec.report import atomic_writer
 from h2rec.train.build import build_for, check_codes, seed_everything
@@ -279,7 +279,7 @@ def load_checkpoint(
     path = Path(path)
     ckpt = _read_checkpoint(path)
     try:
-        cfg = config_from_dict(ckpt["config"])
+        cfg = config_from_saved(ckpt["config"])
     except ConfigError as err:
         raise CheckpointError(f"{path}: its config does not load: {err}") from err
     if not cfg.model.uses_sids:
