@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--summary", action="store_true", help="print the table of finished variants")
     p.add_argument("--plot", default="", help="with --summary: write a per-bucket PNG here")
-    p.add_argument("--plot-variants", default="sasrec-epochscale,fusion-epochscale,h2rec-epochscale",
+    p.add_argument("--plot-variants",
+                   default="sasrec-epochscale,fusion-epochscale,h2rec-epochscale,h2rec-fused-seqbranch-es",
                    help="variants in the plot; the first is the reference of the ratio panel")
     args = p.parse_args(argv)
     if args.summary:

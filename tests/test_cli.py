@@ -193,6 +193,13 @@ def test_compare_trains_then_loads(
     table = lambda text: [l for l in text.splitlines() if l.startswith("|")]
     assert table(first) == table(second) and len(table(first)) == 2 + 2 * 3
     assert (tmp_path / "cmp" / "ndcg10_by_popularity.png").is_file()
+    # a finished run with other model settings (e.g. trained before a default changed) is not
+    # reported as if it had today's: the command says so and trains nothing
+    assert main([*args, "--set", "model.hidden=32"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a finished sasrec run with other model settings" in err
+    assert "model.hidden" in err and "--overwrite" in err
+    assert ckpt.stat().st_mtime_ns == stamp
 
 
 def test_missing_inputs_are_one_line_errors(

@@ -439,3 +439,41 @@ def test_hid_decay_shrinks_the_hash_id_table_after_every_step(data: dict[str, An
     with pytest.raises(ConfigError, match="model.kind='sid' has no hash-ID table"):
         _setup(_cfg("model.kind=sid", "train.hid_decay=1"), data["store"], data["sids"], None,
                None, 0, 1, 0)
+
+
+def test_a_run_saved_before_item_score_existed_loads_and_resumes_paired(
+    data: dict[str, Any], tmp_path: Path
+) -> None:
+    """Checkpoints written before model.item_score (and train.hid_decay) existed hold neither;
+    H2Rec then scored paired, so such a run loads as paired and resumes under those settings,
+    while today's default (fused) is refused as another configuration."""
+    paired = ("model.kind=h2rec", "model.item_score=paired", "model.align_seq_target=sid")
+
+    def stop_after_first(epoch: int, record: dict[str, Any]) -> None:
+        if epoch == 1:
+            raise _Interrupt
+
+    run = tmp_path / "old"
+    with pytest.raises(_Interrupt):
+        train(_cfg(*paired, "train.epochs=2"), data["store"], data["sids"], run_dir=run,
+              on_epoch_end=stop_after_first)
+    for name in ("best.pt", "last.pt"):  # as an older h2rec wrote them
+        ckpt = torch.load(run / name, weights_only=True)
+        del ckpt["config"]["model"]["item_score"], ckpt["config"]["train"]["hid_decay"]
+        torch.save(ckpt, run / name)
+    model, cfg = load_checkpoint(run / "best.pt", data["store"], data["sids"])
+    assert cfg.model.item_score == "paired" and model.out_dim == 2 * cfg.model.hidden
+    with pytest.raises(CheckpointError, match="item_score: 'paired' -> 'fused'"):
+        train(_cfg("model.kind=h2rec", "model.align_seq_target=sid", "train.epochs=2"),
+              data["store"], data["sids"], run_dir=run, resume=True)
+    resumed = train(_cfg(*paired, "train.epochs=2"), data["store"], data["sids"], run_dir=run,
+                    resume=True)
+    assert resumed.epochs_run == 2
+    # other kinds never had the setting: an old SASRec checkpoint loads as today's
+    sas = tmp_path / "sas"
+    train(_cfg("model.kind=sasrec", "train.epochs=1"), data["store"], None, run_dir=sas)
+    ckpt = torch.load(sas / "last.pt", weights_only=True)
+    del ckpt["config"]["model"]["item_score"]
+    torch.save(ckpt, sas / "last.pt")
+    assert train(_cfg("model.kind=sasrec", "train.epochs=2"), data["store"], None, run_dir=sas,
+                 resume=True).epochs_run == 2

@@ -322,8 +322,8 @@ def config_from_dict(values: Mapping[str, object]) -> RunConfig:
     return _build(RunConfig, values)  # type: ignore[no-any-return]
 
 
-# model settings whose default changed after checkpoints were written without them: a saved
-# config that lacks one was trained with the value given here
+# H2Rec settings whose default changed after checkpoints were written without them: a saved
+# H2Rec config that lacks one was trained with the value given here
 _SAVED_BEFORE = {"item_score": "paired"}
 
 
@@ -332,7 +332,7 @@ def config_from_saved(values: Mapping[str, object]) -> RunConfig:
     :func:`config_from_dict`, with a setting that the run's h2rec did not have yet taken as
     the behaviour it had then, not today's default."""
     model = values.get("model")
-    if isinstance(model, Mapping):
+    if isinstance(model, Mapping) and model.get("kind", "h2rec") == "h2rec":
         missing = {k: v for k, v in _SAVED_BEFORE.items() if k not in model}
         if missing:
             values = {**values, "model": {**model, **missing}}
@@ -445,13 +445,13 @@ def save_config(cfg: RunConfig, path: str | Path) -> None:
 
 
 def read_config_json(path: str | Path) -> RunConfig:
-    """Read a configuration saved by :func:`save_config`."""
+    """Read a configuration saved by :func:`save_config` (as :func:`config_from_saved`)."""
     p = Path(path)
     try:
         values = json.loads(p.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise ConfigError(f"{p}: cannot read config JSON: {err}") from err
     try:
-        return config_from_dict(values)
+        return config_from_saved(values)
     except ConfigError as err:
         raise ConfigError(f"{p}: {err}") from err

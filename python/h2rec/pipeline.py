@@ -238,10 +238,18 @@ def compare_runs(
         done = (run_dir / "metrics.json").exists() and (run_dir / "best.pt").exists()
         if done and not overwrite:
             logger.info("loading finished run %s", run_dir)
-            model, _ = load_checkpoint(
+            model, saved = load_checkpoint(
                 run_dir / "best.pt", dataset.store, sids, embeddings, device_for(kcfg),
                 dataset.item_fingerprint,
             )
+            if saved.model != kcfg.model:  # e.g. trained before a default changed
+                diff = [f"model.{f.name}: {getattr(saved.model, f.name)!r} -> "
+                        f"{getattr(kcfg.model, f.name)!r}" for f in dataclasses.fields(kcfg.model)
+                        if getattr(saved.model, f.name) != getattr(kcfg.model, f.name)]
+                raise OutputError(
+                    f"{run_dir}: holds a finished {kind} run with other model settings "
+                    f"({', '.join(diff[:4])}); add --overwrite to train it again"
+                )
             test = evaluate(model, dataset.store, "test", kcfg.eval, kcfg.model.max_len)
         else:
             test = train_run(kcfg, dataset, sids, embeddings, run_dir, False, overwrite).test

@@ -40,8 +40,9 @@ logger = logging.getLogger(__name__)
 
 
 def passive_waits() -> bool:
-    """Set ``OMP_WAIT_POLICY=PASSIVE`` unless set; True when it can still take effect (torch not
-    yet imported)."""
+    """Set ``OMP_WAIT_POLICY=PASSIVE`` and ``MKL_CBWR=AUTO,STRICT`` unless set; True when the
+    wait policy can still take effect (torch not yet imported). The MKL mode takes effect if no
+    MKL routine has run yet in the process, torch imported or not."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     # MKL's strict conditional numerical reproducibility: its GEMMs then give the same bits
     # whatever the thread count (without it a step's weight gradients differ in the last bits

@@ -44,8 +44,9 @@ class ModelConfig:
     shared_backbone: bool = True  # H2Rec: one backbone for both branches; False gives each its own
     cross_attention: bool = True  # H2Rec: branch inputs via cross-attention (False: plain streams)
     # H2Rec: "both" branches, or the "sid" / "hid" branch alone (the paper's "without the HID /
-    # SID branch" ablations): the state is that branch's, scored against the table it is paired
-    # with (the SID branch against HID vectors, the HID branch against SID vectors)
+    # SID branch" ablations): the state is that branch's, scored against HID + SID (fused
+    # scores) or against the table it is paired with (paired: the SID branch against HID
+    # vectors, the HID branch against SID vectors)
     branches: str = "both"
     gate: bool = True  # H2Rec: per-user softmax gate over SID levels (False: uniform mixing)
     gate_prior: float = 0.8  # coarse-to-fine prior: gate logit bias drops this much, level 0 -> L-1
@@ -69,7 +70,7 @@ class ModelConfig:
     # item's HID + SID vector (the fusion baseline's item vector), so a rare item's score leans on
     # its codes in both halves; "paired" (the paper's): the SID branch against HID vectors, the
     # HID branch against SID vectors. Beauty validation NDCG@10, one seed: 0.0734 against 0.0695,
-    # tail items 0.0408 against 0.0341 (SASRec: 0.0692, tail 0.0372)
+    # tail items 0.0408 against 0.0341 (SASRec: 0.0697, tail 0.0365)
     item_score: str = "fused"
     hid_pop_gate: bool = False  # H2Rec: scale items' HID vectors in the score by a learned
     # sigmoid of their log training popularity, so rare items lean on their SID vectors

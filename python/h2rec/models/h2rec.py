@@ -10,12 +10,14 @@ stream and keys/values = HID stream; the L outputs are mixed by a softmax gate o
 position this is the per-user gate) and encoded by the backbone.
 HID branch (cross-attention injection): cross-attention with queries = HID stream and
 keys/values = fused SID stream, encoded by the backbone (shared by default).
-Score: user vector [SID-branch state ; HID-branch state] (B, T, 2D) against item vector
-[HID + SID ; HID + SID] (..., 2D) by default (``item_score="fused"``: both branches score the
-fusion baseline's item vector, so a rare item's score carries its codes in both halves), or the
-paper's [HID embedding ; fused SID embedding] (``item_score="paired"``: the SID branch, which
-reads HID values, scores against the HID table and the HID branch, which reads SID values,
-against the SID one).
+Score, by default (``item_score="fused"``): both branches score the fusion baseline's item
+vector HID + SID, so a rare item's score carries its codes in both terms; since
+[s_sid ; s_hid] . [HID + SID ; HID + SID] = (s_sid + s_hid) . (HID + SID), the user vector is
+the sum of the branch states (B, T, D) and the item vector HID + SID (..., D). The paper's
+pairing (``item_score="paired"``): user vector [SID-branch state ; HID-branch state] (B, T, 2D)
+against [HID embedding ; fused SID embedding] (..., 2D), i.e. the SID branch, which reads HID
+values, scores against the HID table and the HID branch, which reads SID values, against the
+SID one.
 """
 
 from __future__ import annotations
@@ -66,7 +68,8 @@ class LevelGate(nn.Module):
 
 
 class H2Rec(nn.Module):
-    """Dual-branch H2Rec; states and item vectors are E = 2 * cfg.hidden wide.
+    """Dual-branch H2Rec; states and item vectors are E = cfg.hidden wide with fused scores
+    (the default), E = cfg.hidden per branch with paired ones.
 
     ``aux_losses`` returns the weighted alignment losses "align_item" and "align_seq" (each
     only when switched on in the config).
@@ -134,6 +137,7 @@ class H2Rec(nn.Module):
             self.pop_shift = nn.Parameter(torch.tensor(0.0))
         # what the last training forward computed, for the sequence-level loss to reuse
         self._cache: dict[str, Tensor] | None = None
+        self._uses_seq_loss = cfg.align_seq and cfg.align_seq_weight > 0 and n_levels >= 2
         self.register_load_state_dict_pre_hook(_stack_level_attention)
 
     # ----------------------------------------------------------------------------- streams
@@ -169,7 +173,8 @@ class H2Rec(nn.Module):
             if self.use_hid_branch:
                 backbone = self.backbone if self.cfg.shared_backbone else self.backbone_hid
                 hid_state = backbone(hid_in, real, allowed, last_only)  # (B, T, D)
-        if self.training:
+        if self.training and not last_only and self._uses_seq_loss:
+            # for the sequence-level loss of this step, which consumes (and clears) it
             self._cache = {
                 "seq": seq, "levels": levels, "fused": fused, "gate": gate, "allowed": allowed
             }
@@ -234,17 +239,16 @@ class H2Rec(nn.Module):
         With ``hid_pop_gate`` the HID vector is scaled by :meth:`hid_weight` first. With one
         branch (``model.branches``) and paired scores, only the half that branch scores
         against, (..., D)."""
-        hid = self.hid(items)
-        if self.cfg.hid_pop_gate:
-            hid = hid * self.hid_weight(items)[..., None]
-        sid = self.sid(items)
-        if self.fused_score:  # one D-wide vector: the user vector sums the branches
-            return hid + sid
         parts = []
-        if self.use_sid_branch:
+        if self.fused_score or self.use_sid_branch:  # the SID branch scores HID vectors
+            hid = self.hid(items)
+            if self.cfg.hid_pop_gate:
+                hid = hid * self.hid_weight(items)[..., None]
             parts.append(hid)
-        if self.use_hid_branch:
-            parts.append(sid)
+        if self.fused_score or self.use_hid_branch:  # the HID branch scores SID vectors
+            parts.append(self.sid(items))
+        if self.fused_score:  # one D-wide vector: the user vector sums the branches
+            return parts[0] + parts[1]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
     def all_item_vectors(self) -> Tensor:

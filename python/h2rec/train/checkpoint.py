@@ -248,7 +248,9 @@ def _verify_checkpoint(
             f"{path}: checkpoint was trained on another dataset ({'; '.join(diff)})"
         )
     if cfg is not None:
-        old = _flat(ckpt["config"])
+        # the saved config as this h2rec reads it: settings added since take the value the run
+        # had (config_from_saved), so an older run resumes under the same settings
+        old = _flat(config_to_dict(config_from_saved(ckpt["config"])))
         new = _flat(config_to_dict(cfg))
         changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if not resumable_only:
