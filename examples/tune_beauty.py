@@ -79,6 +79,8 @@ VARIANTS: dict[str, list[str]] = {
     "h2rec-fused-nogate": [*FUSED, "model.gate=false"],
     "h2rec-fused-window1": [*FUSED, "model.align_item_window=1"],
     "h2rec-fused-window5": [*FUSED, "model.align_item_window=5"],
+    # the validation curve plateaus noisily from epoch 9 on: halve the rate after 2 flat epochs
+    "h2rec-fused-lrdecay2": [*FUSED, "train.lr_decay_patience=2"],
 }
 
 

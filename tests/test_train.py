@@ -477,3 +477,40 @@ def test_a_run_saved_before_item_score_existed_loads_and_resumes_paired(
     torch.save(ckpt, sas / "last.pt")
     assert train(_cfg("model.kind=sasrec", "train.epochs=2"), data["store"], None, run_dir=sas,
                  resume=True).epochs_run == 2
+
+
+def test_learning_rate_decays_on_plateaus_and_resumes_with_it(
+    data: dict[str, Any], tmp_path: Path
+) -> None:
+    """train.lr_decay_patience=1: each validation without a better NDCG@10 halves the rate the
+    next epoch trains with (oracle: the validation curve); a run cut after an epoch and resumed
+    gives the uninterrupted run's weights and rates."""
+    cfg = _cfg("model.kind=sasrec", "train.epochs=16", "train.lr=0.05",
+               "train.lr_decay_patience=1", "train.lr_decay_factor=0.5")
+    full = train(cfg, data["store"], None, run_dir=tmp_path / "full")
+    lrs = [h["lr"] for h in full.history]
+    best, want = -1.0, 0.05
+    for h, lr in zip(full.history, lrs, strict=True):
+        assert lr == pytest.approx(want)
+        if h["valid"]["NDCG@10"] > best:
+            best = h["valid"]["NDCG@10"]
+        else:
+            want *= 0.5
+    assert min(lrs) < 0.05  # the tiny run does plateau
+
+    cut = next(i for i, lr in enumerate(lrs) if lr < 0.05) + 1  # after the first decay
+    assert cut < len(lrs)
+
+    def stop(epoch: int, record: dict[str, Any]) -> None:
+        if epoch == cut:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        train(cfg, data["store"], None, run_dir=tmp_path / "cut", on_epoch_end=stop)
+    resumed = train(cfg, data["store"], None, run_dir=tmp_path / "cut", resume=True)
+    assert [h["lr"] for h in resumed.history] == lrs
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    with pytest.raises(ConfigError, match="train.lr_decay_factor"):
+        _cfg("train.lr_decay_factor=0")

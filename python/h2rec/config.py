@@ -115,6 +115,10 @@ class TrainConfig:
     # the 1-9 bucket from 0.032 to 0.009, because under full softmax rare items' vectors are
     # the long ones (norm vs log popularity: correlation -0.59); shrinking them hides them
     hid_decay: float = 0.0
+    # after lr_decay_patience validations in a row without a better NDCG@10 (and again after as
+    # many more) the learning rate is multiplied by lr_decay_factor; 0 = a constant rate
+    lr_decay_patience: int = 0
+    lr_decay_factor: float = 0.5
     batch_size: int = 128  # sequences per batch (per process under DDP)
     epochs: int = 200  # maximum number of epochs
     patience: int = 10  # stop after this many validations without a better NDCG@10; 0 = never
@@ -148,6 +152,10 @@ class TrainConfig:
             self.hid_decay >= 0 and self.hid_decay * self.lr < 1,
             "train.hid_decay", self.hid_decay, "must be >= 0 with hid_decay * lr < 1",
         )
+        _check(self.lr_decay_patience >= 0, "train.lr_decay_patience", self.lr_decay_patience,
+               "must be >= 0")
+        _check(0 < self.lr_decay_factor <= 1, "train.lr_decay_factor", self.lr_decay_factor,
+               "must be in (0, 1]")
         _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "must be >= 1")
         _check(self.epochs >= 0, "train.epochs", self.epochs, "must be >= 0")
         _check(self.patience >= 0, "train.patience", self.patience, "must be >= 0")

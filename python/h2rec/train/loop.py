@@ -377,7 +377,7 @@ def _train_epoch(run: _Run, epoch: int, t0: float, show_bar: bool) -> dict[str, 
         optimizer.step()
         if run.hid_table is not None:
             with torch.no_grad():
-                run.hid_table.mul_(1.0 - cfg.train.lr * cfg.train.hid_decay)
+                run.hid_table.mul_(1.0 - optimizer.param_groups[0]["lr"] * cfg.train.hid_decay)
         total += float(loss.detach())
         for k, v in parts.items():
             parts_sum[k] = parts_sum.get(k, 0.0) + float(v.detach())
@@ -396,6 +396,7 @@ def _train_epoch(run: _Run, epoch: int, t0: float, show_bar: bool) -> dict[str, 
         "train_seconds": train_s,
         "sequences_per_second": n_seqs / train_s if train_s > 0 else None,
         "threads": torch.get_num_threads() if device.type == "cpu" else None,
+        "lr": optimizer.param_groups[0]["lr"],  # the rate this epoch trained with
     }
 
 
@@ -428,6 +429,14 @@ def _validate(
         progress.bad_evals += 1
         if run.cfg.train.patience > 0 and progress.bad_evals >= run.cfg.train.patience:
             progress.stopped = True
+        decay_every = run.cfg.train.lr_decay_patience
+        if decay_every > 0 and progress.bad_evals % decay_every == 0 and not progress.stopped:
+            # the rate lives in the optimiser's state, so last.pt carries it and a resumed
+            # run continues with it
+            for group in run.optimizer.param_groups:
+                group["lr"] *= run.cfg.train.lr_decay_factor
+            logger.info("epoch %d: learning rate now %.3g", epoch,
+                        run.optimizer.param_groups[0]["lr"])
     logger.info(
         "epoch %d  loss %.4f  valid NDCG@10 %.4f HR@10 %.4f  best %.4f (epoch %d)  %.1fs",
         epoch,
