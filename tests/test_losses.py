@@ -407,8 +407,10 @@ def test_batch_items_cap() -> None:
 
 
 @pytest.mark.parametrize("target", ["sid", "branch", "hid"])
-def test_sequence_alignment_by_hand(target: str) -> None:
-    model = _h2rec(align_item=False, align_seq_target=target, align_seq_weight=0.3).eval()
+@pytest.mark.parametrize("score", ["fused", "paired"])
+def test_sequence_alignment_by_hand(target: str, score: str) -> None:
+    model = _h2rec(align_item=False, align_seq_target=target, align_seq_weight=0.3,
+                   item_score=score).eval()
     states = model(SEQ)
     aux = model.aux_losses(SEQ, states, TARGETS)
     assert set(aux) == {"align_seq"}
@@ -426,6 +428,9 @@ def test_sequence_alignment_by_hand(target: str) -> None:
     u = model.backbone(model.input(masked.mean(2), real), real, allowed)[:, -1]
     if target == "sid":
         v = model.backbone(model.input(levels.mean(2), real), real, allowed)[:, -1]
+    elif score == "fused":  # the state is the branches' sum: each branch's own, by hand
+        sid_state, hid_state, _, _ = model._branches(SEQ)
+        v = (sid_state if target == "branch" else hid_state)[:, -1]
     elif target == "branch":
         v = states[:, -1, :8]  # the SID branch's state
     else:
