@@ -81,6 +81,9 @@ VARIANTS: dict[str, list[str]] = {
     "h2rec-fused-window5": [*FUSED, "model.align_item_window=5"],
     # the validation curve plateaus noisily from epoch 9 on: halve the rate after 2 flat epochs
     "h2rec-fused-lrdecay2": [*FUSED, "train.lr_decay_patience=2"],
+    # the same schedule for the baselines: a default applies to every model
+    "sasrec-lrdecay2": ["model.kind=sasrec", "train.loss_scale=epoch", "train.lr_decay_patience=2"],
+    "fusion-lrdecay2": ["model.kind=fusion", "train.loss_scale=epoch", "train.lr_decay_patience=2"],
 }
 
 
