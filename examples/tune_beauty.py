@@ -84,6 +84,10 @@ VARIANTS: dict[str, list[str]] = {
     # the same schedule for the baselines: a default applies to every model
     "sasrec-lrdecay2": ["model.kind=sasrec", "train.loss_scale=epoch", "train.lr_decay_patience=2"],
     "fusion-lrdecay2": ["model.kind=fusion", "train.loss_scale=epoch", "train.lr_decay_patience=2"],
+    # logit adjustment: tau * log(1 + popularity) added to the logits while training only
+    "h2rec-fused-la03": [*FUSED, "train.lr_decay_patience=2", "train.logit_adjust=0.3"],
+    "sasrec-la03": ["model.kind=sasrec", "train.loss_scale=epoch", "train.lr_decay_patience=2",
+                    "train.logit_adjust=0.3"],
 }
 
 

@@ -435,9 +435,43 @@ def test_hid_decay_shrinks_the_hash_id_table_after_every_step(data: dict[str, An
     assert float(run.model.hid.weight.detach().norm()) < 0.9 * float(plain.model.hid.weight.detach().norm())
     with pytest.raises(ConfigError, match="train.hid_decay"):
         _cfg("train.hid_decay=-1")
+
     with pytest.raises(ConfigError, match="model.kind='sid' has no hash-ID table"):
         _setup(_cfg("model.kind=sid", "train.hid_decay=1"), data["store"], data["sids"], None,
                None, 0, 1, 0)
+
+
+def test_logit_adjust_adds_the_training_popularity_prior_to_the_loss(data: dict[str, Any]) -> None:
+    """train.logit_adjust=tau: the step's loss is the plain loss of the same batch with
+    tau * log(1 + training interactions) added to every item's logit (oracle: cross-entropy of
+    the biased logits by hand; popularity counted with numpy from the training prefixes)."""
+    import torch.nn.functional as F
+
+    from h2rec.train.loop import _setup
+
+    tau = 0.7
+    store = data["store"]
+    run = _setup(_cfg("model.kind=sasrec", "train.loss=full_softmax", f"train.logit_adjust={tau}"),
+                 store, None, None, None, 0, 1, 0)
+    offsets, items = store.offsets, store.items
+    counts = np.zeros(store.n_items + 1)
+    for u in range(offsets.size - 1):
+        np.add.at(counts, items[offsets[u] : offsets[u + 1] - 2], 1)  # valid and test held out
+    bias = run.step.logit_bias
+    assert bias is not None
+    np.testing.assert_allclose(bias.numpy(), tau * np.log1p(counts), rtol=1e-6)
+    run.model.eval()
+    x, y, neg = next(iter(run.sampler.epoch(1)))
+    with torch.no_grad():
+        run.step.position_scale = None
+        loss, _ = run.step(*(torch.from_numpy(a) for a in (x, y, neg)))
+        states = run.model(torch.from_numpy(x))
+        tgt = torch.from_numpy(y)
+        logits = states[tgt > 0] @ run.model.all_item_vectors()[1:].T + bias[1:]
+        want = F.cross_entropy(logits, tgt[tgt > 0] - 1)
+    assert float(loss) == pytest.approx(float(want), rel=1e-5)
+    with pytest.raises(ConfigError, match="train.logit_adjust"):
+        _cfg("train.logit_adjust=nan")
 
 
 def test_a_run_saved_before_item_score_existed_loads_and_resumes_paired(

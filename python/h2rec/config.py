@@ -119,6 +119,10 @@ class TrainConfig:
     # many more) the learning rate is multiplied by lr_decay_factor; 0 = a constant rate
     lr_decay_patience: int = 0
     lr_decay_factor: float = 0.5
+    # logit adjustment: while training, every item's logit in the recommendation loss gets
+    # logit_adjust * log(1 + its training interactions) added, a prior the scores then need not
+    # learn, so rarer items rank higher at inference (where no term is added); 0 = off
+    logit_adjust: float = 0.0
     batch_size: int = 128  # sequences per batch (per process under DDP)
     epochs: int = 200  # maximum number of epochs
     patience: int = 10  # stop after this many validations without a better NDCG@10; 0 = never
@@ -156,6 +160,8 @@ class TrainConfig:
                "must be >= 0")
         _check(0 < self.lr_decay_factor <= 1, "train.lr_decay_factor", self.lr_decay_factor,
                "must be in (0, 1]")
+        _check(math.isfinite(self.logit_adjust), "train.logit_adjust", self.logit_adjust,
+               "must be finite")
         _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "must be >= 1")
         _check(self.epochs >= 0, "train.epochs", self.epochs, "must be >= 0")
         _check(self.patience >= 0, "train.patience", self.patience, "must be >= 0")

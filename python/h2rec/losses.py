@@ -225,6 +225,7 @@ def recommendation_loss(
     last_only: bool = False,
     max_logits: int = 64 * 2**20,
     log_q: Tensor | None = None,
+    logit_bias: Tensor | None = None,
 ) -> Tensor:
     """The recommendation loss of a model's user states (score = dot product).
 
@@ -239,6 +240,8 @@ def recommendation_loss(
         max_logits: full softmax: most logits held in memory at once.
         log_q: (n_items + 1,) log probability with which shared negatives were drawn (their
             logQ correction); None = uniform draws, no correction.
+        logit_bias: (n_items + 1,) a constant added to each item's logit in the loss (logit
+            adjustment, ``train.logit_adjust``); None = nothing added.
     """
     if kind not in LOSS_KINDS:
         raise ConfigError(f"loss={kind!r}: must be one of {', '.join(LOSS_KINDS)}")
@@ -248,6 +251,9 @@ def recommendation_loss(
         valid = targets > 0
         user = states[valid]  # (V, E)
         items = model.all_item_vectors()[1:]  # (N, E), padding left out
+        if logit_bias is not None:  # [user ; 1] . [item ; bias] = user . item + bias
+            user = torch.cat([user.float(), user.new_ones(user.shape[0], 1, dtype=torch.float32)], 1)
+            items = torch.cat([items.float(), logit_bias[1:, None].to(torch.float32)], 1)
         return fused_full_softmax(user, items, targets[valid] - 1, max_logits)
     if negatives is None:
         raise ConfigError(f"loss={kind!r} needs sampled negatives, got None")
@@ -259,6 +265,10 @@ def recommendation_loss(
         lq_pos = lq_neg = None
         if log_q is not None:
             lq_pos, lq_neg = log_q[tgt], log_q[negatives]
+        if logit_bias is not None:  # subtracted as log q is: the logit gains the bias
+            zero = torch.zeros((), device=tgt.device)
+            lq_pos = (zero if lq_pos is None else lq_pos) - logit_bias[tgt]
+            lq_neg = (zero if lq_neg is None else lq_neg) - logit_bias[negatives]
         return shared_sampled_softmax(
             states[valid], model.item_vectors(tgt), model.item_vectors(negatives), tgt, negatives,
             lq_pos, lq_neg,
@@ -266,6 +276,9 @@ def recommendation_loss(
     negatives = _last(negatives, last_only)  # (B, T', n)
     pos_logits = (states * model.item_vectors(targets)).sum(-1)  # (B, T')
     neg_logits = torch.einsum("bte,btne->btn", states, model.item_vectors(negatives))
+    if logit_bias is not None:
+        pos_logits = pos_logits + logit_bias[targets]
+        neg_logits = neg_logits + logit_bias[negatives]
     if kind == "bce":
         return bce_loss(pos_logits, neg_logits, targets)
     return sampled_softmax_loss(pos_logits, neg_logits, targets, negatives)

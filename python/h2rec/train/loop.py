@@ -262,7 +262,10 @@ def _setup(
         if plan.shared > 0
         else None
     )
-    step_module: nn.Module = TrainStep(model, cfg, plan, shared.log_q if shared else None)
+    popularity = store.popularity(holdout=2) if cfg.train.logit_adjust else None
+    step_module: nn.Module = TrainStep(
+        model, cfg, plan, shared.log_q if shared else None, popularity
+    )
     logger.info(
         "loss: %s%s",
         plan.kind,

@@ -18,6 +18,7 @@ from torch import nn
 
 from h2rec import _core
 from h2rec.config import RunConfig
+from h2rec.errors import ConfigError
 
 if TYPE_CHECKING:
     from h2rec.models import Recommender
@@ -93,13 +94,28 @@ class TrainStep(nn.Module):
         cfg: RunConfig,
         plan: LossPlan | None = None,
         log_q: torch.Tensor | None = None,
+        popularity: np.ndarray | None = None,
     ) -> None:
+        """``popularity`` (n_items + 1,): training interactions of each item, needed when
+        ``train.logit_adjust`` is set (the loss then adds logit_adjust * log(1 + count) to each
+        item's logit)."""
         super().__init__()
         self.model: Recommender = model
         self.plan = plan or loss_plan(cfg, model.n_items)
         self.last_only = cfg.train.last_only
         self.max_logits = max(cfg.train.loss_memory_mb * 2**20 // 4, 1)
         self.log_q = log_q if self.plan.popularity else None
+        self.logit_bias: torch.Tensor | None = None
+        tau = cfg.train.logit_adjust
+        if tau != 0.0:
+            if popularity is None or np.asarray(popularity).shape != (model.n_items + 1,):
+                raise ConfigError(
+                    f"train.logit_adjust={tau}: needs the training popularity of every item, "
+                    f"shape ({model.n_items + 1},), got "
+                    f"{None if popularity is None else np.asarray(popularity).shape}"
+                )
+            bias = tau * np.log1p(np.asarray(popularity, dtype=np.float64))
+            self.logit_bias = torch.from_numpy(bias).float()  # (n_items + 1,)
         # train.loss_scale="epoch": mean positions per batch over the epoch (see positions_per_batch)
         self.position_scale: float | None = None
 
@@ -111,6 +127,7 @@ class TrainStep(nn.Module):
 
         states = self.model(inputs)  # (B, T, E)
         log_q = self.log_q.to(states.device) if self.log_q is not None else None
+        bias = self.logit_bias.to(states.device) if self.logit_bias is not None else None
         rec = recommendation_loss(
             self.model,
             states,
@@ -120,6 +137,7 @@ class TrainStep(nn.Module):
             last_only=self.last_only,
             max_logits=self.max_logits,
             log_q=log_q,
+            logit_bias=bias,
         )
         if self.position_scale is not None:  # sum over positions / the epoch's mean per batch
             real = targets[:, -1:] if self.last_only else targets
