@@ -307,26 +307,37 @@ class LevelCrossAttention(nn.Module):
                     self.weight[lvl, j] = st[f"attn.{name}.weight"]
                     self.bias[lvl, j] = st[f"attn.{name}.bias"]
 
-    def _proj(self, x: Tensor, j: int) -> Tensor:
-        """x (B, T, L, D) through projection j of each level -> (B, T, L, D)."""
-        return torch.einsum("btli,loi->btlo", x, self.weight[:, j]) + self.bias[:, j]
-
     def forward(self, levels: Tensor, kv: Tensor, real: Tensor, allowed: Tensor) -> Tensor:
-        """levels (B, T, L, D), kv (B, T, D), real (B, T), allowed (B, 1, T, T) -> (B, T, L, D)."""
+        """levels (B, T, L, D), kv (B, T, D), real (B, T), allowed (B, 1, T, T) -> (B, T, L, D).
+
+        The LayerNorm affines are folded into the projections that follow them
+        ((LN(x) * g + c) W^T + e = LN(x) (W diag(g))^T + (W c + e)), so the keys and values of
+        every level come from the one normalised HID stream in a single GEMM, and the per-level
+        query and output projections run as one batched GEMM over the levels, level-major
+        (L, B * T, D), with no per-level copies of the streams."""
         b, t, n_lv, d = levels.shape
         h = self.n_heads
-        q_in = F.layer_norm(levels, (d,)) * self.ln_q_weight + self.ln_q_bias  # (B, T, L, D)
-        kv_norm = F.layer_norm(kv, (d,))[:, :, None]  # (B, T, 1, D)
-        kv_in = kv_norm * self.ln_kv_weight + self.ln_kv_bias  # (B, T, L, D)
-
-        def heads(x: Tensor) -> Tensor:  # (B, T, L, D) -> (B * L, H, T, D/H)
-            return x.view(b, t, n_lv, h, d // h).permute(0, 2, 3, 1, 4).reshape(b * n_lv, h, t, d // h)
-
-        q, k, v = heads(self._proj(q_in, 0)), heads(self._proj(kv_in, 1)), heads(self._proj(kv_in, 2))
-        mask = allowed[:, None].expand(b, n_lv, 1, t, t).reshape(b * n_lv, 1, t, t)
-        y = attend(q, k, v, mask, self.attn_drop)  # (B*L, H, T, D/H)
-        y = y.view(b, n_lv, h, t, d // h).permute(0, 3, 1, 2, 4).reshape(b, t, n_lv, d)
-        y = self._proj(y, 3)  # (B, T, L, D)
+        dh = d // h
+        w, bias = self.weight, self.bias  # (L, 4, out, in), (L, 4, out)
+        wq = w[:, 0] * self.ln_q_weight[:, None, :]  # (L, D, D)
+        bq = torch.einsum("loi,li->lo", w[:, 0], self.ln_q_bias) + bias[:, 0]  # (L, D)
+        wkv = w[:, 1:3] * self.ln_kv_weight[:, None, None, :]  # (L, 2, D, D): k, v
+        bkv = torch.einsum("ljoi,li->ljo", w[:, 1:3], self.ln_kv_bias) + bias[:, 1:3]  # (L, 2, D)
+        # keys and values of all levels: (B, T, D) @ (D, 2 L D), columns ordered (k|v, L, H, D/H)
+        kvp = F.linear(
+            F.layer_norm(kv, (d,)),
+            wkv.transpose(0, 1).reshape(2 * n_lv * d, d),
+            bkv.transpose(0, 1).reshape(2 * n_lv * d),
+        ).view(b, t, 2, n_lv, h, dh)
+        k = kvp[:, :, 0].permute(2, 0, 3, 1, 4)  # (L, B, H, T, D/H)
+        v = kvp[:, :, 1].permute(2, 0, 3, 1, 4)
+        qn = F.layer_norm(levels, (d,)).permute(2, 0, 1, 3).reshape(n_lv, b * t, d)
+        q = torch.baddbmm(bq[:, None], qn, wq.transpose(1, 2))  # (L, B T, D)
+        q = q.view(n_lv, b, t, h, dh).transpose(2, 3)  # (L, B, H, T, D/H)
+        y = attend(q, k, v, allowed[None], self.attn_drop)  # (L, B, H, T, D/H)
+        y = y.transpose(2, 3).reshape(n_lv, b * t, d)  # (L, B T, D)
+        y = torch.baddbmm(bias[:, 3, None], y, w[:, 3].transpose(1, 2))  # (L, B T, D)
+        y = y.view(n_lv, b, t, d).permute(1, 2, 0, 3)  # (B, T, L, D)
         return (levels + self.drop(y)) * real[:, :, None, None]
 
 
