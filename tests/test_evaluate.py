@@ -10,6 +10,7 @@ import pytest
 import torch
 from h2rec import _core
 from h2rec.config import EvalConfig
+from h2rec.errors import ConfigError
 from h2rec.evaluate import (
     bucket_labels,
     evaluate,
@@ -286,3 +287,56 @@ def test_score_budget_and_batch_size_do_not_change_ranks() -> None:
         res = evaluate(model, store, "test", EvalConfig(ks=KS, batch_size=batch, max_scores_mb=mb), 6)
         assert res.ranks.tolist() == ref.ranks.tolist()
         assert res.targets.tolist() == ref.targets.tolist()
+
+
+@pytest.mark.parametrize("protocol", ["full", "sampled"])
+def test_thread_count_does_not_change_ranks_and_is_restored(protocol: str) -> None:
+    # with n > 1 torch threads the batches run on n worker threads of one op-thread each: the
+    # ranks must be the same bits as one thread's, in the users' order, and the count restored
+    from h2rec.models import ModelConfig, build_model
+
+    rng = np.random.default_rng(5)
+    seqs = [rng.integers(1, 81, size=rng.integers(3, 25)).tolist() for _ in range(300)]
+    store = _core.SequenceStore.from_sequences(seqs, n_items=80)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(kind="sasrec", hidden=16, max_len=12), 80)
+    cfg = EvalConfig(ks=KS, batch_size=16, protocol=protocol, n_negatives=20)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = evaluate(model, store, "test", cfg, max_len=12)
+        torch.set_num_threads(3)
+        three = evaluate(model, store, "test", cfg, max_len=12)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+    assert one.ranks.tolist() == three.ranks.tolist()
+    assert one.targets.tolist() == three.targets.tolist()
+    assert one.users.tolist() == three.users.tolist()
+    # and the ranks are those of a plain per-user loop (the oracle: the model's own scores)
+    with torch.no_grad():
+        model.eval()
+        for i, u in enumerate(one.users[:40].tolist()):
+            seq = store.sequence(u)
+            inp, tgt = seq[:-1][-12:], int(seq[-1])
+            state = model(torch.as_tensor(inp)[None])[0, -1]
+            scores = (model.all_item_vectors() @ state).numpy()
+            if protocol == "sampled":
+                continue
+            hist = set(seq[:-1].tolist()) - {tgt}
+            rivals = [j for j in range(1, 81) if j != tgt and j not in hist]
+            assert one.targets[i] == tgt
+            assert one.ranks[i] == sum(scores[j] >= scores[tgt] for j in rivals)
+
+
+def test_a_worker_error_reaches_the_caller() -> None:
+    store = _core.SequenceStore.from_sequences([[1, 2, 3, 4, 5, 6]] * 40, n_items=6)
+    model = LastItemModel(np.zeros((7, 7)))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with pytest.raises(ConfigError, match="eval.n_negatives=50"):
+            evaluate(model, store, "test", EvalConfig(protocol="sampled", n_negatives=50, batch_size=4), 6)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -295,6 +295,29 @@ def result_from_ranks(
     )
 
 
+def _run_batches(work: Any, batches: list[np.ndarray], device: torch.device) -> None:
+    """``work(batch)`` for every batch. On the CPU with n > 1 torch threads, n worker threads
+    take the batches, each running its ops on one thread: evaluation's ops are small (a few
+    users' short sequences), so batches side by side use the cores better than threads inside
+    each op. Every batch is computed on one thread whatever n is, so the ranks are the same
+    bits for any thread count. Elsewhere (or with one thread) the batches run in order."""
+    threads = torch.get_num_threads()
+    n = min(threads if device.type == "cpu" else 1, len(batches))
+    if n <= 1:
+        for pos in batches:
+            work(pos)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(n, thread_name_prefix="h2rec-eval") as pool:
+            for _ in pool.map(work, batches):  # re-raises a worker's error here
+                pass
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _trim(inputs: np.ndarray) -> np.ndarray:
     """Left-padded rows (B, T) without the leading columns that are padding in every row."""
     real = inputs != 0
@@ -442,7 +465,9 @@ def evaluate(
         batch = cfg.batch_size
         if cfg.protocol == "full":
             batch = _score_rows(n_items, batch, cfg.max_scores_mb * 2**20 // 4)
-        for pos in _by_length(lengths, max_len, batch):
+
+        @torch.inference_mode()  # inference mode is per thread: the workers need it too
+        def one_batch(pos: np.ndarray) -> None:
             bu = users[pos]
             inputs, tgt = store.eval_inputs(bu, max_len, split)
             targets[pos] = tgt
@@ -464,6 +489,9 @@ def evaluate(
                 competing = torch.ones_like(scores, dtype=torch.bool)
                 competing[:, 0] = False
                 ranks[pos] = ranks_against(scores, scores[:, 0], competing).cpu().numpy()
+
+        batches = list(_by_length(lengths, max_len, batch))
+        _run_batches(one_batch, batches, device)
         n_candidates = n_items if cfg.protocol == "full" else cfg.n_negatives + 1
         return result_from_ranks(split, cfg, store, users, targets, ranks, lengths, n_candidates)
     finally:
