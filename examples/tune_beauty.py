@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 
 COMMON = ["train.num_threads=1", "train.patience=5", "train.epochs=40"]
+# the runs before train.lr_decay_patience=2 became the default had a constant learning rate
+CONST = ["train.lr_decay_patience=0"]
 
 # the H2Rec runs before item_score=fused and align_seq_target=branch became the defaults
 PAPER_SCORE = ["model.item_score=paired", "model.align_seq_target=sid"]
@@ -33,44 +35,44 @@ FUSED = ["model.kind=h2rec", "model.item_score=fused", "model.align_seq_target=b
 
 VARIANTS: dict[str, list[str]] = {
     # the first runs used the per-batch mean of the loss (the default then)
-    "sasrec": ["model.kind=sasrec", "train.loss_scale=batch"],
-    "h2rec": ["model.kind=h2rec", *PAPER_SCORE, "train.loss_scale=batch"],
-    "fusion": ["model.kind=fusion", "train.loss_scale=batch"],
-    "h2rec-popgate": ["model.kind=h2rec", *PAPER_SCORE, "model.hid_pop_gate=true", "train.loss_scale=batch"],
-    "h2rec-seqhid": ["model.kind=h2rec", "model.item_score=paired", "model.align_seq_target=hid", "train.loss_scale=batch"],
-    "sasrec-nobucket": ["model.kind=sasrec", "train.length_buckets=0", "train.loss_scale=batch"],
-    "h2rec-pca": ["model.kind=h2rec", *PAPER_SCORE, "model.hid_init=pca", "train.loss_scale=batch"],
-    "sid": ["model.kind=sid", "train.loss_scale=batch"],
-    "h2rec-align03": ["model.kind=h2rec", *PAPER_SCORE, "model.align_item_weight=0.3", "model.align_seq_weight=0.3", "train.loss_scale=batch"],
-    "h2rec-noalign": ["model.kind=h2rec", *PAPER_SCORE, "model.align_item=false", "model.align_seq=false", "train.loss_scale=batch"],
-    "h2rec-nobucket": ["model.kind=h2rec", *PAPER_SCORE, "train.length_buckets=0", "train.loss_scale=batch"],
-    "fusion-nobucket": ["model.kind=fusion", "train.length_buckets=0", "train.loss_scale=batch"],
+    "sasrec": [*CONST, "model.kind=sasrec", "train.loss_scale=batch"],
+    "h2rec": [*CONST, "model.kind=h2rec", *PAPER_SCORE, "train.loss_scale=batch"],
+    "fusion": [*CONST, "model.kind=fusion", "train.loss_scale=batch"],
+    "h2rec-popgate": [*CONST, "model.kind=h2rec", *PAPER_SCORE, "model.hid_pop_gate=true", "train.loss_scale=batch"],
+    "h2rec-seqhid": [*CONST, "model.kind=h2rec", "model.item_score=paired", "model.align_seq_target=hid", "train.loss_scale=batch"],
+    "sasrec-nobucket": [*CONST, "model.kind=sasrec", "train.length_buckets=0", "train.loss_scale=batch"],
+    "h2rec-pca": [*CONST, "model.kind=h2rec", *PAPER_SCORE, "model.hid_init=pca", "train.loss_scale=batch"],
+    "sid": [*CONST, "model.kind=sid", "train.loss_scale=batch"],
+    "h2rec-align03": [*CONST, "model.kind=h2rec", *PAPER_SCORE, "model.align_item_weight=0.3", "model.align_seq_weight=0.3", "train.loss_scale=batch"],
+    "h2rec-noalign": [*CONST, "model.kind=h2rec", *PAPER_SCORE, "model.align_item=false", "model.align_seq=false", "train.loss_scale=batch"],
+    "h2rec-nobucket": [*CONST, "model.kind=h2rec", *PAPER_SCORE, "train.length_buckets=0", "train.loss_scale=batch"],
+    "fusion-nobucket": [*CONST, "model.kind=fusion", "train.length_buckets=0", "train.loss_scale=batch"],
     # length buckets with every position weighing the same (train.loss_scale=epoch, the default
     # since these runs; the runs above used the per-batch mean)
-    "sasrec-epochscale": ["model.kind=sasrec", "train.loss_scale=epoch"],
-    "fusion-epochscale": ["model.kind=fusion", "train.loss_scale=epoch"],
-    "h2rec-epochscale": ["model.kind=h2rec", *PAPER_SCORE, "train.loss_scale=epoch"],
+    "sasrec-epochscale": [*CONST, "model.kind=sasrec", "train.loss_scale=epoch"],
+    "fusion-epochscale": [*CONST, "model.kind=fusion", "train.loss_scale=epoch"],
+    "h2rec-epochscale": [*CONST, "model.kind=h2rec", *PAPER_SCORE, "train.loss_scale=epoch"],
     # rare items' hash-ID vectors are mostly noise: start them from the text (PCA of the item
     # embeddings), or let the score weigh them by the item's training popularity
-    "h2rec-pca-es": ["model.kind=h2rec", *PAPER_SCORE, "model.hid_init=pca", "train.loss_scale=epoch"],
-    "h2rec-popgate-es": ["model.kind=h2rec", *PAPER_SCORE, "model.hid_pop_gate=true", "train.loss_scale=epoch"],
+    "h2rec-pca-es": [*CONST, "model.kind=h2rec", *PAPER_SCORE, "model.hid_init=pca", "train.loss_scale=epoch"],
+    "h2rec-popgate-es": [*CONST, "model.kind=h2rec", *PAPER_SCORE, "model.hid_pop_gate=true", "train.loss_scale=epoch"],
     # the masked SID view pulled to the SID branch's own state (no second backbone pass)
-    "h2rec-pca-seqbranch-es": ["model.kind=h2rec", "model.item_score=paired", "model.hid_init=pca",
+    "h2rec-pca-seqbranch-es": [*CONST, "model.kind=h2rec", "model.item_score=paired", "model.hid_init=pca",
                                "model.align_seq_target=branch", "train.loss_scale=epoch"],
     # is a gain from PCA-initialised HIDs the method's, or the init's? the same init elsewhere
-    "fusion-pca-es": ["model.kind=fusion", "model.hid_init=pca", "train.loss_scale=epoch"],
-    "sasrec-pca-es": ["model.kind=sasrec", "model.hid_init=pca", "train.loss_scale=epoch"],
-    "h2rec-seqbranch-es": ["model.kind=h2rec", "model.item_score=paired", "model.align_seq_target=branch",
+    "fusion-pca-es": [*CONST, "model.kind=fusion", "model.hid_init=pca", "train.loss_scale=epoch"],
+    "sasrec-pca-es": [*CONST, "model.kind=sasrec", "model.hid_init=pca", "train.loss_scale=epoch"],
+    "h2rec-seqbranch-es": [*CONST, "model.kind=h2rec", "model.item_score=paired", "model.align_seq_target=branch",
                            "train.loss_scale=epoch"],
     # the paper's ablation "without either alignment loss"
-    "h2rec-noalign-es": ["model.kind=h2rec", *PAPER_SCORE, "model.align_item=false", "model.align_seq=false",
+    "h2rec-noalign-es": [*CONST, "model.kind=h2rec", *PAPER_SCORE, "model.align_item=false", "model.align_seq=false",
                          "train.loss_scale=epoch"],
     # both branches scored against the item's HID + SID vector (model.item_score=fused), with the
     # paper's sequence-level target and with the branch's own (together the defaults since then)
-    "h2rec-fused-es": ["model.kind=h2rec", "model.item_score=fused", "model.align_seq_target=sid",
+    "h2rec-fused-es": [*CONST, "model.kind=h2rec", "model.item_score=fused", "model.align_seq_target=sid",
                        "train.loss_scale=epoch"],
-    "h2rec-fused-seqbranch-es": [*FUSED, "train.loss_scale=epoch"],
-    # the paper's ablations, of that default
+    "h2rec-fused-seqbranch-es": [*CONST, *FUSED, "train.loss_scale=epoch"],
+    # the paper's ablations, of the default (the learning-rate decay included)
     "h2rec-fused-noitem": [*FUSED, "model.align_item=false"],
     "h2rec-fused-noseq": [*FUSED, "model.align_seq=false"],
     "h2rec-fused-noalign": [*FUSED, "model.align_item=false", "model.align_seq=false"],
