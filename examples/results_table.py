@@ -4,8 +4,11 @@ several seeds each, on the *test* split, with default settings (plus any ``--set
 Each (dataset, model, seed) is one ``h2rec train`` in its own run folder, then two
 ``h2rec evaluate --split test`` (full ranking with history excluded, and the paper's sampled
 protocol, 100 negatives); both JSONs and the run's training curve go to
-``--results/<dataset>/<model>-s<seed>.json``. A run whose result file exists is skipped and an
-interrupted training resumes from its ``last.pt``, so the table fills up across sittings;
+``--results/<dataset>/<model>-s<seed>.json``, with the run's resolved settings. A run whose
+result file holds the settings the command would use today is skipped; one made with other
+settings (a default changed since) is run again, its old run folder kept aside as
+``<tag>.stale-<k>``, and the summary leaves such results out until then. An interrupted
+training resumes from its ``last.pt``, so the table fills up across sittings;
 copies of the script can share the work (``--worker i/n`` takes every n-th run). Datasets are
 prepared from ``--shared`` (the research-licensed files, never copied into the repository) on
 first use, with TF-IDF embeddings and the default 3 x 256 Semantic IDs.
@@ -86,17 +89,64 @@ def _prepare_locked(spec: dict[str, object], data: Path, src: Path) -> Path:
     return data
 
 
-def run_one(name: str, model: str, seed: int, args: argparse.Namespace, threads: int) -> Path:
-    """Train and evaluate one (dataset, model, seed); returns its result file."""
+# what does not change a run's results: left out when a result's settings are compared
+_NOT_COMPARED = ("train.num_threads", "train.device")
+
+
+def _flat(values: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in values.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def settings_of(config: dict) -> dict[str, object]:
+    """The model and training settings of a resolved config (as saved in a run's config.json),
+    read as this h2rec reads saved runs (settings added since take the value the run had)."""
+    from h2rec.config import config_from_saved, config_to_dict
+
+    resolved = config_to_dict(config_from_saved(config))
+    flat = _flat({k: resolved[k] for k in ("model", "train")})
+    return {k: v for k, v in flat.items() if k not in _NOT_COMPARED}
+
+
+def settings_for(sets: list[str]) -> dict[str, object]:
+    """The settings today's defaults with ``sets`` give."""
+    from h2rec.config import RunConfig, apply_overrides, config_to_dict
+
+    return settings_of(config_to_dict(apply_overrides(RunConfig(), sets)))
+
+
+def is_current(result: dict) -> bool:
+    """Whether a result file was made with the settings its ``set`` gives today."""
+    return "settings" in result and result["settings"] == settings_for(result["set"])
+
+
+def run_one(name: str, model: str, seed: int, args: argparse.Namespace, threads: int) -> str:
+    """Train and evaluate one (dataset, model, seed) into its result file; says what it did."""
     out = Path(args.results) / name / f"{model}-s{seed}.json"
+    sets = [*COMMON, f"model.kind={model}", f"train.seed={seed}",
+            f"train.num_threads={threads}", *args.set]
+    want = settings_for(sets)
+    status = "done"
     if out.exists():
-        return out
+        if is_current(json.loads(out.read_text())):
+            return "skipped (done)"
+        status = "done again (settings changed)"
     data = prepared(name, Path(args.shared), Path(args.work))
     runs = Path(args.work) / "runs" / name
     tag = f"{model}-s{seed}"
     run_dir = runs / tag
-    sets = [*COMMON, f"model.kind={model}", f"train.seed={seed}",
-            f"train.num_threads={threads}", *args.set]
+    saved = run_dir / "config.json"
+    if saved.exists() and settings_of(json.loads(saved.read_text())) != want:
+        k = 1
+        while (runs / f"{tag}.stale-{k}").exists():
+            k += 1
+        run_dir.rename(runs / f"{tag}.stale-{k}")  # kept, never deleted
+        print(f"{run_dir}: trained with other settings, moved to {tag}.stale-{k}", flush=True)
     if not (run_dir / "metrics.json").exists():
         cmd = ["train", str(data), "--sids", str(data / "sid"), "--name", tag,
                "--output-dir", str(runs)]
@@ -105,7 +155,8 @@ def run_one(name: str, model: str, seed: int, args: argparse.Namespace, threads:
         for s in sets:
             cmd += ["--set", s]
         _h2rec(*cmd)
-    res: dict[str, object] = {"dataset": name, "model": model, "seed": seed, "set": sets}
+    res: dict[str, object] = {"dataset": name, "model": model, "seed": seed, "set": sets,
+                              "settings": settings_of(json.loads(saved.read_text()))}
     for protocol in ("full", "sampled"):
         tmp = out.parent / f".{tag}.{protocol}.tmp.json"
         tmp.parent.mkdir(parents=True, exist_ok=True)
@@ -127,7 +178,7 @@ def run_one(name: str, model: str, seed: int, args: argparse.Namespace, threads:
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(res, indent=1))
     tmp.replace(out)  # atomic: a result file is complete or absent
-    return out
+    return status
 
 
 def _cell(values: list[float]) -> str:
@@ -146,6 +197,13 @@ def summary(results: Path) -> str:
         if not files:
             continue
         rows = [json.loads(f.read_text()) for f in files]
+        stale = [f.name for f, r in zip(files, rows) if not is_current(r)]
+        rows = [r for r in rows if is_current(r)]
+        if stale:
+            lines += [f"({name}: left out, made with other settings than today's: "
+                      f"{', '.join(stale)})", ""]
+        if not rows:
+            continue
         buckets = [f"pop_{b}" for b in rows[0]["buckets"]]
         cols = ["NDCG@10", "HR@10", "head", "tail", *buckets, "short", "long",
                 "sampled NDCG@10", "sampled HR@10"]
@@ -210,11 +268,10 @@ def main(argv: list[str] | None = None) -> int:
     mine = [job for k, job in enumerate(jobs) if k % n == i]
     t0 = time.time()
     for k, (d, m, s) in enumerate(mine, start=1):
-        done_before = (Path(args.results) / d / f"{m}-s{s}.json").exists()
-        run_one(d, m, s, args, threads)
+        status = run_one(d, m, s, args, threads)
         took = time.time() - t0
-        print(f"[{k}/{len(mine)}] {d} {m} seed {s}: {'skipped (done)' if done_before else 'done'}"
-              f"; {took / 60:.1f} min so far", flush=True)
+        print(f"[{k}/{len(mine)}] {d} {m} seed {s}: {status}; {took / 60:.1f} min so far",
+              flush=True)
     return 0
 
 

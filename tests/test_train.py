@@ -512,6 +512,25 @@ def test_a_run_saved_before_item_score_existed_loads_and_resumes_paired(
                  resume=True).epochs_run == 2
 
 
+def test_a_run_saved_before_the_learning_rate_decay_resumes_with_a_constant_rate(
+    data: dict[str, Any], tmp_path: Path
+) -> None:
+    """Runs saved before train.lr_decay_patience existed trained with a constant rate: such a
+    checkpoint reads as lr_decay_patience=0, resumes under it, and today's default (2) is
+    refused as another configuration."""
+    run = tmp_path / "old"
+    train(_cfg("model.kind=sasrec", "train.epochs=1", "train.lr_decay_patience=0"), data["store"],
+          None, run_dir=run)
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    del ckpt["config"]["train"]["lr_decay_patience"]
+    torch.save(ckpt, run / "last.pt")
+    with pytest.raises(CheckpointError, match="lr_decay_patience: 0 -> 2"):
+        train(_cfg("model.kind=sasrec", "train.epochs=2"), data["store"], None, run_dir=run,
+              resume=True)
+    assert train(_cfg("model.kind=sasrec", "train.epochs=2", "train.lr_decay_patience=0"),
+                 data["store"], None, run_dir=run, resume=True).epochs_run == 2
+
+
 def test_learning_rate_decays_on_plateaus_and_resumes_with_it(
     data: dict[str, Any], tmp_path: Path
 ) -> None:

@@ -338,9 +338,10 @@ def config_from_dict(values: Mapping[str, object]) -> RunConfig:
     return _build(RunConfig, values)  # type: ignore[no-any-return]
 
 
-# H2Rec settings whose default changed after checkpoints were written without them: a saved
-# H2Rec config that lacks one was trained with the value given here
+# settings whose default changed after runs were saved without them: a saved config that
+# lacks one was trained with the value given here (item_score: H2Rec runs only)
 _SAVED_BEFORE = {"item_score": "paired"}
+_TRAIN_SAVED_BEFORE = {"lr_decay_patience": 0}
 
 
 def config_from_saved(values: Mapping[str, object]) -> RunConfig:
@@ -352,6 +353,11 @@ def config_from_saved(values: Mapping[str, object]) -> RunConfig:
         missing = {k: v for k, v in _SAVED_BEFORE.items() if k not in model}
         if missing:
             values = {**values, "model": {**model, **missing}}
+    train = values.get("train")
+    if isinstance(train, Mapping):
+        missing = {k: v for k, v in _TRAIN_SAVED_BEFORE.items() if k not in train}
+        if missing:
+            values = {**values, "train": {**train, **missing}}
     return config_from_dict(values)
 
 

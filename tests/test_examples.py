@@ -1,0 +1,42 @@
+"""The results-table script's bookkeeping: which result files are current."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+from h2rec.config import RunConfig, apply_overrides, config_to_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _results_table():
+    spec = importlib.util.spec_from_file_location("results_table", ROOT / "examples" / "results_table.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_a_result_is_current_only_with_todays_settings() -> None:
+    rt = _results_table()
+    sets = ["train.epochs=3", "model.kind=sasrec", "train.seed=1", "train.num_threads=1"]
+    saved = json.loads(json.dumps(config_to_dict(apply_overrides(RunConfig(), sets))))
+    result = {"set": sets, "settings": rt.settings_of(saved)}
+    assert rt.is_current(result)
+    # the thread count does not change what a run computes
+    result_2t = {"set": [*sets[:-1], "train.num_threads=2"], "settings": result["settings"]}
+    assert rt.is_current(result_2t)
+    # a run saved before train.lr_decay_patience existed had a constant rate: not today's default
+    old = json.loads(json.dumps(saved))
+    del old["train"]["lr_decay_patience"]
+    assert rt.settings_of(old)["train.lr_decay_patience"] == 0
+    assert not rt.is_current({"set": sets, "settings": rt.settings_of(old)})
+    # any other setting that differs, and a result that does not say, are not current either
+    other = json.loads(json.dumps(saved))
+    other["model"]["dropout"] = 0.25
+    assert not rt.is_current({"set": sets, "settings": rt.settings_of(other)})
+    assert not rt.is_current({"set": sets})
+    # the same run asked for with the change in its sets is
+    assert rt.is_current({"set": [*sets, "model.dropout=0.25"], "settings": rt.settings_of(other)})
