@@ -143,20 +143,59 @@ impl TrainSampler {
         out
     }
 
-    /// Batch indices of `rank` out of `world_size`: round-robin, padded by wrapping around so
-    /// every rank gets the same number of batches (as DistributedSampler does).
-    pub fn rank_batches(&self, rank: usize, world_size: usize) -> Result<Vec<usize>> {
+    /// The rows of the epoch's permutation that `rank` out of `world_size` trains on, one range
+    /// per step; every rank gets the same number of steps and every user is trained exactly
+    /// once per epoch across the ranks.
+    ///
+    /// Step i gives rank r batch `i * world_size + r` of the permutation (so length buckets keep
+    /// their batches whole). The last round, where fewer batches than ranks are left, is split
+    /// into `world_size` contiguous slices of nearly equal size instead of being padded with
+    /// repeated batches; when it holds fewer users than ranks it is merged with the round
+    /// before (slices then hold at most `batch_size + 1` users). With one process the ranges
+    /// are the batches.
+    pub fn rank_ranges(&self, rank: usize, world_size: usize) -> Result<Vec<(usize, usize)>> {
         ensure!(world_size >= 1, "world_size={world_size} must be at least 1");
         ensure!(rank < world_size, "rank={rank} must be below world_size={world_size}");
+        let (n, bs) = (self.users.len(), self.cfg.batch_size);
+        ensure!(
+            n >= world_size,
+            "{n} training users cannot be shared by world_size={world_size} processes"
+        );
         let nb = self.n_batches();
-        let per_rank = nb.div_ceil(world_size);
-        Ok((0..per_rank).map(|i| (rank + i * world_size) % nb).collect())
+        let mut rounds = nb.div_ceil(world_size);
+        // users left for the last round: it starts at batch (rounds - 1) * world_size
+        let mut tail_start = (rounds - 1) * world_size * bs;
+        if n - tail_start < world_size && rounds > 1 {
+            rounds -= 1;
+            tail_start = (rounds - 1) * world_size * bs;
+        }
+        let mut out = Vec::with_capacity(rounds);
+        for i in 0..rounds - 1 {
+            let b = i * world_size + rank;
+            out.push((b * bs, (b + 1) * bs));
+        }
+        // the last round: n - tail_start users in world_size slices, the first ones one longer
+        let m = n - tail_start;
+        let (q, extra) = (m / world_size, m % world_size);
+        let start = tail_start + rank * q + rank.min(extra);
+        out.push((start, start + q + usize::from(rank < extra)));
+        Ok(out)
+    }
+
+    /// Number of steps each of `world_size` ranks takes in an epoch (see `rank_ranges`).
+    pub fn rank_steps(&self, world_size: usize) -> Result<usize> {
+        Ok(self.rank_ranges(0, world_size)?.len())
     }
 
     /// Builds batch `b` of an epoch whose permutation is `perm`.
     pub fn batch(&self, store: &SequenceStore, perm: &[u32], epoch: u64, b: usize) -> Batch {
         let bs = self.cfg.batch_size;
-        let rows = &perm[b * bs..((b + 1) * bs).min(perm.len())];
+        self.batch_rows(store, perm, epoch, b * bs, ((b + 1) * bs).min(perm.len()))
+    }
+
+    /// Builds the batch of rows `start..end` of an epoch whose permutation is `perm`.
+    pub fn batch_rows(&self, store: &SequenceStore, perm: &[u32], epoch: u64, start: usize, end: usize) -> Batch {
+        let rows = &perm[start..end];
         let n = self.cfg.n_negatives;
         let t = if self.cfg.trim {
             rows.iter().map(|&u| self.positions(store, u)).max().unwrap_or(0)
@@ -252,7 +291,42 @@ mod tests {
         c.skip_short = true;
         let smp = TrainSampler::new(&s, c).unwrap();
         assert_eq!(smp.n_users(), 1);
-        assert_eq!(smp.rank_batches(1, 2).unwrap(), vec![0]);
+        // one training user cannot be shared by two processes
+        assert!(smp.rank_ranges(1, 2).is_err());
+        assert_eq!(smp.rank_ranges(0, 1).unwrap(), vec![(0, 1)]);
+    }
+
+    #[test]
+    fn ranks_train_every_user_once() {
+        // 23 users in batches of 4: 6 batches; the oracle is a count of each permutation row
+        let seqs: Vec<Vec<i64>> = (0..23i64).map(|u| (1..=(4 + u % 5)).collect()).collect();
+        let s = SequenceStore::from_sequences(&seqs, Some(9)).unwrap();
+        let smp = TrainSampler::new(&s, cfg(3, 4)).unwrap();
+        for world in 1..=7usize {
+            let mut seen = vec![0u32; smp.n_users()];
+            let steps = smp.rank_steps(world).unwrap();
+            for rank in 0..world {
+                let r = smp.rank_ranges(rank, world).unwrap();
+                assert_eq!(r.len(), steps, "world {world} rank {rank}");
+                for &(a, b) in &r {
+                    assert!(b > a && b - a <= 4 + 1, "world {world}: slice {a}..{b}");
+                    for x in &mut seen[a..b] {
+                        *x += 1;
+                    }
+                }
+            }
+            assert!(seen.iter().all(|&c| c == 1), "world {world}: {seen:?}");
+        }
+        // one process: exactly the batches
+        let one = smp.rank_ranges(0, 1).unwrap();
+        assert_eq!(one, vec![(0, 4), (4, 8), (8, 12), (12, 16), (16, 20), (20, 23)]);
+        // two: batches 0, 2 and 1, 3 whole, then the last 7 users split 4 + 3
+        assert_eq!(smp.rank_ranges(0, 2).unwrap(), vec![(0, 4), (8, 12), (16, 20)]);
+        assert_eq!(smp.rank_ranges(1, 2).unwrap(), vec![(4, 8), (12, 16), (20, 23)]);
+        // five: one round of batches, then 3 users for 5 ranks: merged with the round before
+        assert_eq!(smp.rank_steps(5).unwrap(), 1);
+        assert_eq!(smp.rank_ranges(0, 5).unwrap(), vec![(0, 5)]);
+        assert_eq!(smp.rank_ranges(4, 5).unwrap(), vec![(19, 23)]);
     }
 
     #[test]

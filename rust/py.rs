@@ -320,7 +320,7 @@ impl TrainSampler {
                 "rank={rank} must be in 0..world_size and world_size={world_size} at least 1"
             )));
         }
-        let batches = self.inner.rank_batches(rank as usize, world_size as usize)?;
+        let batches = self.inner.rank_ranges(rank as usize, world_size as usize)?;
         let inner = self.inner.clone();
         let store = self.store.clone();
         let perm = py.detach(move || inner.permutation(&store, epoch as u64));
@@ -351,7 +351,7 @@ pub struct EpochIter {
     sampler: Arc<RsSampler>,
     perm: Arc<Vec<u32>>,
     epoch: u64,
-    batches: Vec<usize>,
+    batches: Vec<(usize, usize)>,
     pos: std::sync::atomic::AtomicUsize,
     n_threads: Option<usize>,
 }
@@ -369,12 +369,12 @@ impl EpochIter {
     fn __next__<'py>(&self, py: Python<'py>) -> PyResult<Option<BatchArrays<'py>>> {
         use std::sync::atomic::Ordering;
         let i = self.pos.fetch_add(1, Ordering::SeqCst);
-        let Some(&b) = self.batches.get(i) else {
+        let Some(&(start, end)) = self.batches.get(i) else {
             self.pos.store(self.batches.len(), Ordering::SeqCst);
             return Ok(None);
         };
         let (store, sampler, perm, epoch) = (&self.store, &self.sampler, &self.perm, self.epoch);
-        let batch = py.detach(|| pool::run(self.n_threads, || sampler.batch(store, perm, epoch, b)))?;
+        let batch = py.detach(|| pool::run(self.n_threads, || sampler.batch_rows(store, perm, epoch, start, end)))?;
         let (t, n) = (batch.width, self.sampler.config().n_negatives);
         let inputs = vec2(py, batch.inputs, batch.rows, t)?;
         let targets = vec2(py, batch.targets, batch.rows, t)?;

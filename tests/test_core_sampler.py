@@ -80,14 +80,30 @@ def test_negatives_do_not_depend_on_batch_size():
         np.testing.assert_array_equal(neg[r], rows[int(u)])
 
 
-def test_ranks_partition_the_epoch():
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_ranks_partition_the_epoch(world: int):
+    # every training user once an epoch across the ranks, as many steps on every rank, and
+    # batch r + world * i of the one-process epoch on rank r until the last round
     _, store = random_store(4, n_users=101)
     smp = TrainSampler(store, 5, 10, seed=0)
     full = collect(smp, 0)
-    r0, r1 = collect(smp, 0, rank=0, world_size=2), collect(smp, 0, rank=1, world_size=2)
-    assert len(r0) == len(r1) == -(-len(full) // 2)
-    for i, b in enumerate(r0):
-        assert (b[0] == full[2 * i][0]).all()
+    ranks = [collect(smp, 0, rank=r, world_size=world) for r in range(world)]
+    assert len({len(r) for r in ranks}) == 1
+    order = smp.batch_users(0)
+    # the oracle: which users a batch holds, read from its inputs (each row is one user's
+    # left-padded prefix; users' prefixes differ in this store)
+    prefixes = {}
+    for u in order.tolist():
+        seq = store.sequence(int(u))[:-2]
+        prefixes[tuple(seq[-(5 + 1):-1][-5:].tolist())] = int(u)
+    def users_of(batch) -> list[int]:
+        return [prefixes[tuple(row[row > 0].tolist())] for row in batch[0]]
+    trained = sorted(u for r in ranks for b in r for u in users_of(b))
+    assert trained == sorted(order.tolist())
+    for r, batches in enumerate(ranks):
+        for i, b in enumerate(batches[:-1]):
+            assert (b[0] == full[r + world * i][0]).all()
+        assert 1 <= batches[-1][0].shape[0] <= 10 + 1
 
 
 def test_popularity_negatives_follow_popularity():
@@ -181,12 +197,13 @@ def test_length_buckets_keep_every_user_once_and_group_lengths():
         return 1 - real / total
     plain_cut = TrainSampler(store, 50, 20, seed=1, trim=True)
     assert padding(buck) < 0.5 * padding(plain_cut)
-    # ranks still partition the epoch's batches
+    # ranks still take the epoch's batches whole, but for the last round (split between them)
     full = collect(buck, 0)
     r0, r1 = collect(buck, 0, rank=0, world_size=2), collect(buck, 0, rank=1, world_size=2)
     assert len(r0) == len(r1)
-    for i, batch in enumerate(r1):
-        assert (batch[0] == full[(2 * i + 1) % len(full)][0]).all()
+    for i, batch in enumerate(r1[:-1]):
+        assert (batch[0] == full[2 * i + 1][0]).all()
+    assert sum(b[0].shape[0] for b in r0 + r1) == sum(b[0].shape[0] for b in full)
 
 
 def test_bucket_batches_must_not_be_negative():

@@ -166,16 +166,16 @@ def test_two_process_gloo_ddp(data: dict[str, Any], tmp_path: Path) -> None:
     # gradients were all-reduced: both ranks hold the same weights after different batches
     for k, v in r0["state"].items():
         assert torch.equal(v, r1["state"][k]), k
-    # rank r trains on batches r, r + 2, ... (wrapped so both ranks get as many batches)
+    # rank r trains on batches r, r + 2, ..., the last round split between the ranks: every
+    # training user once an epoch (oracle: the batch sizes of a one-process epoch)
     sampler = _core.TrainSampler(data["store"], cfg.model.max_len, cfg.train.batch_size)
-    expected = [0, 0]
-    for epoch in (1, 2):
-        n = sampler.batch_users(epoch).size
-        sizes = [min(cfg.train.batch_size, n - s) for s in range(0, n, cfg.train.batch_size)]
-        per_rank = -(-len(sizes) // 2)
-        for rank in (0, 1):
-            expected[rank] += sum(sizes[(rank + 2 * i) % len(sizes)] for i in range(per_rank))
+    n = sampler.batch_users(1).size
+    sizes = [min(cfg.train.batch_size, n - s) for s in range(0, n, cfg.train.batch_size)]
+    whole = len(sizes) // 2 * 2 if len(sizes) % 2 else len(sizes) - 2  # batches taken whole
+    left = n - sum(sizes[:whole])  # users of the last round, split 2 ways
+    expected = [2 * (sum(sizes[r:whole:2]) + (left + 1 - r) // 2) for r in (0, 1)]
     assert [r0["seqs"], r1["seqs"]] == expected
+    assert r0["seqs"] + r1["seqs"] == 2 * n
     # each rank evaluated half of the users; the gathered test ranks agree
     assert np.array_equal(r0["test"], r1["test"])
     assert (tmp_path / "run" / "metrics.json").is_file()

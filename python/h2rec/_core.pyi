@@ -121,7 +121,9 @@ class TrainSampler:
         """Batches (inputs (B,T), targets (B,T), negatives (B,T,n)) for one epoch.
 
         The user order is shuffled by (seed, epoch); with world_size > 1 rank r gets batches
-        r, r + world_size, ... (wrapping around so every rank gets as many). Negatives are items
+        r, r + world_size, ...; the last round is split into world_size nearly equal slices, so
+        every user is trained once an epoch across the ranks and every rank takes as many steps
+        (a last round of fewer users than ranks is merged with the one before). Negatives are items
         outside the user's training prefix (held-out items are unknown to training), drawn from
         the stream (seed, epoch, user). With ``bucket_batches=k`` > 0, each window of k
         batches of the shuffled order is sorted by training length and the full batches are

@@ -2,8 +2,9 @@
 wrapper, and evaluation with the users split over the ranks.
 
 Under ``torchrun`` (``WORLD_SIZE`` > 1) the model is wrapped in DistributedDataParallel (gloo on
-CPU, nccl on CUDA); rank r trains on batches r, r + world_size, ... and evaluates its share of
-users; only rank 0 writes files.
+CPU, nccl on CUDA); rank r trains on batches r, r + world_size, ... of the epoch, the last
+round split evenly so that every user is trained once an epoch and every rank takes as many
+steps; each rank evaluates its share of users; only rank 0 writes files.
 """
 
 from __future__ import annotations

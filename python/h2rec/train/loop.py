@@ -363,8 +363,9 @@ def _train_epoch(run: _Run, epoch: int, t0: float, show_bar: bool) -> dict[str, 
     if show_bar:
         from tqdm import tqdm
 
-        bar = tqdm(total=-(-run.sampler.n_batches // run.world), desc=f"epoch {epoch}", leave=False)
-    # the sampler gives every rank the same number of batches, so DDP needs no join()
+        bar = tqdm(total=len(batches), desc=f"epoch {epoch}", leave=False)
+    # the sampler gives every rank the same number of batches, and every user to one rank
+    # once an epoch, so DDP needs no join()
     for step_index, (inputs, targets, negatives) in enumerate(batches):
         if run.shared is not None:
             negatives = run.shared.draw(epoch, step_index, run.rank)  # (S,)
