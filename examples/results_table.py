@@ -107,8 +107,12 @@ def settings_of(config: dict) -> dict[str, object]:
     """The model and training settings of a resolved config (as saved in a run's config.json),
     read as this h2rec reads saved runs (settings added since take the value the run had)."""
     from h2rec.config import config_from_saved, config_to_dict
+    from h2rec.errors import ConfigError
 
-    resolved = config_to_dict(config_from_saved(config))
+    try:
+        resolved = config_to_dict(config_from_saved(config))
+    except ConfigError as err:  # a setting this h2rec no longer has: not today's run
+        return {"unreadable": str(err)}
     flat = _flat({k: resolved[k] for k in ("model", "train")})
     return {k: v for k, v in flat.items() if k not in _NOT_COMPARED}
 
@@ -122,7 +126,12 @@ def settings_for(sets: list[str]) -> dict[str, object]:
 
 def is_current(result: dict) -> bool:
     """Whether a result file was made with the settings its ``set`` gives today."""
-    return "settings" in result and result["settings"] == settings_for(result["set"])
+    from h2rec.errors import ConfigError
+
+    try:
+        return "settings" in result and result["settings"] == settings_for(result["set"])
+    except ConfigError:  # its sets name a setting this h2rec no longer has
+        return False
 
 
 def run_one(name: str, model: str, seed: int, args: argparse.Namespace, threads: int) -> str:
@@ -141,12 +150,14 @@ def run_one(name: str, model: str, seed: int, args: argparse.Namespace, threads:
     tag = f"{model}-s{seed}"
     run_dir = runs / tag
     saved = run_dir / "config.json"
-    if saved.exists() and settings_of(json.loads(saved.read_text())) != want:
+    if run_dir.exists() and (
+        not saved.exists() or settings_of(json.loads(saved.read_text())) != want
+    ):
         k = 1
         while (runs / f"{tag}.stale-{k}").exists():
             k += 1
         run_dir.rename(runs / f"{tag}.stale-{k}")  # kept, never deleted
-        print(f"{run_dir}: trained with other settings, moved to {tag}.stale-{k}", flush=True)
+        print(f"{run_dir}: not a run of these settings, moved to {tag}.stale-{k}", flush=True)
     if not (run_dir / "metrics.json").exists():
         cmd = ["train", str(data), "--sids", str(data / "sid"), "--name", tag,
                "--output-dir", str(runs)]

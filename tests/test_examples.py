@@ -40,3 +40,8 @@ def test_a_result_is_current_only_with_todays_settings() -> None:
     assert not rt.is_current({"set": sets})
     # the same run asked for with the change in its sets is
     assert rt.is_current({"set": [*sets, "model.dropout=0.25"], "settings": rt.settings_of(other)})
+    # a saved config or a set naming a setting that no longer exists is not current either
+    gone = json.loads(json.dumps(saved))
+    gone["train"]["no_such_setting"] = 1
+    assert "unreadable" in rt.settings_of(gone)
+    assert not rt.is_current({"set": [*sets, "train.no_such_setting=1"], "settings": result["settings"]})

@@ -497,18 +497,22 @@ def test_alignment_switches() -> None:
         assert other.aux_losses(SEQ, other(SEQ), TARGETS) == {}
 
 
+@pytest.mark.parametrize("biased", [False, True])
 @pytest.mark.parametrize("max_logits", [10**9, 7 * 40, 40, 1])
-def test_fused_full_softmax_equals_cross_entropy_with_its_gradients(max_logits: int) -> None:
-    # chunked (down to one row at a time) or not, the fused loss is F.cross_entropy's
+def test_fused_full_softmax_equals_cross_entropy_with_its_gradients(max_logits: int, biased: bool) -> None:
+    # chunked (down to one row at a time) or not, with a logit bias or not, the fused loss is
+    # F.cross_entropy's
     g = torch.Generator().manual_seed(3)
     user = torch.randn(23, 6, generator=g, dtype=torch.float64).float().requires_grad_()
     items = torch.randn(40, 6, generator=g).requires_grad_()
     targets = torch.randint(0, 40, (23,), generator=g)
     weights = torch.rand(23, generator=g)  # a non-uniform upstream gradient, through the mean
-    got = fused_full_softmax(user * weights[:, None], items, targets, max_logits)
+    bias = torch.randn(40, generator=g) * 2 if biased else None
+    got = fused_full_softmax(user * weights[:, None], items, targets, max_logits, bias)
     gu, gi = torch.autograd.grad(got, (user, items))
     u2, i2 = user.detach().double().requires_grad_(), items.detach().double().requires_grad_()
-    want = F.cross_entropy((u2 * weights[:, None].double()) @ i2.T, targets)
+    extra = bias.double() if bias is not None else 0.0
+    want = F.cross_entropy((u2 * weights[:, None].double()) @ i2.T + extra, targets)
     wu, wi = torch.autograd.grad(want, (u2, i2))
     assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-5)
     torch.testing.assert_close(gu.double(), wu, rtol=1e-4, atol=1e-6)

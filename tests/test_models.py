@@ -655,3 +655,20 @@ def test_fusion_item_is_its_hid_row_plus_its_pooled_sid_levels(sids: FakeSids) -
         np.testing.assert_allclose(vec[row].numpy(), expected, rtol=1e-5, atol=1e-6)
     # items 4 and 8 share their SID tuple but not their HID row: fusion tells them apart
     assert not torch.allclose(vec[1], vec[2])
+
+
+def test_fused_attention_folds_leading_dimensions() -> None:
+    # what attend runs on CUDA: 5-D (levels, batch, heads, T, d) inputs folded to 4-D for the
+    # fused kernels, against the plain CPU form (scores, mask, softmax, weighted sum)
+    from h2rec.models.backbone import Dropout, attend, fused_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 4, 2, 6, 8, generator=g) for _ in range(3))
+    real = torch.ones(4, 6, dtype=torch.bool)
+    real[0, :2] = False
+    allowed = attention_mask(real, causal=True)[None]  # (1, B, 1, T, T)
+    want = attend(q, k, v, allowed, Dropout(0.0))
+    got = fused_attention(q, k, v, allowed)
+    assert got.shape == want.shape == (3, 4, 2, 6, 8)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+

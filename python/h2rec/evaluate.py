@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -295,27 +296,42 @@ def result_from_ranks(
     )
 
 
+def _workers(device: torch.device) -> int:
+    """How many batches evaluation runs side by side: the torch thread count on the CPU."""
+    return max(1, torch.get_num_threads()) if device.type == "cpu" else 1
+
+
+# evaluations in other threads of this process wait: the torch thread count is process-wide
+_PARALLEL = threading.Lock()
+
+
 def _run_batches(work: Any, batches: list[np.ndarray], device: torch.device) -> None:
     """``work(batch)`` for every batch. On the CPU with n > 1 torch threads, n worker threads
     take the batches, each running its ops on one thread: evaluation's ops are small (a few
     users' short sequences), so batches side by side use the cores better than threads inside
     each op. Every batch is computed on one thread whatever n is, so the ranks are the same
-    bits for any thread count. Elsewhere (or with one thread) the batches run in order."""
-    threads = torch.get_num_threads()
-    n = min(threads if device.type == "cpu" else 1, len(batches))
+    bits for any thread count. Elsewhere (or with one thread) the batches run in order. The
+    first error cancels the batches not started and is raised here."""
+    n = min(_workers(device), len(batches))
     if n <= 1:
         for pos in batches:
             work(pos)
         return
     from concurrent.futures import ThreadPoolExecutor
 
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(n, thread_name_prefix="h2rec-eval") as pool:
-            for _ in pool.map(work, batches):  # re-raises a worker's error here
-                pass
-    finally:
-        torch.set_num_threads(threads)
+    with _PARALLEL:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        pool = ThreadPoolExecutor(n, thread_name_prefix="h2rec-eval")
+        try:
+            for future in [pool.submit(work, pos) for pos in batches]:
+                future.result()
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        finally:
+            pool.shutdown(wait=True)
+            torch.set_num_threads(threads)
 
 
 def _trim(inputs: np.ndarray) -> np.ndarray:
@@ -463,8 +479,9 @@ def evaluate(
         lengths = store.lengths()[users] - holdout
         items_all = model.all_item_vectors().float() if cfg.protocol == "full" else None
         batch = cfg.batch_size
-        if cfg.protocol == "full":
-            batch = _score_rows(n_items, batch, cfg.max_scores_mb * 2**20 // 4)
+        if cfg.protocol == "full":  # the score budget is shared by the batches run side by side
+            budget = cfg.max_scores_mb * 2**20 // 4 // _workers(device)
+            batch = _score_rows(n_items, batch, budget)
 
         @torch.inference_mode()  # inference mode is per thread: the workers need it too
         def one_batch(pos: np.ndarray) -> None:

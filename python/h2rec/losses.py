@@ -121,15 +121,20 @@ class _FullSoftmaxCE(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, user: Tensor, items: Tensor, targets: Tensor, chunk_rows: int
+        ctx: Any, user: Tensor, items: Tensor, targets: Tensor, chunk_rows: int,
+        bias: Tensor | None = None,
     ) -> Tensor:
-        """user (V, E), items (N, E), targets (V,) in 0..N-1 -> per-row losses (V,)."""
+        """user (V, E), items (N, E), targets (V,) in 0..N-1, bias (N,) or None (a constant
+        added to every row's logits) -> per-row losses (V,)."""
         v = user.shape[0]
         target_logits = (user * items[targets]).sum(-1)  # (V,)
+        if bias is not None:
+            target_logits = target_logits + bias[targets]
         keep = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         ctx.chunk_rows = chunk_rows
+        ctx.bias = bias
         if v <= chunk_rows:
-            probs = user @ items.T  # (V, N) logits, turned into probabilities in place
+            probs = _logits(user, items, bias)  # (V, N), turned into probabilities in place
             top = probs.amax(dim=1, keepdim=True)  # (V, 1)
             total = probs.sub_(top).exp_().sum(dim=1, keepdim=True)  # (V, 1)
             probs.div_(total)
@@ -138,7 +143,9 @@ class _FullSoftmaxCE(torch.autograd.Function):
         else:
             lse = torch.empty(v, dtype=user.dtype, device=user.device)
             for a in range(0, v, chunk_rows):
-                lse[a : a + chunk_rows] = torch.logsumexp(user[a : a + chunk_rows] @ items.T, dim=1)
+                lse[a : a + chunk_rows] = torch.logsumexp(
+                    _logits(user[a : a + chunk_rows], items, bias), dim=1
+                )
             ctx.save_for_backward(user, items, targets, lse)
         return lse - target_logits
 
@@ -154,7 +161,7 @@ class _FullSoftmaxCE(torch.autograd.Function):
             if v <= ctx.chunk_rows:
                 g = saved  # (V, N) probabilities from forward
             else:
-                g = (user[rows] @ items.T).sub_(saved[rows, None]).exp_()  # (c, N)
+                g = _logits(user[rows], items, ctx.bias).sub_(saved[rows, None]).exp_()  # (c, N)
             idx = torch.arange(g.shape[0], device=g.device)
             g[idx, targets[rows]] -= 1.0
             g.mul_(grad[rows, None])
@@ -162,11 +169,18 @@ class _FullSoftmaxCE(torch.autograd.Function):
                 grad_user[rows] = g @ items
             if grad_items is not None:
                 grad_items.addmm_(g.T, user[rows])
-        return grad_user, grad_items, None, None
+        return grad_user, grad_items, None, None, None
+
+
+def _logits(user: Tensor, items: Tensor, bias: Tensor | None) -> Tensor:
+    """``user @ items.T`` (+ ``bias`` on every row), a fresh (V, N) tensor."""
+    out = user @ items.T
+    return out if bias is None else out.add_(bias)
 
 
 def fused_full_softmax(
-    user: Tensor, items: Tensor, targets: Tensor, max_logits: int = 64 * 2**20
+    user: Tensor, items: Tensor, targets: Tensor, max_logits: int = 64 * 2**20,
+    bias: Tensor | None = None,
 ) -> Tensor:
     """Mean softmax cross-entropy of ``user @ items.T`` over all items, in bounded memory.
 
@@ -178,11 +192,13 @@ def fused_full_softmax(
         items: (N, E) candidate item vectors (the padding row left out).
         targets: (V,) target rows of ``items``.
         max_logits: most logits held at once (rows are chunked to stay below it).
+        bias: (N,) a constant added to every row's logits (logit adjustment), or None.
     """
     if user.shape[0] == 0:
         return (user.sum() + items.sum()) * 0.0
     chunk_rows = max(1, max_logits // max(items.shape[0], 1))
-    per_row = _FullSoftmaxCE.apply(user.float(), items.float(), targets, chunk_rows)
+    b = None if bias is None else bias.float()
+    per_row = _FullSoftmaxCE.apply(user.float(), items.float(), targets, chunk_rows, b)
     return per_row.mean()
 
 
@@ -251,10 +267,8 @@ def recommendation_loss(
         valid = targets > 0
         user = states[valid]  # (V, E)
         items = model.all_item_vectors()[1:]  # (N, E), padding left out
-        if logit_bias is not None:  # [user ; 1] . [item ; bias] = user . item + bias
-            user = torch.cat([user.float(), user.new_ones(user.shape[0], 1, dtype=torch.float32)], 1)
-            items = torch.cat([items.float(), logit_bias[1:, None].to(torch.float32)], 1)
-        return fused_full_softmax(user, items, targets[valid] - 1, max_logits)
+        bias = None if logit_bias is None else logit_bias[1:]
+        return fused_full_softmax(user, items, targets[valid] - 1, max_logits, bias)
     if negatives is None:
         raise ConfigError(f"loss={kind!r} needs sampled negatives, got None")
     if negatives.dim() == 1:  # shared by the whole batch

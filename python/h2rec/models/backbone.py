@@ -91,7 +91,8 @@ class Dropout(nn.Module):
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, drop: nn.Module) -> Tensor:
-    """Scaled dot-product attention: q (N, H, T, d), k and v (N, H, S, d), allowed (N, 1, T, S).
+    """Scaled dot-product attention: q (..., H, T, d), k and v (..., H, S, d), allowed
+    (..., 1, T, S) (broadcast over the leading dimensions).
 
     On CPU it is written out (scores, mask, softmax, dropout, weighted sum): PyTorch's fused
     CPU kernel accumulates the key and value gradients in per-thread blocks, so its results
@@ -99,10 +100,25 @@ def attend(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, drop: nn.Module) ->
     the fused kernel runs."""
     if q.device.type != "cpu":
         p = float(getattr(drop, "p", 0.0)) if drop.training else 0.0
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p)
+        return fused_attention(q, k, v, allowed, p)
     scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (N, H, T, S)
     scores = scores.masked_fill(~allowed, float("-inf"))
     return drop(softmax(scores)) @ v  # (N, H, T, d)
+
+
+def fused_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, p: float = 0.0) -> Tensor:
+    """``F.scaled_dot_product_attention`` (what :func:`attend` runs off the CPU) on inputs with
+    any number of leading dimensions: its fused kernels take 4-D inputs only, so the leading
+    dimensions are folded into one (the mask expanded to match) and unfolded after."""
+    lead = q.shape[:-3]
+    if len(lead) <= 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p)
+    mask = allowed.expand(*lead, *allowed.shape[-3:]).reshape(-1, *allowed.shape[-3:])
+    y = F.scaled_dot_product_attention(
+        q.reshape(-1, *q.shape[-3:]), k.reshape(-1, *k.shape[-3:]),
+        v.reshape(-1, *v.shape[-3:]), attn_mask=mask, dropout_p=p,
+    )
+    return y.view(*lead, *y.shape[-3:])
 
 
 class MultiHeadAttention(nn.Module):

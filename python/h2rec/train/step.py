@@ -105,7 +105,8 @@ class TrainStep(nn.Module):
         self.last_only = cfg.train.last_only
         self.max_logits = max(cfg.train.loss_memory_mb * 2**20 // 4, 1)
         self.log_q = log_q if self.plan.popularity else None
-        self.logit_bias: torch.Tensor | None = None
+        self.logit_bias: torch.Tensor | None
+        self.register_buffer("logit_bias", None, persistent=False)  # moves with .to(device)
         tau = cfg.train.logit_adjust
         if tau != 0.0:
             if popularity is None or np.asarray(popularity).shape != (model.n_items + 1,):
@@ -115,7 +116,7 @@ class TrainStep(nn.Module):
                     f"{None if popularity is None else np.asarray(popularity).shape}"
                 )
             bias = tau * np.log1p(np.asarray(popularity, dtype=np.float64))
-            self.logit_bias = torch.from_numpy(bias).float()  # (n_items + 1,)
+            self.logit_bias = torch.from_numpy(bias).float()  # (n_items + 1,), a buffer
         # train.loss_scale="epoch": mean positions per batch over the epoch (see positions_per_batch)
         self.position_scale: float | None = None
 
