@@ -90,7 +90,9 @@ def _prepare_locked(spec: dict[str, object], data: Path, src: Path) -> Path:
 
 
 # what does not change a run's results: left out when a result's settings are compared
-_NOT_COMPARED = ("train.num_threads", "train.device")
+# what does not change the trained weights: the thread count, the device, and the text blend,
+# which is chosen after training (``h2rec blend``; a result records it, see needs_blend)
+_NOT_COMPARED = ("train.num_threads", "train.device", "train.text_blend")
 
 
 def _flat(values: dict, prefix: str = "") -> dict[str, object]:
@@ -124,12 +126,24 @@ def settings_for(sets: list[str]) -> dict[str, object]:
     return settings_of(config_to_dict(apply_overrides(RunConfig(), sets)))
 
 
+def needs_blend(sets: list[str]) -> bool:
+    """Whether today's run of ``sets`` scores with a text blend chosen on validation (every
+    dataset here has item embeddings)."""
+    from h2rec.blend import blend_applies
+    from h2rec.config import RunConfig, apply_overrides
+
+    return blend_applies(apply_overrides(RunConfig(), sets), np.zeros((1, 1)))
+
+
 def is_current(result: dict) -> bool:
-    """Whether a result file was made with the settings its ``set`` gives today."""
+    """Whether a result file was made with the settings its ``set`` gives today (its text blend
+    included)."""
     from h2rec.errors import ConfigError
 
     try:
-        return "settings" in result and result["settings"] == settings_for(result["set"])
+        if "settings" not in result or result["settings"] != settings_for(result["set"]):
+            return False
+        return bool(result.get("text_blend")) == needs_blend(result["set"])
     except ConfigError:  # its sets name a setting this h2rec no longer has
         return False
 
@@ -166,8 +180,14 @@ def run_one(name: str, model: str, seed: int, args: argparse.Namespace, threads:
         for s in sets:
             cmd += ["--set", s]
         _h2rec(*cmd)
+    blend_file = run_dir / "text_blend.json"
+    if needs_blend(sets) and not blend_file.exists():  # a run trained before the blend existed
+        _h2rec("blend", str(run_dir), "--set", f"train.num_threads={threads}", quiet=True)
     res: dict[str, object] = {"dataset": name, "model": model, "seed": seed, "set": sets,
                               "settings": settings_of(json.loads(saved.read_text()))}
+    if needs_blend(sets):
+        blend = json.loads(blend_file.read_text())
+        res["text_blend"] = {k: blend[k] for k in ("weight", "decay", "valid_ndcg10")}
     for protocol in ("full", "sampled"):
         tmp = out.parent / f".{tag}.{protocol}.tmp.json"
         tmp.parent.mkdir(parents=True, exist_ok=True)

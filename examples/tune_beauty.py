@@ -90,6 +90,13 @@ VARIANTS: dict[str, list[str]] = {
     "h2rec-fused-la03": [*FUSED, "train.lr_decay_patience=2", "train.logit_adjust=0.3"],
     "sasrec-la03": ["model.kind=sasrec", "train.loss_scale=epoch", "train.lr_decay_patience=2",
                     "train.logit_adjust=0.3"],
+    # text match: w_t <q_t, e_i>, the decayed text profile of the history against each item's
+    # text embedding, as extra score columns (h2rec.models.text_match)
+    "h2rec-fused-text": [*FUSED, "train.lr_decay_patience=2", "model.text_match=true"],
+    "fusion-text": ["model.kind=fusion", "train.loss_scale=epoch", "train.lr_decay_patience=2",
+                    "model.text_match=true"],
+    "sasrec-text": ["model.kind=sasrec", "train.loss_scale=epoch", "train.lr_decay_patience=2",
+                    "model.text_match=true"],
 }
 
 

@@ -519,6 +519,25 @@ def test_fused_full_softmax_equals_cross_entropy_with_its_gradients(max_logits: 
     torch.testing.assert_close(gi.double(), wi, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("max_logits", [10**9, 40])
+def test_fused_full_softmax_with_constant_columns_matches_cross_entropy(max_logits: int) -> None:
+    # items = [trainable (40, 6) ; constant (40, 4)] (the text-match columns): the loss and the
+    # gradients of the user rows and of the trainable columns are F.cross_entropy's
+    g = torch.Generator().manual_seed(4)
+    user = torch.randn(23, 10, generator=g).requires_grad_()
+    train = torch.randn(40, 6, generator=g).requires_grad_()
+    const = torch.randn(40, 4, generator=g)
+    targets = torch.randint(0, 40, (23,), generator=g)
+    got = fused_full_softmax(user, torch.cat([train, const], 1), targets, max_logits, frozen=4)
+    gu, gt = torch.autograd.grad(got, (user, train))
+    u2, t2 = user.detach().double().requires_grad_(), train.detach().double().requires_grad_()
+    want = F.cross_entropy(u2 @ torch.cat([t2, const.double()], 1).T, targets)
+    wu, wt = torch.autograd.grad(want, (u2, t2))
+    assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-5)
+    torch.testing.assert_close(gu.double(), wu, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(gt.double(), wt, rtol=1e-4, atol=1e-6)
+
+
 def test_fused_full_softmax_of_no_rows_is_zero_with_a_graph() -> None:
     items = torch.randn(5, 3, requires_grad=True)
     loss = fused_full_softmax(torch.zeros(0, 3), items, torch.zeros(0, dtype=torch.long))

@@ -61,12 +61,20 @@ CONFIGS = {
     "h2rec-no-gate": _cfg("h2rec", gate=False, sid_init="random"),
     "h2rec-sid-branch": _cfg("h2rec", branches="sid"),
     "h2rec-hid-branch": _cfg("h2rec", branches="hid", shared_backbone=False),
+    "sasrec-text": _cfg("sasrec", text_match=True),
+    "fusion-text": _cfg("fusion", text_match=True, text_match_decay=0.3),
+    "h2rec-text": _cfg("h2rec", text_match=True),
+    "h2rec-paired-text": _cfg("h2rec", item_score="paired", text_match=True),
 }
+TEXT_DIM = 6
+# item text embeddings (N_ITEMS, TEXT_DIM) for the text-match models; item 5's is all zero
+TEXT = np.random.default_rng(5).normal(size=(N_ITEMS, TEXT_DIM)).astype(np.float32)
+TEXT[4] = 0.0
 
 
 def _model(cfg: ModelConfig, sids: FakeSids, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    model = build_model(cfg, N_ITEMS, sids)
+    model = build_model(cfg, N_ITEMS, sids, TEXT if cfg.text_match else None)
     model.eval()
     return model
 
@@ -203,7 +211,8 @@ def test_user_gate_depends_on_the_user(sids: FakeSids) -> None:
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_shapes_and_scores(name: str, sids: FakeSids) -> None:
     model = _model(CONFIGS[name], sids)
-    e = 32 if name == "h2rec-paired" else 16  # fused scores: the branch states' sum, D wide
+    e = 32 if name.startswith("h2rec-paired") else 16  # fused scores: the branches' sum, D wide
+    e += TEXT_DIM if CONFIGS[name].text_match else 0
     assert model.out_dim == e
     seq = _batch()
     with torch.no_grad():
@@ -672,3 +681,83 @@ def test_fused_attention_folds_leading_dimensions() -> None:
     assert got.shape == want.shape == (3, 4, 2, 6, 8)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
+
+
+# ----------------------------------------------------------------------------- text match
+
+
+@pytest.mark.parametrize("name", ["sasrec-text", "fusion-text", "h2rec-text", "h2rec-paired-text"])
+def test_text_match_adds_the_weighted_profile_similarity_to_every_score(name: str, sids: FakeSids) -> None:
+    """score(t, i) = base score + softplus(b + a . h_t) * sum_{s<=t} exp(-decay (t-s)) <e_s, e_i>
+    with unit-norm text vectors, against a loop in numpy."""
+    cfg = CONFIGS[name]
+    model = _model(cfg, sids)
+    base = _model(replace(cfg, text_match=False), sids)
+    missing, unexpected = base.load_state_dict(model.state_dict(), strict=False)
+    assert unexpected and not missing  # only the text-match entries are extra
+    with torch.no_grad():
+        model.text_match.scale.copy_(torch.linspace(-1.0, 1.0, model.text_match.scale.shape[0]))
+        model.text_match.bias.fill_(0.3)
+    seq = _batch()
+    with torch.no_grad():
+        got = (model(seq) @ model.all_item_vectors().T).numpy()  # (B, T, N+1)
+        h = base(seq).numpy()  # (B, T, D)
+        base_scores = h @ base.all_item_vectors().numpy().T
+    unit = np.zeros((N_ITEMS + 1, TEXT_DIM))
+    norms = np.linalg.norm(TEXT, axis=1)
+    unit[1:][norms > 0] = TEXT[norms > 0] / norms[norms > 0, None]
+    a = model.text_match.scale.detach().numpy().astype(np.float64)
+    want = base_scores.astype(np.float64).copy()
+    s_np = seq.numpy()
+    for b in range(s_np.shape[0]):
+        for t in range(T):
+            q = np.zeros(TEXT_DIM)
+            for s in range(t + 1):
+                q += np.exp(-cfg.text_match_decay * (t - s)) * unit[s_np[b, s]]  # padding: 0
+            w = np.log1p(np.exp(0.3 + h[b, t] @ a))
+            want[b, t] += w * (unit @ q)
+    np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-4)
+    assert np.abs(got - base_scores).max() > 1e-2  # the term is not negligible here
+
+
+@pytest.mark.parametrize("name", ["sasrec-text", "h2rec-text"])
+def test_text_match_columns_never_read_later_items_even_without_causal_mask(
+    name: str, sids: FakeSids
+) -> None:
+    model = _model(replace(CONFIGS[name], causal=False), sids)
+    seq = _batch()
+    changed = seq.clone()
+    changed[:, 6:] = torch.where(seq[:, 6:] > 0, seq[:, 6:] % N_ITEMS + 1, seq[:, 6:])
+    with torch.no_grad():
+        a, b = model(seq), model(changed)
+    d = a.shape[-1] - TEXT_DIM
+    # the weight w_t reads the (leaking) backbone state, the profile q_t does not: compare q_t
+    qa = a[:, :6, d:] / a[:, :6, d:].norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    qb = b[:, :6, d:] / b[:, :6, d:].norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    torch.testing.assert_close(qa, qb, atol=1e-5, rtol=0)
+
+
+def test_text_match_needs_embeddings_and_keeps_its_own_copy(sids: FakeSids) -> None:
+    cfg = CONFIGS["h2rec-text"]
+    with pytest.raises(ConfigError, match="text_match needs item text embeddings"):
+        build_model(cfg, N_ITEMS, sids, None)
+    with pytest.raises(DataError, match="does not match n_items"):
+        build_model(cfg, N_ITEMS, sids, TEXT[:-1])
+    bad = TEXT.copy()
+    bad[3, 2] = np.nan
+    with pytest.raises(DataError, match="NaN"):
+        build_model(cfg, N_ITEMS, sids, bad)
+    model = _model(cfg, sids)
+    other = build_model(cfg, N_ITEMS, sids, TEXT[::-1].copy())  # embeddings changed since
+    other.load_state_dict(model.state_dict())  # the checkpoint's text vectors win
+    other.eval()
+    seq = _batch()
+    with torch.no_grad():
+        torch.testing.assert_close(other(seq) @ other.all_item_vectors().T,
+                                   model(seq) @ model.all_item_vectors().T)
+
+
+@pytest.mark.parametrize("field,value", [("text_match_decay", -0.1), ("text_match_init", 0.0)])
+def test_text_match_settings_are_checked(field: str, value: float) -> None:
+    with pytest.raises(ConfigError, match=f"model.{field}"):
+        ModelConfig(**{field: value})  # type: ignore[arg-type]

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 
-from h2rec.errors import ConfigError, DataError, H2RecError
+from h2rec.errors import ConfigError, DataError, H2RecError, OutputError
 from h2rec.pipeline import BUILTIN_PRESET, is_main_process
 from h2rec.outputs import (
     check_output_dir,
@@ -153,6 +153,39 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         check_output_file(out, args.overwrite)
         write_json(out, {"models": summary, "buckets": bucket_labels(rec.config.eval.buckets)})
         print(f"wrote {out}")
+    return 0
+
+
+def _cmd_blend(args: argparse.Namespace) -> int:
+    from h2rec import blend
+    from h2rec.models.config import TEXT_KINDS
+    from h2rec.runs import check_serving_overrides, checkpoint_path, load_embeddings_for
+
+    check_serving_overrides(args.overrides)
+    run_dir = checkpoint_path(args.run).parent
+    target = run_dir / blend.BLEND_FILE
+    if target.exists() and not args.overwrite:
+        raise OutputError(f"{target}: exists; add --overwrite to choose the text blend again")
+    rec = _load(args)
+    cfg = rec.config
+    if cfg.model.kind not in TEXT_KINDS or cfg.model.text_match:
+        raise ConfigError(
+            f"{args.run}: a {cfg.model.kind} run"
+            f"{' with model.text_match' if cfg.model.text_match else ''} gets no text blend "
+            f"(it is for {', '.join(TEXT_KINDS)} trained without a text match)"
+        )
+    embeddings = load_embeddings_for(cfg, rec.dataset)
+    if embeddings is None:
+        raise ConfigError(
+            f"{args.run}: the text blend needs item embeddings: the run names none and its "
+            "dataset folder has no embeddings.npy (run 'h2rec embed' on it)"
+        )
+    blend.detach(rec.model)  # a blend chosen before is chosen again from the trained weights
+    record = blend.choose(rec.model, rec.dataset.store, cfg, embeddings)
+    blend.save(run_dir, record)
+    for w, v in record["valid_ndcg10"].items():
+        print(f"weight {w}: validation NDCG@10 {v:.4f}")
+    print(f"chose {record['weight']:g}; wrote {target}")
     return 0
 
 
@@ -371,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train one model on a prepared dataset, then test it")
     p.add_argument("data", nargs="?", help="prepared dataset directory (or data.path)")
     p.add_argument("--sids", help="SID directory (default: <data>/sid)")
-    p.add_argument("--embeddings", help="item embeddings .npy (for model.hid_init=pca)")
+    p.add_argument("--embeddings", help="item embeddings .npy (for model.hid_init=pca, model.text_match)")
     p.add_argument("--resume", action="store_true", help="continue the run from its last.pt")
     _add_run_options(p)
     p.set_defaults(func=_cmd_train)
@@ -382,6 +415,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", choices=("full", "sampled"), help="default: the run's")
     p.add_argument("--out", help="write the metrics as JSON here")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser(
+        "blend", help="choose a run's text blend on the validation split (text_blend.json)"
+    )
+    _evaluate_like(p)
+    p.set_defaults(func=_cmd_blend)
 
     p = sub.add_parser("recommend", help="top-K items per user (Parquet or CSV, original ids)")
     _evaluate_like(p)

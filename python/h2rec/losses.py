@@ -122,11 +122,13 @@ class _FullSoftmaxCE(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any, user: Tensor, items: Tensor, targets: Tensor, chunk_rows: int,
-        bias: Tensor | None = None,
+        bias: Tensor | None = None, frozen: int = 0,
     ) -> Tensor:
         """user (V, E), items (N, E), targets (V,) in 0..N-1, bias (N,) or None (a constant
-        added to every row's logits) -> per-row losses (V,)."""
+        added to every row's logits), frozen: how many trailing columns of ``items`` need no
+        gradient (their gradient is returned as zero, uncomputed) -> per-row losses (V,)."""
         v = user.shape[0]
+        ctx.frozen = frozen
         target_logits = (user * items[targets]).sum(-1)  # (V,)
         if bias is not None:
             target_logits = target_logits + bias[targets]
@@ -154,7 +156,10 @@ class _FullSoftmaxCE(torch.autograd.Function):
         user, items, targets, saved = ctx.saved_tensors
         v = user.shape[0]
         grad_user = torch.empty_like(user) if ctx.needs_input_grad[0] else None
-        grad_items = torch.zeros_like(items) if ctx.needs_input_grad[1] else None
+        e_train = items.shape[1] - ctx.frozen  # columns whose gradient is computed
+        grad_items = (
+            items.new_zeros((items.shape[0], e_train)) if ctx.needs_input_grad[1] else None
+        )
         step = max(v, 1) if v <= ctx.chunk_rows else ctx.chunk_rows
         for a in range(0, v, step):
             rows = slice(a, a + step)
@@ -168,8 +173,10 @@ class _FullSoftmaxCE(torch.autograd.Function):
             if grad_user is not None:
                 grad_user[rows] = g @ items
             if grad_items is not None:
-                grad_items.addmm_(g.T, user[rows])
-        return grad_user, grad_items, None, None, None
+                grad_items.addmm_(g.T, user[rows, :e_train])
+        if grad_items is not None and ctx.frozen:
+            grad_items = torch.cat([grad_items, items.new_zeros((items.shape[0], ctx.frozen))], 1)
+        return grad_user, grad_items, None, None, None, None
 
 
 def _logits(user: Tensor, items: Tensor, bias: Tensor | None) -> Tensor:
@@ -180,7 +187,7 @@ def _logits(user: Tensor, items: Tensor, bias: Tensor | None) -> Tensor:
 
 def fused_full_softmax(
     user: Tensor, items: Tensor, targets: Tensor, max_logits: int = 64 * 2**20,
-    bias: Tensor | None = None,
+    bias: Tensor | None = None, frozen: int = 0,
 ) -> Tensor:
     """Mean softmax cross-entropy of ``user @ items.T`` over all items, in bounded memory.
 
@@ -193,12 +200,14 @@ def fused_full_softmax(
         targets: (V,) target rows of ``items``.
         max_logits: most logits held at once (rows are chunked to stay below it).
         bias: (N,) a constant added to every row's logits (logit adjustment), or None.
+        frozen: how many trailing columns of ``items`` are constants (the text-match columns):
+            their gradient is not computed (zero), a third less work on those columns.
     """
     if user.shape[0] == 0:
         return (user.sum() + items.sum()) * 0.0
     chunk_rows = max(1, max_logits // max(items.shape[0], 1))
     b = None if bias is None else bias.float()
-    per_row = _FullSoftmaxCE.apply(user.float(), items.float(), targets, chunk_rows, b)
+    per_row = _FullSoftmaxCE.apply(user.float(), items.float(), targets, chunk_rows, b, frozen)
     return per_row.mean()
 
 
@@ -268,7 +277,9 @@ def recommendation_loss(
         user = states[valid]  # (V, E)
         items = model.all_item_vectors()[1:]  # (N, E), padding left out
         bias = None if logit_bias is None else logit_bias[1:]
-        return fused_full_softmax(user, items, targets[valid] - 1, max_logits, bias)
+        text = getattr(model, "text_match", None)  # its item columns are constants
+        frozen = 0 if text is None else text.dim
+        return fused_full_softmax(user, items, targets[valid] - 1, max_logits, bias, frozen)
     if negatives is None:
         raise ConfigError(f"loss={kind!r} needs sampled negatives, got None")
     if negatives.dim() == 1:  # shared by the whole batch

@@ -411,7 +411,7 @@ def _pipeline_in(
         cfg = with_values(cfg, data__embeddings=str(emb_path.resolve()))
     if needs_sids:
         cfg = with_values(cfg, sid__path=str(sid_dir.resolve()))
-    if embeddings is None and cfg.model.hid_init == "pca":
+    if embeddings is None and (cfg.model.hid_init == "pca" or cfg.model.text_match):
         embeddings = load_embeddings_for(cfg, dataset)
     compare_runs(cfg, dataset, kinds, True, embeddings)
 

@@ -71,7 +71,7 @@ def load_sids_for(cfg: RunConfig, dataset: Any) -> Any:
 
 
 def load_embeddings_for(cfg: RunConfig, dataset: Any) -> np.ndarray | None:
-    """Item embeddings when the model wants them (PCA init of the HID table), checked against
+    """Item embeddings when the model wants them (PCA init of the HID table, text match), checked against
     the dataset's item ids."""
     from h2rec.embed import check_item_fingerprint, read_npy
 
@@ -82,6 +82,11 @@ def load_embeddings_for(cfg: RunConfig, dataset: Any) -> np.ndarray | None:
     if path is None:
         if cfg.model.hid_init == "pca":
             raise ConfigError("model.hid_init='pca' needs item embeddings: give data.embeddings")
+        if cfg.model.text_match:
+            raise ConfigError(
+                "model.text_match needs item embeddings: give data.embeddings (--embeddings) "
+                "or run 'h2rec embed' on the dataset"
+            )
         return None
     emb = read_npy(path)
     if emb.dtype != np.float32 or emb.ndim != 2:

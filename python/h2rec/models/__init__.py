@@ -55,7 +55,8 @@ def build_model(
         n_items: number of real items.
         sids: semantic IDs (``codes`` (n_items, L), ``codebooks`` (L, K, Dt)); required by
             "sid", "fusion" and "h2rec".
-        item_embeddings: (n_items, Dt) text embeddings; required by ``hid_init="pca"``.
+        item_embeddings: (n_items, Dt) text embeddings; required by ``hid_init="pca"`` and
+            ``text_match``.
         cooccur: co-occurrence positives for H2Rec's item-level alignment (None: positives
             are the item itself and items sharing its SID tuple).
         popularity: (n_items + 1,) training popularity of each item (row 0: padding); required
@@ -86,7 +87,7 @@ def build_model(
         model = SASRec(cfg, n_items, item_embeddings)
     elif cfg.kind == "sid":
         assert codes is not None
-        model = SidRec(cfg, codes, codebooks)
+        model = SidRec(cfg, codes, codebooks, item_embeddings)
     elif cfg.kind == "fusion":
         assert codes is not None
         model = FusionRec(cfg, n_items, codes, codebooks, item_embeddings)

@@ -359,34 +359,61 @@ class LevelCrossAttention(nn.Module):
 
 class SingleStream(nn.Module):
     """Base of the one-backbone recommenders (SASRec, SID-only, fusion): a subclass sets
-    ``cfg`` and its item table(s) and defines ``item_vectors``; the input stream is the items'
-    vectors, the user state the backbone's output, and there are no auxiliary losses."""
+    ``cfg`` and its item table(s) and defines ``base_item_vectors`` / ``base_all_item_vectors``;
+    the input stream is the items' vectors, the user state the backbone's output, and there are
+    no auxiliary losses. With ``model.text_match`` (``_build_stream`` gets the embeddings) states
+    and item vectors carry the text-match columns as well (h2rec.models.text_match)."""
 
     cfg: Any
+    text_match: Any  # TextMatch or None
 
-    def _build_stream(self) -> None:
-        """Add the position/dropout input and the backbone ``self.cfg`` asks for."""
+    def _build_stream(self, n_items: int = 0, item_embeddings: Any = None) -> None:
+        """Add the position/dropout input, the backbone and the text match ``self.cfg`` asks
+        for (the latter from ``item_embeddings`` (n_items, Dt))."""
+        from h2rec.models.text_match import TextMatch
+
         cfg = self.cfg
         self.input = SequenceInput(cfg.hidden, cfg.max_len, cfg.dropout, cfg.init_std)
         self.backbone = Backbone(cfg.hidden, cfg.n_layers, cfg.n_heads, cfg.dropout, cfg.ffn_mult)
+        self.text_match = None
+        if cfg.text_match:
+            self.text_match = TextMatch(
+                cfg.hidden, item_embeddings, n_items, cfg.text_match_decay, cfg.text_match_init
+            )
+            self.out_dim = cfg.hidden + self.text_match.dim
 
-    def item_vectors(self, items: Tensor) -> Tensor:  # pragma: no cover - abstract
+    def base_item_vectors(self, items: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def base_all_item_vectors(self) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def item_vectors(self, items: Tensor) -> Tensor:
+        """items (...) -> what scores them (..., E): the table vectors, with the text columns."""
+        v = self.base_item_vectors(items)
+        return v if self.text_match is None else self.text_match.item_columns(v, items)
+
+    def all_item_vectors(self) -> Tensor:
+        """(n_items + 1, E); row 0 (padding) is zero."""
+        v = self.base_all_item_vectors()
+        return v if self.text_match is None else self.text_match.all_item_columns(v)
+
     def forward(self, seq: Tensor) -> Tensor:
-        """seq (B, T) left-padded item ids -> user states (B, T, D), zero at padding."""
+        """seq (B, T) left-padded item ids -> user states (B, T, E), zero at padding."""
         real = seq > 0  # (B, T)
         allowed = attention_mask(real, self.cfg.causal)  # (B, 1, T, T)
-        x = self.input(self.item_vectors(seq), real)  # (B, T, D)
-        return self.backbone(x, real, allowed)
+        x = self.input(self.base_item_vectors(seq), real)  # (B, T, D)
+        states = self.backbone(x, real, allowed)
+        return states if self.text_match is None else self.text_match.user_columns(states, seq)
 
     def user_states(self, seq: Tensor) -> Tensor:
-        """seq (B, T) -> each user's state (B, D): ``forward(seq)[:, -1]``, with the last block
+        """seq (B, T) -> each user's state (B, E): ``forward(seq)[:, -1]``, with the last block
         computing the last position only (what evaluation and serving read)."""
         real = seq > 0
         allowed = attention_mask(real, self.cfg.causal)
-        x = self.input(self.item_vectors(seq), real)
-        return self.backbone(x, real, allowed, last_only=True)
+        x = self.input(self.base_item_vectors(seq), real)
+        states = self.backbone(x, real, allowed, last_only=True)
+        return states if self.text_match is None else self.text_match.user_columns(states, seq)
 
     def aux_losses(
         self,

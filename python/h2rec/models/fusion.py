@@ -34,13 +34,13 @@ class FusionRec(SingleStream):
         self.out_dim = cfg.hidden
         self.hid = HidEmbedding(n_items, cfg.hidden, cfg.init_std, cfg.hid_init, item_embeddings)
         self.sid = SidEmbedding.from_config(cfg, codes, codebooks)
-        self._build_stream()
+        self._build_stream(n_items, item_embeddings)
 
-    def item_vectors(self, items: Tensor) -> Tensor:
+    def base_item_vectors(self, items: Tensor) -> Tensor:
         """items (...) -> (..., D); zero for item 0."""
         return self.hid(items) + self.sid(items)
 
-    def all_item_vectors(self) -> Tensor:
+    def base_all_item_vectors(self) -> Tensor:
         """(n_items + 1, D); row 0 (padding) is zero."""
         items = torch.arange(self.n_items + 1, device=self.sid.codes.device)
         return self.hid.weight + self.sid(items)

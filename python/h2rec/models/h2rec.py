@@ -39,6 +39,7 @@ from h2rec.models.backbone import (
 from h2rec.models.config import ModelConfig
 from h2rec.models.embeddings import HidEmbedding, SidEmbedding
 from h2rec.models.positives import CooccurrencePositives
+from h2rec.models.text_match import TextMatch
 
 
 class LevelGate(nn.Module):
@@ -98,6 +99,14 @@ class H2Rec(nn.Module):
         self.fused_score = cfg.item_score == "fused"
         n_branches = int(self.use_sid_branch) + int(self.use_hid_branch)
         self.out_dim = d if self.fused_score else d * n_branches
+        self.text_match: TextMatch | None = None
+        if cfg.text_match:  # extra columns [.. ; w q] . [.. ; e] (h2rec.models.text_match)
+            self.text_match = TextMatch(
+                self.out_dim, item_embeddings, n_items, cfg.text_match_decay, cfg.text_match_init
+            )
+        self.base_dim = self.out_dim  # the width of the branches' part of states
+        if self.text_match is not None:
+            self.out_dim += self.text_match.dim
         self.hid = HidEmbedding(n_items, d, cfg.init_std, cfg.hid_init, item_embeddings)
         self.sid = SidEmbedding.from_config(cfg, codes, codebooks)
         n_levels = self.sid.n_levels
@@ -202,7 +211,11 @@ class H2Rec(nn.Module):
         """seq (B, T) left-padded item ids -> user states: the sum of the two branches' states
         (B, T, D) with fused scores, else [SID branch ; HID branch] (B, T, 2D)."""
         sid_state, hid_state, _, _ = self._branches(seq)
-        return self._join(sid_state, hid_state)
+        return self._with_text(self._join(sid_state, hid_state), seq)
+
+    def _with_text(self, states: Tensor, seq: Tensor) -> Tensor:
+        """The text-match columns appended to states (B, T, E) or (B, E), when switched on."""
+        return states if self.text_match is None else self.text_match.user_columns(states, seq)
 
     def _join(self, sid_state: Tensor | None, hid_state: Tensor | None) -> Tensor:
         """The user vector from the branches that ran: their sum (fused scores) or
@@ -216,7 +229,7 @@ class H2Rec(nn.Module):
         """seq (B, T) -> each user's state (B, E): ``forward(seq)[:, -1]``, with the backbones'
         last block computing the last position only (what evaluation and serving read)."""
         sid_state, hid_state, _, _ = self._branches(seq, last_only=True)
-        return self._join(sid_state, hid_state)
+        return self._with_text(self._join(sid_state, hid_state), seq)
 
     def level_gate(self, seq: Tensor) -> Tensor:
         """Gate weights over SID levels at every position (B, T, L); position T-1 is the user's."""
@@ -232,6 +245,11 @@ class H2Rec(nn.Module):
         return torch.sigmoid(self.pop_scale * self.log_pop[items] + self.pop_shift)
 
     def item_vectors(self, items: Tensor) -> Tensor:
+        """items (...) -> :meth:`base_item_vectors` with the text-match columns, when on."""
+        v = self.base_item_vectors(items)
+        return v if self.text_match is None else self.text_match.item_columns(v, items)
+
+    def base_item_vectors(self, items: Tensor) -> Tensor:
         """items (...) -> HID + SID (..., D) (``item_score="fused"``: scored by the sum of the
         branch states, which equals [s_sid ; s_hid] . [HID + SID ; HID + SID]) or
         [HID embedding ; fused SID embedding] (..., 2D) (``"paired"``); zero for item 0.
@@ -253,7 +271,9 @@ class H2Rec(nn.Module):
 
     def all_item_vectors(self) -> Tensor:
         """(n_items + 1, E); row 0 (padding) is zero."""
-        return self.item_vectors(torch.arange(self.n_items + 1, device=self.hid.weight.device))
+        items = torch.arange(self.n_items + 1, device=self.hid.weight.device)
+        v = self.base_item_vectors(items)
+        return v if self.text_match is None else self.text_match.all_item_columns(v)
 
     # ----------------------------------------------------------------------------- alignment
     def positives(self, device: torch.device) -> CooccurrencePositives:
@@ -304,6 +324,7 @@ class H2Rec(nn.Module):
             loss}, each present only when switched on (and, for "align_seq", L >= 2).
         """
         cfg = self.cfg
+        states = states[..., : self.base_dim]  # the text-match columns left out
         out: dict[str, Tensor] = {}
         if cfg.align_item and cfg.align_item_weight > 0:
             items = self.batch_items(pos_items, generator)  # (M,)

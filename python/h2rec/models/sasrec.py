@@ -24,12 +24,12 @@ class SASRec(SingleStream):
         self.n_items = n_items
         self.out_dim = cfg.hidden
         self.hid = HidEmbedding(n_items, cfg.hidden, cfg.init_std, cfg.hid_init, item_embeddings)
-        self._build_stream()
+        self._build_stream(n_items, item_embeddings)
 
-    def item_vectors(self, items: Tensor) -> Tensor:
+    def base_item_vectors(self, items: Tensor) -> Tensor:
         """items (...) -> (..., D)."""
         return self.hid(items)
 
-    def all_item_vectors(self) -> Tensor:
+    def base_all_item_vectors(self) -> Tensor:
         """(n_items + 1, D); row 0 (padding) is zero."""
         return self.hid.weight

@@ -19,19 +19,23 @@ class SidRec(SingleStream):
     """
 
     def __init__(
-        self, cfg: ModelConfig, codes: np.ndarray, codebooks: np.ndarray | None = None
+        self,
+        cfg: ModelConfig,
+        codes: np.ndarray,
+        codebooks: np.ndarray | None = None,
+        item_embeddings: np.ndarray | None = None,
     ) -> None:
         super().__init__()
         self.cfg = cfg
         self.n_items = int(np.asarray(codes).shape[0])
         self.out_dim = cfg.hidden
         self.sid = SidEmbedding.from_config(cfg, codes, codebooks)
-        self._build_stream()
+        self._build_stream(self.n_items, item_embeddings)
 
-    def item_vectors(self, items: Tensor) -> Tensor:
+    def base_item_vectors(self, items: Tensor) -> Tensor:
         """items (...) -> (..., D); zero for item 0."""
         return self.sid(items)
 
-    def all_item_vectors(self) -> Tensor:
+    def base_all_item_vectors(self) -> Tensor:
         """(n_items + 1, D); row 0 (padding) is zero."""
         return self.sid(torch.arange(self.n_items + 1, device=self.sid.codes.device))

@@ -43,6 +43,7 @@ _RESUMABLE_CHANGES = {
     "train.device",
     "train.num_threads",
     "train.compile",
+    "train.text_blend",  # chosen after training: the epochs are the same
     "eval.batch_size",
     "eval.max_scores_mb",
     "train.loss_memory_mb",
@@ -296,4 +297,7 @@ def load_checkpoint(
         raise CheckpointError(f"{path}: weights do not fit model {cfg.model}: {err}") from err
     model.to(device or torch.device("cpu"))
     model.eval()
+    from h2rec.blend import apply_saved
+
+    apply_saved(model, path.parent, embeddings)  # the text blend chosen after training, if any
     return model, cfg

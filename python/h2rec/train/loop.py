@@ -173,7 +173,7 @@ def train(
     epochs_run = len(progress.history)  # an early stop leaves the loop one epoch past the last run
 
     # 4. the best checkpoint on the test split
-    test = _test_best(run, best_state, progress, provenance)
+    test = _test_best(run, best_state, progress, provenance, embeddings)
     if out is not None and run.is_main:
         write_report(
             out,
@@ -475,9 +475,11 @@ def _test_best(
     best_state: dict[str, torch.Tensor] | None,
     progress: Progress,
     provenance: Provenance,
+    embeddings: np.ndarray | None = None,
 ) -> EvalResult:
-    """Load the best weights (of this run, or of ``best.pt`` when they predate a resume) and
-    evaluate them on the test split; an untrained run (epochs=0) writes its ``best.pt``."""
+    """Load the best weights (of this run, or of ``best.pt`` when they predate a resume), choose
+    their text blend on the validation split (when the run has one, h2rec.blend) and evaluate
+    them on the test split; an untrained run (epochs=0) writes its ``best.pt``."""
     model, best_path = run.model, run.best_path
     if best_state is not None:
         model.load_state_dict(best_state)
@@ -489,6 +491,13 @@ def _test_best(
         _save_checkpoint(best_path, untrained)  # untrained: epochs=0
     if run.world > 1:
         dist.barrier()
+    from h2rec import blend
+
+    if blend.blend_applies(run.cfg, embeddings):
+        assert embeddings is not None
+        record = blend.choose(model, run.store, run.cfg, embeddings, run.world, run.rank)
+        if run.out is not None and run.is_main:
+            blend.save(run.out, record)
     test = _evaluate_all(model, run.store, "test", run.cfg, run.world, run.rank)
     logger.info("test (best epoch %d): %s", progress.best_epoch, _short(test.metrics))
     return test

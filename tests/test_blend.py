@@ -1,0 +1,205 @@
+"""The text blend: a fixed-weight text-match term added after training, its weight chosen on the
+validation split, saved beside the checkpoints and applied wherever the run is loaded."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from h2rec import blend
+from h2rec.cli import main
+from h2rec.config import RunConfig, apply_overrides
+from h2rec.data import load_dataset
+from h2rec.embed import EmbedOptions, embed_texts, save_embeddings
+from h2rec.errors import CheckpointError, ConfigError
+from h2rec.evaluate import evaluate
+from h2rec.semantic_ids import build_sid, save_sids
+from h2rec.synthetic import SyntheticConfig, builtin_dataset
+from h2rec.train import build_for, load_checkpoint, seed_everything, train
+
+FAST = [
+    "model.hidden=16",
+    "model.max_len=12",
+    "train.batch_size=64",
+    "train.num_threads=1",
+    "train.device=cpu",
+    "train.patience=0",
+    "train.epochs=2",
+    "train.lr=3e-3",
+]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("blend")
+    path = builtin_dataset(root, SyntheticConfig(n_users=200, n_items=120, seed=1))
+    ds = load_dataset(path)
+    emb = embed_texts(ds.item_text, EmbedOptions(dim=24))
+    save_embeddings(emb, path / "embeddings.npy", ds.item_fingerprint)
+    sids = build_sid(emb, n_levels=2, codebook_size=8, n_iter=8, seed=0)
+    sids = dataclasses.replace(sids, item_fingerprint=ds.item_fingerprint)
+    save_sids(sids, path / "sid")
+    return {"path": path, "dataset": ds, "store": ds.store, "sids": sids, "embeddings": emb}
+
+
+def _cfg(*overrides: str) -> RunConfig:
+    return apply_overrides(RunConfig(), [*FAST, *overrides])
+
+
+def _unit(emb: np.ndarray) -> np.ndarray:
+    e = np.asarray(emb, dtype=np.float64)
+    out = np.zeros((e.shape[0] + 1, e.shape[1]))
+    norms = np.linalg.norm(e, axis=1)
+    out[1:][norms > 0] = e[norms > 0] / norms[norms > 0, None]
+    return out
+
+
+def test_attach_adds_the_weighted_profile_similarity_and_detach_removes_it(
+    data: dict[str, Any],
+) -> None:
+    cfg = _cfg("model.kind=h2rec")
+    seed_everything(0)
+    model = build_for(cfg, data["store"], data["sids"], None).eval()
+    keys = set(model.state_dict())
+    seq = torch.tensor([[0, 0, 3, 9, 27], [5, 6, 7, 8, 1]])
+    with torch.no_grad():
+        base = (model(seq) @ model.all_item_vectors().T).numpy()
+        blend.attach(model, data["embeddings"], 2.5)
+        got = (model(seq) @ model.all_item_vectors().T).numpy()
+        last = (model.user_states(seq) @ model.all_item_vectors().T).numpy()
+    unit = _unit(data["embeddings"])
+    want = base.astype(np.float64).copy()
+    for b in range(2):
+        for t in range(5):
+            q = sum(np.exp(-blend.BLEND_DECAY * (t - s)) * unit[int(seq[b, s])] for s in range(t + 1))
+            want[b, t] += 2.5 * (unit @ q)
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(last, got[:, -1], atol=1e-4, rtol=1e-4)
+    assert set(model.state_dict()) == keys  # the checkpoint format is unchanged
+    assert not any("text" in n for n, _ in model.named_parameters())  # nothing trains
+    blend.detach(model)
+    with torch.no_grad():
+        np.testing.assert_array_equal((model(seq) @ model.all_item_vectors().T).numpy(), base)
+
+
+def test_the_chosen_weight_is_the_best_on_validation_and_the_test_split_is_not_read(
+    data: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = _cfg("model.kind=fusion")
+    seed_everything(0)
+    model = build_for(cfg, data["store"], data["sids"], None).eval()
+    import h2rec.train.distributed as dist_mod
+
+    splits: list[str] = []
+    real = dist_mod.evaluate
+
+    def spy(m: Any, store: Any, split: str, *a: Any, **k: Any) -> Any:
+        splits.append(split)
+        return real(m, store, split, *a, **k)
+
+    monkeypatch.setattr(dist_mod, "evaluate", spy)
+    record = blend.choose(model, data["store"], cfg, data["embeddings"])
+    assert set(splits) == {"valid"} and len(splits) == len(blend.BLEND_GRID)
+    # oracle: each weight evaluated on its own
+    table = {}
+    for w in blend.BLEND_GRID:
+        blend.detach(model)
+        if w:
+            blend.attach(model, data["embeddings"], w)
+        table[f"{w:g}"] = evaluate(model, data["store"], "valid", cfg.eval, cfg.model.max_len).ndcg10
+    assert record["valid_ndcg10"] == pytest.approx(table)
+    best = max(table.values())
+    assert record["weight"] == min(float(w) for w, v in table.items() if v == best)
+    assert record["embeddings_sha256"] == blend.embeddings_digest(data["embeddings"])
+
+
+def test_training_chooses_saves_and_reloads_the_blend(data: dict[str, Any], tmp_path: Path) -> None:
+    cfg = _cfg("model.kind=h2rec")
+    run = tmp_path / "h2"
+    result = train(cfg, data["store"], data["sids"], data["embeddings"], run_dir=run)
+    record = json.loads((run / blend.BLEND_FILE).read_text())
+    w = record["weight"]
+    assert record["valid_ndcg10"][f"{w:g}"] == max(record["valid_ndcg10"].values())
+    # the test metrics the run reports are the blended model's, and so are a reload's
+    model, _ = load_checkpoint(run / "best.pt", data["store"], data["sids"], data["embeddings"])
+    assert (model.text_match is not None) == (w > 0)
+    again = evaluate(model, data["store"], "test", cfg.eval, cfg.model.max_len)
+    assert again.ndcg10 == pytest.approx(result.test.ndcg10, abs=1e-12)
+    assert json.loads((run / "metrics.json").read_text())  # the report is written
+    # a blend needs the embeddings it was chosen with
+    if w > 0:
+        with pytest.raises(ConfigError, match="needs the item embeddings"):
+            load_checkpoint(run / "best.pt", data["store"], data["sids"], None)
+        with pytest.raises(CheckpointError, match="embeddings_sha256 differs"):
+            load_checkpoint(run / "best.pt", data["store"], data["sids"], data["embeddings"] * 2)
+    (run / blend.BLEND_FILE).write_text('{"format": "h2rec-text-blend", "version": 1}')
+    with pytest.raises(CheckpointError, match="not a readable text blend"):
+        load_checkpoint(run / "best.pt", data["store"], data["sids"], data["embeddings"])
+
+
+@pytest.mark.parametrize("kind,sets", [("sasrec", []), ("h2rec", ["train.text_blend=off"]),
+                                       ("fusion", ["model.text_match=true"])])
+def test_no_blend_for_sasrec_when_off_or_with_a_trained_text_match(
+    kind: str, sets: list[str], data: dict[str, Any], tmp_path: Path
+) -> None:
+    cfg = _cfg(f"model.kind={kind}", "train.epochs=1", *sets)
+    train(cfg, data["store"], data["sids"], data["embeddings"], run_dir=tmp_path / "r")
+    assert not (tmp_path / "r" / blend.BLEND_FILE).exists()
+
+
+def test_blend_command_chooses_for_a_finished_run(
+    data: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "runs" / "fu"
+    args = ["train", str(data["path"]), "--name", "fu", "--output-dir", str(tmp_path / "runs"),
+            "--set", "model.kind=fusion", "--set", "train.text_blend=off"]
+    for s in FAST:
+        args += ["--set", s]
+    assert main(args) == 0
+    assert not (run / blend.BLEND_FILE).exists()
+    assert main(["blend", str(run)]) == 0
+    out = capsys.readouterr().out
+    record = json.loads((run / blend.BLEND_FILE).read_text())
+    assert f"chose {record['weight']:g}" in out
+    assert main(["blend", str(run)]) == 2  # exists: --overwrite to choose again
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["blend", str(run), "--overwrite"]) == 0
+    assert json.loads((run / blend.BLEND_FILE).read_text()) == record  # deterministic
+    sas = tmp_path / "runs" / "sas"
+    args = ["train", str(data["path"]), "--name", "sas", "--output-dir", str(tmp_path / "runs"),
+            "--set", "model.kind=sasrec"]
+    for s in FAST:
+        args += ["--set", s]
+    assert main(args) == 0
+    assert main(["blend", str(sas)]) == 2
+    assert "gets no text blend" in capsys.readouterr().err
+
+
+def test_a_blended_run_serves_and_exports_with_its_blend(data: dict[str, Any], tmp_path: Path) -> None:
+    from h2rec.serving import Recommender
+
+    cfg = _cfg("model.kind=fusion", "train.epochs=1", "train.text_blend=off",
+               f"data.path={data['path']}", f"sid.path={data['path'] / 'sid'}")
+    run = tmp_path / "fu"
+    train(cfg, data["store"], data["sids"], data["embeddings"], run_dir=run)
+    plain = Recommender.load(run)
+    blend.save(run, {"format": blend.BLEND_FORMAT, "version": blend.BLEND_VERSION, "weight": 3.0,
+                     "decay": blend.BLEND_DECAY,
+                     "embeddings_sha256": blend.embeddings_digest(data["embeddings"])})
+    rec = Recommender.load(run)
+    assert rec.model.text_match is not None and plain.model.text_match is None
+    items = rec.item_vectors()["items"]
+    assert items.shape[1] == plain.item_vectors()["items"].shape[1] + data["embeddings"].shape[1]
+    out = rec.export(tmp_path / "export")  # checks the exported encoder's scores against the model
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["dim"] == items.shape[1]
+    # the blend moves the ranking
+    a = rec.evaluate("test").ndcg10
+    b = plain.evaluate("test").ndcg10
+    assert a != b
