@@ -126,6 +126,18 @@ def settings_for(sets: list[str]) -> dict[str, object]:
     return settings_of(config_to_dict(apply_overrides(RunConfig(), sets)))
 
 
+def _as_today(settings: dict[str, object]) -> dict[str, object]:
+    """Recorded settings read as this h2rec reads a saved run: a setting added since takes the
+    value that gives the behaviour the run had (a text match, say, was off)."""
+    if "unreadable" in settings:
+        return settings
+    nested: dict[str, dict[str, object]] = {}
+    for key, value in settings.items():
+        section, _, name = key.partition(".")
+        nested.setdefault(section, {})[name] = value
+    return settings_of(nested)
+
+
 def needs_blend(sets: list[str]) -> bool:
     """Whether today's run of ``sets`` scores with a text blend chosen on validation (every
     dataset here has item embeddings)."""
@@ -141,7 +153,7 @@ def is_current(result: dict) -> bool:
     from h2rec.errors import ConfigError
 
     try:
-        if "settings" not in result or result["settings"] != settings_for(result["set"]):
+        if "settings" not in result or _as_today(result["settings"]) != settings_for(result["set"]):
             return False
         return bool(result.get("text_blend")) == needs_blend(result["set"])
     except ConfigError:  # its sets name a setting this h2rec no longer has
@@ -164,8 +176,11 @@ def run_one(name: str, model: str, seed: int, args: argparse.Namespace, threads:
     tag = f"{model}-s{seed}"
     run_dir = runs / tag
     saved = run_dir / "config.json"
+    blend_file = run_dir / "text_blend.json"
     if run_dir.exists() and (
-        not saved.exists() or settings_of(json.loads(saved.read_text())) != want
+        not saved.exists()
+        or settings_of(json.loads(saved.read_text())) != want
+        or (blend_file.exists() and not needs_blend(sets))  # blended, asked for without
     ):
         k = 1
         while (runs / f"{tag}.stale-{k}").exists():
@@ -180,14 +195,13 @@ def run_one(name: str, model: str, seed: int, args: argparse.Namespace, threads:
         for s in sets:
             cmd += ["--set", s]
         _h2rec(*cmd)
-    blend_file = run_dir / "text_blend.json"
     if needs_blend(sets) and not blend_file.exists():  # a run trained before the blend existed
         _h2rec("blend", str(run_dir), "--set", f"train.num_threads={threads}", quiet=True)
     res: dict[str, object] = {"dataset": name, "model": model, "seed": seed, "set": sets,
                               "settings": settings_of(json.loads(saved.read_text()))}
     if needs_blend(sets):
         blend = json.loads(blend_file.read_text())
-        res["text_blend"] = {k: blend[k] for k in ("weight", "decay", "valid_ndcg10")}
+        res["text_blend"] = {k: blend.get(k) for k in ("weight", "decay", "valid_ndcg10")}
     for protocol in ("full", "sampled"):
         tmp = out.parent / f".{tag}.{protocol}.tmp.json"
         tmp.parent.mkdir(parents=True, exist_ok=True)

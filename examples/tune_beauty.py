@@ -24,7 +24,9 @@ import sys
 import time
 from pathlib import Path
 
-COMMON = ["train.num_threads=1", "train.patience=5", "train.epochs=40"]
+# the text blend (train.text_blend) is chosen on the validation split itself: left out here, so
+# that every variant is judged on the trained model alone
+COMMON = ["train.num_threads=1", "train.patience=5", "train.epochs=40", "train.text_blend=off"]
 # the runs before train.lr_decay_patience=2 became the default had a constant learning rate
 CONST = ["train.lr_decay_patience=0"]
 

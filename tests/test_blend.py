@@ -22,6 +22,7 @@ from h2rec.evaluate import evaluate
 from h2rec.semantic_ids import build_sid, save_sids
 from h2rec.synthetic import SyntheticConfig, builtin_dataset
 from h2rec.train import build_for, load_checkpoint, seed_everything, train
+from h2rec.train.checkpoint import checkpoint_blend, set_checkpoint_blend
 
 FAST = [
     "model.hidden=16",
@@ -104,7 +105,8 @@ def test_the_chosen_weight_is_the_best_on_validation_and_the_test_split_is_not_r
         return real(m, store, split, *a, **k)
 
     monkeypatch.setattr(dist_mod, "evaluate", spy)
-    record = blend.choose(model, data["store"], cfg, data["embeddings"])
+    record = blend.choose(model, data["embeddings"], lambda m: dist_mod._evaluate_all(
+        m, data["store"], "valid", cfg, 1, 0))
     assert set(splits) == {"valid"} and len(splits) == len(blend.BLEND_GRID)
     # oracle: each weight evaluated on its own
     table = {}
@@ -123,24 +125,54 @@ def test_training_chooses_saves_and_reloads_the_blend(data: dict[str, Any], tmp_
     cfg = _cfg("model.kind=h2rec")
     run = tmp_path / "h2"
     result = train(cfg, data["store"], data["sids"], data["embeddings"], run_dir=run)
-    record = json.loads((run / blend.BLEND_FILE).read_text())
+    record = checkpoint_blend(run / "best.pt")  # the checkpoint holds the blend it scores with
+    assert record == json.loads((run / blend.BLEND_FILE).read_text())  # and a readable copy
     w = record["weight"]
     assert record["valid_ndcg10"][f"{w:g}"] == max(record["valid_ndcg10"].values())
+    assert json.loads((run / "metrics.json").read_text())["text_blend_weight"] == w
     # the test metrics the run reports are the blended model's, and so are a reload's
     model, _ = load_checkpoint(run / "best.pt", data["store"], data["sids"], data["embeddings"])
     assert (model.text_match is not None) == (w > 0)
     again = evaluate(model, data["store"], "test", cfg.eval, cfg.model.max_len)
     assert again.ndcg10 == pytest.approx(result.test.ndcg10, abs=1e-12)
-    assert json.loads((run / "metrics.json").read_text())  # the report is written
+    # last.pt has other weights: no blend; a copy of best.pt elsewhere keeps it
+    last, _ = load_checkpoint(run / "last.pt", data["store"], data["sids"], data["embeddings"])
+    assert last.text_match is None
+    copy = tmp_path / "copy.pt"
+    copy.write_bytes((run / "best.pt").read_bytes())
+    forced = {**record, "weight": 2.0}
+    set_checkpoint_blend(copy, forced)
+    moved, _ = load_checkpoint(copy, data["store"], data["sids"], data["embeddings"])
+    assert moved.text_match is not None and moved.text_match.fixed == 2.0
     # a blend needs the embeddings it was chosen with
-    if w > 0:
-        with pytest.raises(ConfigError, match="needs the item embeddings"):
-            load_checkpoint(run / "best.pt", data["store"], data["sids"], None)
-        with pytest.raises(CheckpointError, match="embeddings_sha256 differs"):
-            load_checkpoint(run / "best.pt", data["store"], data["sids"], data["embeddings"] * 2)
-    (run / blend.BLEND_FILE).write_text('{"format": "h2rec-text-blend", "version": 1}')
+    with pytest.raises(ConfigError, match="needs the item embeddings"):
+        load_checkpoint(copy, data["store"], data["sids"], None)
+    with pytest.raises(CheckpointError, match="embeddings_sha256 differs"):
+        load_checkpoint(copy, data["store"], data["sids"], data["embeddings"] * 2)
+    set_checkpoint_blend(copy, {"format": "h2rec-text-blend", "version": 1})
     with pytest.raises(CheckpointError, match="not a readable text blend"):
-        load_checkpoint(run / "best.pt", data["store"], data["sids"], data["embeddings"])
+        load_checkpoint(copy, data["store"], data["sids"], data["embeddings"])
+    # a fresh run over the folder leaves no old blend behind; a resume with the blend off
+    # strips it from best.pt
+    train(_cfg("model.kind=h2rec", "train.epochs=3", "train.text_blend=off"), data["store"],
+          data["sids"], data["embeddings"], run_dir=run, resume=True)
+    assert checkpoint_blend(run / "best.pt") is None and not (run / blend.BLEND_FILE).exists()
+    set_checkpoint_blend(run / "best.pt", forced)
+    blend.write_copy(run, forced)
+    train(_cfg("model.kind=h2rec", "train.text_blend=off"), data["store"], data["sids"],
+          data["embeddings"], run_dir=run, overwrite=True)
+    assert checkpoint_blend(run / "best.pt") is None and not (run / blend.BLEND_FILE).exists()
+
+
+def test_a_sasrec_checkpoint_with_a_blend_is_refused(data: dict[str, Any], tmp_path: Path) -> None:
+    run = tmp_path / "sas"
+    train(_cfg("model.kind=sasrec", "train.epochs=1"), data["store"], None, data["embeddings"],
+          run_dir=run)
+    record = {"format": blend.BLEND_FORMAT, "version": blend.BLEND_VERSION, "weight": 1.0,
+              "decay": 0.5, "embeddings_sha256": blend.embeddings_digest(data["embeddings"])}
+    set_checkpoint_blend(run / "best.pt", record)
+    with pytest.raises(CheckpointError, match="sasrec model never gets"):
+        load_checkpoint(run / "best.pt", data["store"], None, data["embeddings"])
 
 
 @pytest.mark.parametrize("kind,sets", [("sasrec", []), ("h2rec", ["train.text_blend=off"]),
@@ -167,10 +199,16 @@ def test_blend_command_chooses_for_a_finished_run(
     out = capsys.readouterr().out
     record = json.loads((run / blend.BLEND_FILE).read_text())
     assert f"chose {record['weight']:g}" in out
-    assert main(["blend", str(run)]) == 2  # exists: --overwrite to choose again
+    assert checkpoint_blend(run / "best.pt") == record
+    assert main(["blend", str(run)]) == 2  # chosen: --overwrite to choose again
     assert "--overwrite" in capsys.readouterr().err
+    # a blend the run can no longer load (other embeddings) is chosen again with --overwrite
+    set_checkpoint_blend(run / "best.pt", {**record, "weight": 1.0, "embeddings_sha256": "0" * 64})
+    assert main(["evaluate", str(run)]) == 2
+    assert "embeddings_sha256 differs" in capsys.readouterr().err
     assert main(["blend", str(run), "--overwrite"]) == 0
-    assert json.loads((run / blend.BLEND_FILE).read_text()) == record  # deterministic
+    assert checkpoint_blend(run / "best.pt") == record  # deterministic
+    assert json.loads((run / blend.BLEND_FILE).read_text()) == record
     sas = tmp_path / "runs" / "sas"
     args = ["train", str(data["path"]), "--name", "sas", "--output-dir", str(tmp_path / "runs"),
             "--set", "model.kind=sasrec"]
@@ -189,9 +227,9 @@ def test_a_blended_run_serves_and_exports_with_its_blend(data: dict[str, Any], t
     run = tmp_path / "fu"
     train(cfg, data["store"], data["sids"], data["embeddings"], run_dir=run)
     plain = Recommender.load(run)
-    blend.save(run, {"format": blend.BLEND_FORMAT, "version": blend.BLEND_VERSION, "weight": 3.0,
-                     "decay": blend.BLEND_DECAY,
-                     "embeddings_sha256": blend.embeddings_digest(data["embeddings"])})
+    set_checkpoint_blend(run / "best.pt", {
+        "format": blend.BLEND_FORMAT, "version": blend.BLEND_VERSION, "weight": 3.0,
+        "decay": blend.BLEND_DECAY, "embeddings_sha256": blend.embeddings_digest(data["embeddings"])})
     rec = Recommender.load(run)
     assert rec.model.text_match is not None and plain.model.text_match is None
     items = rec.item_vectors()["items"]

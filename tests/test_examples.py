@@ -33,6 +33,17 @@ def test_a_result_is_current_only_with_todays_settings() -> None:
     del old["train"]["lr_decay_patience"]
     assert rt.settings_of(old)["train.lr_decay_patience"] == 0
     assert not rt.is_current({"set": sets, "settings": rt.settings_of(old)})
+    # a setting added since (model.text_match) reads as the behaviour the run had: off
+    before = {k: v for k, v in result["settings"].items() if k != "model.text_match"}
+    assert rt.is_current({"set": sets, "settings": before})
+    assert not rt.is_current({"set": sets, "settings": {**before, "model.text_match": True}})
+    # the text blend is chosen after training: an H2Rec result is current once it records one
+    h2_sets = [sets[0], "model.kind=h2rec", *sets[2:]]
+    h2 = rt.settings_for(h2_sets)
+    assert rt.needs_blend(h2_sets) and not rt.needs_blend(sets)
+    assert not rt.is_current({"set": h2_sets, "settings": h2})
+    assert rt.is_current({"set": h2_sets, "settings": h2, "text_blend": {"weight": 1.0}})
+    assert not rt.needs_blend([*h2_sets, "train.text_blend=off"])
     # any other setting that differs, and a result that does not say, are not current either
     other = json.loads(json.dumps(saved))
     other["model"]["dropout"] = 0.25

@@ -36,7 +36,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("models", ("h2rec.models",)),
     (
         "training and evaluation",  # the run configuration, reports, evaluation, training
-        ("h2rec.config", "h2rec.report", "h2rec.evaluate", "h2rec.train"),
+        ("h2rec.config", "h2rec.report", "h2rec.evaluate", "h2rec.blend", "h2rec.train"),
     ),
     (
         "pipeline and serving",  # the end-to-end run, a trained recommender, a run's inputs

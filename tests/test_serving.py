@@ -239,8 +239,10 @@ def test_export_reloads_and_reproduces_the_scores(rec: Any, tmp_path: Path) -> N
     assert ids == rec.dataset.item_ids and items.shape[0] == len(ids)
     if rec.kind == "h2rec":  # hid + sid, scored by the branch states' sum (item_score=fused)
         assert rec.model.cfg.item_score == "fused"
-        np.testing.assert_allclose(items, np.load(out / "hid.npy") + np.load(out / "sid.npy"),
+        d = np.load(out / "hid.npy").shape[1]  # then the text blend's columns, when it has one
+        np.testing.assert_allclose(items[:, :d], np.load(out / "hid.npy") + np.load(out / "sid.npy"),
                                    rtol=1e-6, atol=1e-7)
+        assert items.shape[1] == rec.model.out_dim
     encoder = torch.export.load(out / "encoder.pt2").module()
     # other batch sizes and lengths than the trace's
     store = rec.dataset.store

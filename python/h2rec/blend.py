@@ -9,8 +9,9 @@ The test split is never read. Trained jointly instead (``model.text_match``), th
 leans on the text for popular items and the tail gets worse; added to a model trained without
 it, it lifts the tail (Beauty validation, H2Rec: tail NDCG@10 0.0413 -> 0.0462 at beta = 2).
 
-The choice is saved beside the checkpoints as ``text_blend.json``; ``load_checkpoint`` attaches
-it, so evaluation, ``recommend``, the exports and serving score with it.
+The choice is saved in ``best.pt`` itself (a readable copy: ``text_blend.json`` beside it);
+``load_checkpoint`` attaches it, so evaluation, ``recommend``, the exports and serving score with
+it, wherever the checkpoint is copied to.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -81,21 +83,22 @@ def detach(model: Any) -> None:
 
 
 def choose(
-    model: Any, store: Any, cfg: Any, embeddings: np.ndarray, world: int = 1, rank: int = 0
+    model: Any, embeddings: np.ndarray, evaluate_valid: Callable[[Any], Any]
 ) -> dict[str, Any]:
-    """Evaluate the validation split at every weight of BLEND_GRID; attach the best (by NDCG@10,
-    the smaller weight on a tie) and return the record to save."""
-    from h2rec.train.distributed import _evaluate_all
-
+    """Evaluate the validation split at every weight of BLEND_GRID (``evaluate_valid(model)``:
+    an ``EvalResult`` of the validation split, gathered over every process under DDP); attach
+    the best (by NDCG@10, the smaller weight on a tie) and return the record to save."""
     table: dict[str, float] = {}
     groups: dict[str, dict[str, float]] = {}
     best_w, best_v = 0.0, -1.0
     for w in BLEND_GRID:
         if w == 0.0:
             detach(model)
-        else:
+        elif getattr(model, "_blend_base_dim", None) is None:
             attach(model, embeddings, w)
-        result = _evaluate_all(model, store, "valid", cfg, world, rank)
+        else:  # the text rows are already there: change the weight only
+            model.text_match.fixed = float(w)
+        result = evaluate_valid(model)
         ndcg = float(result.metrics["NDCG@10"])
         table[f"{w:g}"] = ndcg
         groups[f"{w:g}"] = {
@@ -122,49 +125,63 @@ def choose(
     }
 
 
-def save(run_dir: Path, record: dict[str, Any]) -> Path:
-    """Write ``text_blend.json`` atomically."""
-    from h2rec.report import write_text_atomic
-
-    path = Path(run_dir) / BLEND_FILE
-    write_text_atomic(path, json.dumps(record, indent=1) + "\n")
-    return path
-
-
-def read(run_dir: Path) -> dict[str, Any] | None:
-    """The blend saved in ``run_dir``, checked; None when there is none."""
-    path = Path(run_dir) / BLEND_FILE
-    if not path.exists():
-        return None
+def check_record(record: Any, where: str) -> dict[str, Any]:
+    """A blend record, checked: format, version, weight >= 0, decay >= 0, the embeddings' hash."""
     try:
-        record = json.loads(path.read_text())
         ok = record.get("format") == BLEND_FORMAT and record.get("version") == BLEND_VERSION
         weight, decay = float(record["weight"]), float(record["decay"])
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-        raise CheckpointError(f"{path}: not a readable text blend: {err}") from err
-    if not ok or not (weight >= 0 and decay >= 0 and np.isfinite(weight) and np.isfinite(decay)):
+        digest = record["embeddings_sha256"]
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"{where}: not a readable text blend: {err!r}") from err
+    if not ok or not (np.isfinite(weight) and np.isfinite(decay) and weight >= 0 and decay >= 0):
         raise CheckpointError(
-            f"{path}: not an h2rec text blend (format {record.get('format')!r}, version "
-            f"{record.get('version')!r}, weight {record.get('weight')!r})"
+            f"{where}: not an h2rec text blend (format {record.get('format')!r}, version "
+            f"{record.get('version')!r}, weight {record.get('weight')!r}, decay "
+            f"{record.get('decay')!r})"
         )
+    if not isinstance(digest, str):
+        raise CheckpointError(f"{where}: text blend without the sha256 of its embeddings")
     return record
 
 
-def apply_saved(model: Any, run_dir: Path, embeddings: np.ndarray | None) -> float:
-    """Attach the blend saved in ``run_dir`` (if any) to ``model``; its weight (0: none)."""
-    record = read(run_dir)
-    if record is None or float(record["weight"]) == 0.0:
+def apply_record(
+    model: Any, record: dict[str, Any] | None, embeddings: np.ndarray | None, where: str
+) -> float:
+    """Attach the blend ``record`` (from a checkpoint; None: none) to ``model``; its weight."""
+    if record is None:
         return 0.0
-    path = Path(run_dir) / BLEND_FILE
+    record = check_record(record, where)
+    weight = float(record["weight"])
+    if weight == 0.0:
+        return 0.0
+    cfg = model.cfg
+    if cfg.kind not in TEXT_KINDS or getattr(model, "text_match", None) is not None:
+        raise CheckpointError(
+            f"{where}: holds a text blend, which a {cfg.kind} model"
+            f"{' with model.text_match' if cfg.text_match else ''} never gets"
+        )
     if embeddings is None:
         raise ConfigError(
-            f"{path}: the run scores with a text blend, which needs the item embeddings it was "
-            "chosen with: give data.embeddings (--embeddings)"
+            f"{where}: the run scores with a text blend, which needs the item embeddings it was "
+            "chosen with: give data.embeddings (--embeddings) or keep the dataset's "
+            "embeddings.npy"
         )
-    if embeddings_digest(embeddings) != record.get("embeddings_sha256"):
+    if embeddings_digest(embeddings) != record["embeddings_sha256"]:
         raise CheckpointError(
-            f"{path}: chosen with other item embeddings than the ones given "
-            "(embeddings_sha256 differs); run 'h2rec blend' again"
+            f"{where}: its text blend was chosen with other item embeddings than the ones given "
+            "(embeddings_sha256 differs); choose it again: h2rec blend RUN --overwrite"
         )
-    attach(model, embeddings, float(record["weight"]), float(record["decay"]))
-    return float(record["weight"])
+    attach(model, embeddings, weight, float(record["decay"]))
+    return weight
+
+
+def write_copy(run_dir: Path, record: dict[str, Any] | None) -> None:
+    """``text_blend.json`` beside the checkpoints: a readable copy of the blend of ``best.pt``
+    (the checkpoint holds the blend it scores with); removed when there is none."""
+    from h2rec.report import write_text_atomic
+
+    path = Path(run_dir) / BLEND_FILE
+    if record is None:
+        path.unlink(missing_ok=True)
+    else:
+        write_text_atomic(path, json.dumps(record, indent=1) + "\n")

@@ -158,15 +158,17 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _cmd_blend(args: argparse.Namespace) -> int:
     from h2rec import blend
+    from h2rec.evaluate import evaluate
     from h2rec.models.config import TEXT_KINDS
     from h2rec.runs import check_serving_overrides, checkpoint_path, load_embeddings_for
+    from h2rec.serving import Recommender
+    from h2rec.train.checkpoint import checkpoint_blend, set_checkpoint_blend
 
     check_serving_overrides(args.overrides)
-    run_dir = checkpoint_path(args.run).parent
-    target = run_dir / blend.BLEND_FILE
-    if target.exists() and not args.overwrite:
-        raise OutputError(f"{target}: exists; add --overwrite to choose the text blend again")
-    rec = _load(args)
+    ckpt = checkpoint_path(args.run)
+    if checkpoint_blend(ckpt) is not None and not args.overwrite:
+        raise OutputError(f"{ckpt}: holds a text blend; add --overwrite to choose it again")
+    rec = Recommender.load(args.run, None, args.sids, args.overrides, apply_blend=False)
     cfg = rec.config
     if cfg.model.kind not in TEXT_KINDS or cfg.model.text_match:
         raise ConfigError(
@@ -180,12 +182,16 @@ def _cmd_blend(args: argparse.Namespace) -> int:
             f"{args.run}: the text blend needs item embeddings: the run names none and its "
             "dataset folder has no embeddings.npy (run 'h2rec embed' on it)"
         )
-    blend.detach(rec.model)  # a blend chosen before is chosen again from the trained weights
-    record = blend.choose(rec.model, rec.dataset.store, cfg, embeddings)
-    blend.save(run_dir, record)
+    record = blend.choose(
+        rec.model, embeddings, lambda m: evaluate(m, rec.dataset.store, "valid", cfg.eval,
+                                                  cfg.model.max_len)
+    )
+    set_checkpoint_blend(ckpt, record)
+    if ckpt.name == "best.pt":
+        blend.write_copy(ckpt.parent, record)
     for w, v in record["valid_ndcg10"].items():
         print(f"weight {w}: validation NDCG@10 {v:.4f}")
-    print(f"chose {record['weight']:g}; wrote {target}")
+    print(f"chose {record['weight']:g}; wrote it into {ckpt}")
     return 0
 
 
@@ -417,9 +423,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser(
-        "blend", help="choose a run's text blend on the validation split (text_blend.json)"
+        "blend", help="choose a run's text blend on its validation split, into its checkpoint"
     )
-    _evaluate_like(p)
+    p.add_argument("run", help="run directory (uses best.pt) or checkpoint file")
+    p.add_argument("--sids", help="SID directory (default: the one the run was trained on)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
+    p.add_argument("--overwrite", action="store_true", help="choose again over a chosen blend")
+    p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=_cmd_blend)
 
     p = sub.add_parser("recommend", help="top-K items per user (Parquet or CSV, original ids)")

@@ -227,7 +227,12 @@ def compare_runs(
     from h2rec.config import save_config
     from h2rec.evaluate import bucket_labels, evaluate
     from h2rec.report import write_report
+    from h2rec.blend import blend_applies
+    from h2rec.blend import choose as choose_blend
+    from h2rec.blend import detach as detach_blend
+    from h2rec.blend import write_copy as write_blend_copy
     from h2rec.train import load_checkpoint
+    from h2rec.train.checkpoint import checkpoint_blend, set_checkpoint_blend
 
     base = cfg.run_dir
     results: dict[str, Any] = {}
@@ -250,6 +255,15 @@ def compare_runs(
                     f"{run_dir}: holds a finished {kind} run with other model settings "
                     f"({', '.join(diff[:4])}); add --overwrite to train it again"
                 )
+            if not blend_applies(kcfg, embeddings):
+                detach_blend(model)  # asked for without it (train.text_blend=off)
+            elif checkpoint_blend(run_dir / "best.pt") is None:
+                # finished before the text blend existed: choose it now, as h2rec blend does
+                assert embeddings is not None
+                record = choose_blend(model, embeddings, lambda m: evaluate(
+                    m, dataset.store, "valid", kcfg.eval, kcfg.model.max_len))
+                set_checkpoint_blend(run_dir / "best.pt", record)
+                write_blend_copy(run_dir, record)
             test = evaluate(model, dataset.store, "test", kcfg.eval, kcfg.model.max_len)
         else:
             test = train_run(kcfg, dataset, sids, embeddings, run_dir, False, overwrite).test
@@ -411,7 +425,9 @@ def _pipeline_in(
         cfg = with_values(cfg, data__embeddings=str(emb_path.resolve()))
     if needs_sids:
         cfg = with_values(cfg, sid__path=str(sid_dir.resolve()))
-    if embeddings is None and (cfg.model.hid_init == "pca" or cfg.model.text_match):
+    if embeddings is None and (
+        cfg.model.hid_init == "pca" or cfg.model.text_match or cfg.train.text_blend == "auto"
+    ):
         embeddings = load_embeddings_for(cfg, dataset)
     compare_runs(cfg, dataset, kinds, True, embeddings)
 

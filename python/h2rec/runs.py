@@ -130,6 +130,7 @@ def load_run(
     data: str | Path | None = None,
     sids: str | Path | None = None,
     overrides: Sequence[str] = (),
+    apply_blend: bool = True,
 ) -> tuple[Any, RunConfig, Any]:
     """(model in eval mode, config, dataset) of a run folder or checkpoint file; ``data`` and
     ``sids`` replace the dataset and SID folders the run was trained on, ``overrides`` may set
@@ -160,7 +161,8 @@ def load_run(
     sid_codes = load_sids_for(cfg, dataset)
     embeddings = load_embeddings_for(cfg, dataset)
     model, _ = load_checkpoint(
-        ckpt_path, dataset.store, sid_codes, embeddings, device_for(cfg), dataset.item_fingerprint
+        ckpt_path, dataset.store, sid_codes, embeddings, device_for(cfg), dataset.item_fingerprint,
+        apply_blend,
     )
     return model, cfg, dataset
 

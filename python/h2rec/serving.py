@@ -318,11 +318,13 @@ class Recommender:
         data: str | Path | None = None,
         sids: str | Path | None = None,
         overrides: Sequence[str] = (),
+        apply_blend: bool = True,
     ) -> Recommender:
         """The recommender of a run folder (its ``best.pt``) or a checkpoint file; ``data`` and
         ``sids`` replace the folders it was trained on; ``overrides``: ``eval.*``,
-        ``train.device``, ``train.num_threads``."""
-        model, cfg, dataset = load_run(run, data, sids, overrides)
+        ``train.device``, ``train.num_threads``; ``apply_blend=False`` leaves out the
+        checkpoint's text blend (h2rec.blend)."""
+        model, cfg, dataset = load_run(run, data, sids, overrides, apply_blend)
         if cfg.train.num_threads:
             torch.set_num_threads(cfg.train.num_threads)
         return cls(model, cfg, dataset)

@@ -14,7 +14,7 @@ HID_INITS = ("random", "pca")
 ALIGN_SEQ_TARGETS = ("sid", "branch", "hid")
 BRANCHES = ("both", "sid", "hid")
 ITEM_SCORES = ("paired", "fused")
-TEXT_KINDS = ("sid", "fusion", "h2rec")  # the models that read item text (text_match="auto")
+TEXT_KINDS = ("sid", "fusion", "h2rec")  # the models that read item text (the text blend)
 
 
 @dataclass(frozen=True)

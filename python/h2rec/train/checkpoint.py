@@ -276,9 +276,11 @@ def load_checkpoint(
     embeddings: np.ndarray | None = None,
     device: torch.device | None = None,
     item_fingerprint: str | None = None,
+    apply_blend: bool = True,
 ) -> tuple[Recommender, RunConfig]:
     """The model of a checkpoint (eval mode) and its config, after checking dataset and codes
-    (and the dataset's item-id fingerprint, when given and recorded)."""
+    (and the dataset's item-id fingerprint, when given and recorded), with the text blend the
+    checkpoint holds attached (h2rec.blend; ``apply_blend=False``: without it)."""
     path = Path(path)
     ckpt = _read_checkpoint(path)
     try:
@@ -297,7 +299,25 @@ def load_checkpoint(
         raise CheckpointError(f"{path}: weights do not fit model {cfg.model}: {err}") from err
     model.to(device or torch.device("cpu"))
     model.eval()
-    from h2rec.blend import apply_saved
+    if apply_blend:
+        from h2rec.blend import apply_record
 
-    apply_saved(model, path.parent, embeddings)  # the text blend chosen after training, if any
+        apply_record(model, ckpt.get("text_blend"), embeddings, str(path))
     return model, cfg
+
+
+def checkpoint_blend(path: str | Path) -> dict[str, Any] | None:
+    """The text blend record a checkpoint holds (None: none was chosen for it)."""
+    return _read_checkpoint(Path(path)).get("text_blend")
+
+
+def set_checkpoint_blend(path: str | Path, record: dict[str, Any] | None) -> None:
+    """Rewrite the checkpoint ``path`` (atomically) holding the text blend ``record``, or none."""
+    ckpt = _read_checkpoint(Path(path))
+    if record is None:
+        if "text_blend" not in ckpt:
+            return
+        ckpt.pop("text_blend")
+    else:
+        ckpt["text_blend"] = record
+    _save_checkpoint(Path(path), ckpt)

@@ -48,6 +48,7 @@ from h2rec.train.checkpoint import (
     _verify_checkpoint,
     checkpoint_payload,
     restore,
+    set_checkpoint_blend,
 )
 from h2rec.train.distributed import _dist_env, _evaluate_all, setup_device, wrap_ddp
 from h2rec.train.step import SharedNegatives, TrainStep, loss_plan, positions_per_batch
@@ -186,6 +187,7 @@ def train(
                 "epochs_run": epochs_run,
                 "stopped_early": progress.stopped,
                 "dataset": provenance.dataset,
+                "text_blend_weight": blend_weight(run.model),  # in the test figures (0: none)
             },
         )
     return TrainResult(
@@ -333,6 +335,7 @@ def _prepare_run_dir(out: Path, cfg: RunConfig, resumed: bool) -> None:
     """Create the run directory and write config.json; a fresh run clears the old files."""
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.json")
+    (out / "text_blend.json").unlink(missing_ok=True)  # chosen again once training ends
     if not resumed:
         for stale in ("best.pt", "last.pt", "metrics.jsonl", "metrics.json", "results.md",
                       "ndcg10_by_popularity.png"):
@@ -493,11 +496,16 @@ def _test_best(
         dist.barrier()
     from h2rec import blend
 
+    record = None
     if blend.blend_applies(run.cfg, embeddings):
         assert embeddings is not None
-        record = blend.choose(model, run.store, run.cfg, embeddings, run.world, run.rank)
-        if run.out is not None and run.is_main:
-            blend.save(run.out, record)
+        record = blend.choose(
+            model, embeddings,
+            lambda m: _evaluate_all(m, run.store, "valid", run.cfg, run.world, run.rank),
+        )
+    if run.out is not None and run.is_main and best_path is not None and best_path.exists():
+        set_checkpoint_blend(best_path, record)  # best.pt scores with it (or with none)
+        blend.write_copy(run.out, record)
     test = _evaluate_all(model, run.store, "test", run.cfg, run.world, run.rank)
     logger.info("test (best epoch %d): %s", progress.best_epoch, _short(test.metrics))
     return test
@@ -510,6 +518,13 @@ def _to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
     if device.type != "cuda":
         return t
     return t.pin_memory().to(device, non_blocking=True)
+
+
+def blend_weight(model: Any) -> float:
+    """The weight of the text blend attached to ``model`` (h2rec.blend); 0 without one."""
+    if getattr(model, "_blend_base_dim", None) is None:
+        return 0.0
+    return float(model.text_match.fixed)
 
 
 def _model_name(cfg: RunConfig) -> str:
