@@ -3,7 +3,6 @@ validation split, saved beside the checkpoints and applied wherever the run is l
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -15,38 +14,20 @@ import torch
 from h2rec import blend
 from h2rec.cli import main
 from h2rec.config import RunConfig, apply_overrides
-from h2rec.data import load_dataset
-from h2rec.embed import EmbedOptions, embed_texts, save_embeddings
 from h2rec.errors import CheckpointError, ConfigError
 from h2rec.evaluate import evaluate
-from h2rec.semantic_ids import build_sid, save_sids
-from h2rec.synthetic import SyntheticConfig, builtin_dataset
 from h2rec.train import build_for, load_checkpoint, seed_everything, train
 from h2rec.train.checkpoint import checkpoint_blend, set_checkpoint_blend
 
-FAST = [
-    "model.hidden=16",
-    "model.max_len=12",
-    "train.batch_size=64",
-    "train.num_threads=1",
-    "train.device=cpu",
-    "train.patience=0",
-    "train.epochs=2",
-    "train.lr=3e-3",
-]
+from conftest import QUICK_TRAIN, small_builtin
+
+FAST = ["model.hidden=16", "model.max_len=12", *QUICK_TRAIN, "train.epochs=2", "train.lr=3e-3"]
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    root = tmp_path_factory.mktemp("blend")
-    path = builtin_dataset(root, SyntheticConfig(n_users=200, n_items=120, seed=1))
-    ds = load_dataset(path)
-    emb = embed_texts(ds.item_text, EmbedOptions(dim=24))
-    save_embeddings(emb, path / "embeddings.npy", ds.item_fingerprint)
-    sids = build_sid(emb, n_levels=2, codebook_size=8, n_iter=8, seed=0)
-    sids = dataclasses.replace(sids, item_fingerprint=ds.item_fingerprint)
-    save_sids(sids, path / "sid")
-    return {"path": path, "dataset": ds, "store": ds.store, "sids": sids, "embeddings": emb}
+    return small_builtin(tmp_path_factory.mktemp("blend"), n_users=200, n_items=120, seed=1,
+                         emb_dim=24, levels=2, codebook=8, n_iter=8, save=True)
 
 
 def _cfg(*overrides: str) -> RunConfig:

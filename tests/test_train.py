@@ -15,32 +15,20 @@ import torch.multiprocessing as mp
 from h2rec import _core
 from h2rec.config import RunConfig, apply_overrides
 from h2rec.data import load_dataset
-from h2rec.embed import EmbedOptions, embed_texts
 from h2rec.errors import CheckpointError, ConfigError, DataError, H2RecError
 from h2rec.evaluate import evaluate
 from h2rec.semantic_ids import build_sid
-from h2rec.synthetic import SyntheticConfig, builtin_dataset
 from h2rec.train import build_for, load_checkpoint, seed_everything, train
 
-FAST = [
-    "model.hidden=32",
-    "model.max_len=20",
-    "train.batch_size=64",
-    "train.num_threads=1",
-    "train.device=cpu",
-    "train.patience=0",
-    "sid.codebook_size=16",
-]
+from conftest import QUICK_TRAIN, small_builtin
+
+FAST = ["model.hidden=32", "model.max_len=20", *QUICK_TRAIN, "sid.codebook_size=16"]
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    root = tmp_path_factory.mktemp("builtin")
-    path = builtin_dataset(root, SyntheticConfig(n_users=300, n_items=200, seed=0))
-    ds = load_dataset(path)
-    emb = embed_texts(ds.item_text, EmbedOptions(dim=32))
-    sids = build_sid(emb, n_levels=3, codebook_size=16, n_iter=10, seed=0)
-    return {"dataset": ds, "store": ds.store, "sids": sids, "embeddings": emb, "root": root}
+    return small_builtin(tmp_path_factory.mktemp("builtin"), n_users=300, n_items=200, seed=0,
+                         emb_dim=32, levels=3, codebook=16, n_iter=10)
 
 
 def _cfg(*overrides: str) -> RunConfig:
