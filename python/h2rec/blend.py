@@ -68,7 +68,7 @@ def attach(model: Any, embeddings: np.ndarray, weight: float, decay: float = BLE
         model._blend_base_dim = base
     device = next(model.parameters()).device
     model.text_match = TextMatch(
-        base, embeddings, model.n_items, decay, max(weight, 1e-6), learned=False, weight=weight
+        base, embeddings, model.n_items, decay, 1.0, learned=False, weight=weight
     ).to(device)
     model.out_dim = base + model.text_match.dim
 
@@ -106,9 +106,10 @@ def choose(
         }  # None for an empty group
         if ndcg > best_v:
             best_w, best_v = w, ndcg
-    detach(model)
-    if best_w > 0:
-        attach(model, embeddings, best_w)
+    if best_w > 0:  # the text rows are attached (the grid ends above 0): set the weight
+        model.text_match.fixed = float(best_w)
+    else:
+        detach(model)
     logger.info(
         "text blend: weight %g (validation NDCG@10 %.4f; %g: %.4f)",
         best_w, best_v, 0.0, table["0"],
