@@ -147,6 +147,14 @@ def needs_blend(sets: list[str]) -> bool:
     return blend_applies(apply_overrides(RunConfig(), sets), np.zeros((1, 1)))
 
 
+def _blend_is_current(record: dict | None) -> bool:
+    """Whether a text blend record (of a run or of a result file) is of today's kind (the
+    TF-IDF rows of h2rec.blend, version 2); the datasets here all have item text."""
+    from h2rec.blend import BLEND_VERSION
+
+    return bool(record) and record.get("version") == BLEND_VERSION  # type: ignore[union-attr]
+
+
 def is_current(result: dict) -> bool:
     """Whether a result file was made with the settings its ``set`` gives today (its text blend
     included)."""
@@ -155,7 +163,9 @@ def is_current(result: dict) -> bool:
     try:
         if "settings" not in result or _as_today(result["settings"]) != settings_for(result["set"]):
             return False
-        return bool(result.get("text_blend")) == needs_blend(result["set"])
+        if not needs_blend(result["set"]):
+            return not result.get("text_blend")
+        return _blend_is_current(result.get("text_blend"))
     except ConfigError:  # its sets name a setting this h2rec no longer has
         return False
 
@@ -195,13 +205,17 @@ def run_one(name: str, model: str, seed: int, args: argparse.Namespace, threads:
         for s in sets:
             cmd += ["--set", s]
         _h2rec(*cmd)
-    if needs_blend(sets) and not blend_file.exists():  # a run trained before the blend existed
-        _h2rec("blend", str(run_dir), "--set", f"train.num_threads={threads}", quiet=True)
+    if needs_blend(sets) and not (
+        blend_file.exists() and _blend_is_current(json.loads(blend_file.read_text()))
+    ):  # a run trained before the blend (or its TF-IDF rows) existed: choose it now
+        _h2rec("blend", str(run_dir), "--overwrite", "--set", f"train.num_threads={threads}",
+               quiet=True)
     res: dict[str, object] = {"dataset": name, "model": model, "seed": seed, "set": sets,
                               "settings": settings_of(json.loads(saved.read_text()))}
     if needs_blend(sets):
         blend = json.loads(blend_file.read_text())
-        res["text_blend"] = {k: blend.get(k) for k in ("weight", "decay", "valid_ndcg10")}
+        res["text_blend"] = {k: blend.get(k) for k in ("version", "kind", "weight", "decay",
+                                                       "valid_ndcg10")}
     for protocol in ("full", "sampled"):
         tmp = out.parent / f".{tag}.{protocol}.tmp.json"
         tmp.parent.mkdir(parents=True, exist_ok=True)

@@ -149,7 +149,7 @@ def test_a_sasrec_checkpoint_with_a_blend_is_refused(data: dict[str, Any], tmp_p
     run = tmp_path / "sas"
     train(_cfg("model.kind=sasrec", "train.epochs=1"), data["store"], None, data["embeddings"],
           run_dir=run)
-    record = {"format": blend.BLEND_FORMAT, "version": blend.BLEND_VERSION, "weight": 1.0,
+    record = {"format": blend.BLEND_FORMAT, "version": 1, "weight": 1.0,
               "decay": 0.5, "embeddings_sha256": blend.embeddings_digest(data["embeddings"])}
     set_checkpoint_blend(run / "best.pt", record)
     with pytest.raises(CheckpointError, match="sasrec model never gets"):
@@ -183,10 +183,11 @@ def test_blend_command_chooses_for_a_finished_run(
     assert checkpoint_blend(run / "best.pt") == record
     assert main(["blend", str(run)]) == 2  # chosen: --overwrite to choose again
     assert "--overwrite" in capsys.readouterr().err
-    # a blend the run can no longer load (other embeddings) is chosen again with --overwrite
-    set_checkpoint_blend(run / "best.pt", {**record, "weight": 1.0, "embeddings_sha256": "0" * 64})
+    assert record["version"] == 2 and record["kind"] == "tfidf"  # the dataset has item text
+    # a blend the run can no longer load (other text) is chosen again with --overwrite
+    set_checkpoint_blend(run / "best.pt", {**record, "weight": 1.0, "text_sha256": "0" * 64})
     assert main(["evaluate", str(run)]) == 2
-    assert "embeddings_sha256 differs" in capsys.readouterr().err
+    assert "text_sha256 differs" in capsys.readouterr().err
     assert main(["blend", str(run), "--overwrite"]) == 0
     assert checkpoint_blend(run / "best.pt") == record  # deterministic
     assert json.loads((run / blend.BLEND_FILE).read_text()) == record
@@ -209,7 +210,7 @@ def test_a_blended_run_serves_and_exports_with_its_blend(data: dict[str, Any], t
     train(cfg, data["store"], data["sids"], data["embeddings"], run_dir=run)
     plain = Recommender.load(run)
     set_checkpoint_blend(run / "best.pt", {
-        "format": blend.BLEND_FORMAT, "version": blend.BLEND_VERSION, "weight": 3.0,
+        "format": blend.BLEND_FORMAT, "version": 1, "weight": 3.0,
         "decay": blend.BLEND_DECAY, "embeddings_sha256": blend.embeddings_digest(data["embeddings"])})
     rec = Recommender.load(run)
     assert rec.model.text_match is not None and plain.model.text_match is None
@@ -222,3 +223,136 @@ def test_a_blended_run_serves_and_exports_with_its_blend(data: dict[str, Any], t
     a = rec.evaluate("test").ndcg10
     b = plain.evaluate("test").ndcg10
     assert a != b
+
+
+# --------------------------------------------------------------------------- the TF-IDF rows
+
+
+def _dense_rows(texts: list[str]) -> np.ndarray:
+    """Oracle: the TF-IDF rows as a dense (n + 1, terms) float64 matrix, row 0 zero."""
+    from h2rec.embed import tfidf_matrix
+
+    m, _ = tfidf_matrix(texts, min_df=blend.TFIDF_MIN_DF)
+    return np.vstack([np.zeros((1, m.shape[1])), m.toarray()])
+
+
+def test_tfidf_blend_adds_the_decayed_text_similarity_to_every_score(
+    data: dict[str, Any],
+) -> None:
+    from h2rec.evaluate import added_scores, recommend_top_k
+
+    texts = data["dataset"].item_text
+    rows = blend.text_rows(texts)
+    assert rows is not None and rows.n_rows == len(texts) + 1
+    cfg = _cfg("model.kind=h2rec")
+    seed_everything(0)
+    model = build_for(cfg, data["store"], data["sids"], None).eval()
+    keys = set(model.state_dict())
+    blend.attach_rows(model, rows, 2.5)
+    assert set(model.state_dict()) == keys  # the checkpoint format is unchanged
+    dense = _dense_rows(texts)
+    seq = torch.tensor([[0, 0, 3, 9, 27], [5, 6, 7, 8, 1], [0, 0, 0, 0, 4]])
+    want = np.zeros((3, len(texts) + 1))
+    for b in range(3):
+        q = sum(np.exp(-0.5 * k) * dense[int(x)] for k, x in enumerate(seq[b].flip(0)))
+        want[b] = 2.5 * dense @ q
+    got = {}
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        got[threads] = added_scores(model, seq).numpy()
+    np.testing.assert_allclose(got[1], want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(got[1], got[2])  # the same bits whatever the thread count
+    # recommendation ranks by inner product plus the term, history excluded
+    users = np.arange(0, 40)
+    top, _ = recommend_top_k(model, data["store"], users, 5, cfg.model.max_len)
+    from h2rec.evaluate import left_padded_inputs
+
+    inputs, _ = left_padded_inputs(data["store"], users, 0, cfg.model.max_len)
+    with torch.no_grad():
+        seq_all = torch.from_numpy(inputs)
+        scores = (model.user_states(seq_all) @ model.all_item_vectors().T).double().numpy()
+    h_off, h_items = data["store"].histories(users, 0)
+    for b, row in enumerate(inputs):
+        q = sum(np.exp(-0.5 * k) * dense[int(x)] for k, x in enumerate(row[::-1]))
+        scores[b] += 2.5 * dense @ q
+        scores[b, 0] = -np.inf
+        scores[b, h_items[h_off[b] : h_off[b + 1]]] = -np.inf  # the whole history
+    want_top = np.argsort(-scores, axis=1, kind="stable")[:, :5]
+    np.testing.assert_array_equal(top, want_top)
+    blend.detach(model)
+    assert added_scores(model, seq) is None
+
+
+def test_training_with_item_text_chooses_and_reloads_the_tfidf_blend(
+    data: dict[str, Any], tmp_path: Path
+) -> None:
+    texts = data["dataset"].item_text
+    cfg = _cfg("model.kind=sid", "train.epochs=3")
+    run = tmp_path / "sid"
+    result = train(cfg, data["store"], data["sids"], None, run_dir=run, item_text=texts)
+    record = checkpoint_blend(run / "best.pt")
+    assert record is not None and record["version"] == 2 and record["kind"] == "tfidf"
+    assert record["text_sha256"] == blend.text_rows(texts).digest()
+    w = record["weight"]
+    assert record["valid_ndcg10"][f"{w:g}"] == max(record["valid_ndcg10"].values())
+    model, _ = load_checkpoint(run / "best.pt", data["store"], data["sids"], None,
+                               item_text=texts)
+    assert (getattr(model, "text_blend", None) is not None) == (w > 0)
+    again = evaluate(model, data["store"], "test", cfg.eval, cfg.model.max_len)
+    assert again.ndcg10 == pytest.approx(result.test.ndcg10, abs=1e-12)
+    forced = {**record, "weight": 2.0}
+    set_checkpoint_blend(run / "best.pt", forced)
+    with pytest.raises(ConfigError, match="needs the item text"):
+        load_checkpoint(run / "best.pt", data["store"], data["sids"], None)
+    other = [*texts[:-1], texts[-1] + " " + texts[0]]
+    with pytest.raises(CheckpointError, match="text_sha256 differs"):
+        load_checkpoint(run / "best.pt", data["store"], data["sids"], None, item_text=other)
+    plain, _ = load_checkpoint(run / "best.pt", data["store"], data["sids"], None,
+                               apply_blend=False, item_text=texts)
+    assert getattr(plain, "text_blend", None) is None
+    # an older (dense) blend is outdated once item text is there; none is outdated too
+    assert blend.is_outdated({"version": 1}, texts) and blend.is_outdated(None, texts)
+    assert not blend.is_outdated(record, texts) and not blend.is_outdated({"version": 1}, None)
+    assert blend.text_rows(["", "a b", "c"]) is None  # no word in two items: no rows
+
+
+def test_a_tfidf_blended_run_exports_what_outside_code_scores_with(
+    data: dict[str, Any], tmp_path: Path
+) -> None:
+    from h2rec.serving import Recommender
+
+    cfg = _cfg("model.kind=fusion", "train.epochs=1", "train.text_blend=off",
+               f"data.path={data['path']}", f"sid.path={data['path'] / 'sid'}")
+    run = tmp_path / "fu"
+    texts = data["dataset"].item_text
+    train(cfg, data["store"], data["sids"], data["embeddings"], run_dir=run, item_text=texts)
+    set_checkpoint_blend(run / "best.pt", {
+        "format": blend.BLEND_FORMAT, "version": 2, "kind": "tfidf", "min_df": 2,
+        "weight": 3.0, "decay": 0.5, "text_sha256": blend.text_rows(texts).digest()})
+    rec = Recommender.load(run)
+    assert rec.model.text_blend is not None
+    out = rec.export(tmp_path / "export")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["text_blend"]["weight"] == 3.0 and "text_rows.npz" in manifest["files"]
+    # outside code: encoder @ items.T + weight * text term, from the files alone
+    enc = torch.export.load(out / "encoder.pt2").module()
+    items = np.load(out / "items.npy")
+    saved = np.load(out / "text_rows.npz")
+    n, n_terms = saved["shape"]
+    dense = np.zeros((n, n_terms))
+    dense[np.repeat(np.arange(n), np.diff(saved["indptr"])), saved["indices"]] = saved["data"]
+    ids = rec.item_ids
+    hist = [[ids[0], ids[1], ids[2]], [ids[6]], [ids[9], ids[3], ids[4], ids[5]]]
+    index = rec.item_index()
+    seq = np.zeros((len(hist), rec.max_len), dtype=np.int64)
+    for b, h in enumerate(hist):
+        seq[b, rec.max_len - len(h):] = [index[i] for i in h]  # internal ids: rows r + 1
+    with torch.no_grad():
+        scores = enc(torch.from_numpy(seq)).double().numpy() @ items.T.astype(np.float64)
+    for b in range(len(hist)):
+        q = sum(np.exp(-0.5 * k) * dense[x - 1] for k, x in enumerate(seq[b, ::-1]) if x > 0)
+        scores[b] += 3.0 * dense @ q
+        scores[b, seq[b][seq[b] > 0] - 1] = -np.inf
+    want = [[rec.item_ids[r] for r in np.argsort(-s, kind="stable")[:5]] for s in scores]
+    got = rec.recommend(hist, k=5)
+    assert [list(g) for g in got] == want

@@ -42,7 +42,10 @@ def test_a_result_is_current_only_with_todays_settings() -> None:
     h2 = rt.settings_for(h2_sets)
     assert rt.needs_blend(h2_sets) and not rt.needs_blend(sets)
     assert not rt.is_current({"set": h2_sets, "settings": h2})
-    assert rt.is_current({"set": h2_sets, "settings": h2, "text_blend": {"weight": 1.0}})
+    assert rt.is_current({"set": h2_sets, "settings": h2,
+                          "text_blend": {"version": 2, "kind": "tfidf", "weight": 1.0}})
+    # one chosen before the TF-IDF rows (dense embeddings, version 1) is chosen again
+    assert not rt.is_current({"set": h2_sets, "settings": h2, "text_blend": {"weight": 1.0}})
     assert not rt.needs_blend([*h2_sets, "train.text_blend=off"])
     # any other setting that differs, and a result that does not say, are not current either
     other = json.loads(json.dumps(saved))

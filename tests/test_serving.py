@@ -70,6 +70,12 @@ def _numpy_top_k(rec: Any, histories: list[list[int]], k: int) -> list[list[int]
     """Oracle: left-pad, run the model once per history, score every item with numpy, drop
     the history's items, sort by (-score, id)."""
     items = rec.model.all_item_vectors().detach().numpy().astype(np.float64)
+    term = getattr(rec.model, "text_blend", None)  # the sparse text blend (h2rec.blend)
+    if term is not None:
+        from h2rec.embed import tfidf_matrix
+
+        m, _ = tfidf_matrix(rec.dataset.item_text, min_df=2)
+        text = np.vstack([np.zeros((1, m.shape[1])), m.toarray()])  # row 0: padding
     out = []
     for hist in histories:
         seq = np.zeros((1, rec.max_len), dtype=np.int64)
@@ -78,6 +84,9 @@ def _numpy_top_k(rec: Any, histories: list[list[int]], k: int) -> list[list[int]
         with torch.no_grad():
             state = rec.model(torch.from_numpy(seq))[0, -1].double().numpy()
         scores = items @ state
+        if term is not None:  # + weight * <sum_k exp(-decay k) t_(k back), t_i>
+            q = sum(np.exp(-term.decay * k) * text[x] for k, x in enumerate(tail[::-1]))
+            scores = scores + term.weight * (text @ q)
         scores[0] = -np.inf
         scores[list(hist)] = -np.inf
         order = sorted(range(1, scores.size), key=lambda i: (-scores[i], i))

@@ -177,15 +177,20 @@ def _cmd_blend(args: argparse.Namespace) -> int:
             f"(it is for {', '.join(TEXT_KINDS)} trained without a text match)"
         )
     embeddings = load_embeddings_for(cfg, rec.dataset)
-    if embeddings is None:
+    item_text = rec.dataset.item_text
+    if embeddings is None and not blend.has_text(item_text):
         raise ConfigError(
-            f"{args.run}: the text blend needs item embeddings: the run names none and its "
-            "dataset folder has no embeddings.npy (run 'h2rec embed' on it)"
+            f"{args.run}: the text blend needs item text or embeddings: its dataset's items "
+            "have no text, the run names no embeddings and the dataset folder has no "
+            "embeddings.npy"
         )
     record = blend.choose(
         rec.model, embeddings, lambda m: evaluate(m, rec.dataset.store, "valid", cfg.eval,
-                                                  cfg.model.max_len)
+                                                  cfg.model.max_len), item_text
     )
+    if record is None:  # no word in two items' text, and no embeddings
+        raise ConfigError(f"{args.run}: no word of its items' text is in two items or more, "
+                          "and there are no item embeddings: no text blend to choose")
     set_checkpoint_blend(ckpt, record)
     if ckpt.name == "best.pt":
         blend.write_copy(ckpt.parent, record)

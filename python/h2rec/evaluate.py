@@ -50,18 +50,19 @@ from h2rec.errors import ConfigError
 __all__ = [
     "EvalResult",
     "ScoringModel",
-    "full_ranks",
+    "added_scores",
     "bucket_labels",
     "eval_users",
     "evaluate",
+    "full_ranks",
     "left_padded_inputs",
     "metric_names",
     "per_user_metrics",
     "rank_metrics",
-    "states_of",
     "ranks_against",
     "recommend_top_k",
     "result_from_ranks",
+    "states_of",
 ]
 
 logger = logging.getLogger(__name__)
@@ -191,8 +192,11 @@ def _device_of(model: ScoringModel) -> torch.device:
     return torch.device("cpu")
 
 
-def _user_states(model: ScoringModel, inputs: np.ndarray, device: torch.device) -> torch.Tensor:
-    return states_of(model, torch.from_numpy(inputs).to(device))
+def added_scores(model: Any, seq: torch.Tensor) -> torch.Tensor | None:
+    """Scores (B, N + 1) to add to the inner products ``states @ items.T`` of left-padded
+    inputs (B, T): the sparse text blend of h2rec.blend, when the model carries one."""
+    term = getattr(model, "text_blend", None)
+    return None if term is None else term(seq).float()
 
 
 def states_of(model: Any, seq: torch.Tensor) -> torch.Tensor:
@@ -381,6 +385,7 @@ def full_ranks(
     targets: np.ndarray,
     hist_offsets: np.ndarray | None,
     hist_items: np.ndarray | None,
+    added: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """0-based pessimistic full-ranking ranks of each target (B,) among items 1..n.
 
@@ -388,11 +393,12 @@ def full_ranks(
     histories are given (CSR ``hist_offsets`` (B+1,), ``hist_items``), the distinct history items
     other than the target. One pass of comparisons over the (B, n + 1) scores, no mask. NaN
     scores count as -inf, as in :func:`ranks_against`. On the CPU the users go in blocks of
-    ``_CPU_RANK_ROWS``."""
+    ``_CPU_RANK_ROWS``. ``added`` (B, n + 1): scores added to the inner products (the text
+    blend)."""
     b = states.shape[0]
     step = _CPU_RANK_ROWS if states.device.type == "cpu" else max(b, 1)
     if b <= step:
-        return _full_ranks(states, items_all, targets, hist_offsets, hist_items)
+        return _full_ranks(states, items_all, targets, hist_offsets, hist_items, added)
     targets = np.asarray(targets)
     out = []
     for a in range(0, b, step):
@@ -401,7 +407,8 @@ def full_ranks(
         if hist_offsets is not None and hist_items is not None:
             h_off = hist_offsets[a : z + 1] - hist_offsets[a]
             h_items = hist_items[hist_offsets[a] : hist_offsets[z]]
-        out.append(_full_ranks(states[a:z], items_all, targets[a:z], h_off, h_items))
+        out.append(_full_ranks(states[a:z], items_all, targets[a:z], h_off, h_items,
+                               None if added is None else added[a:z]))
     return torch.cat(out)
 
 
@@ -411,6 +418,7 @@ def _full_ranks(
     targets: np.ndarray,
     hist_offsets: np.ndarray | None,
     hist_items: np.ndarray | None,
+    added: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`full_ranks` of one block of users."""
     device = states.device
@@ -419,6 +427,8 @@ def _full_ranks(
     rows = torch.arange(b, device=device)
     tgt = torch.from_numpy(np.asarray(targets, dtype=np.int64)).to(device)
     scores = score_matrix(states, items_all)  # (B, N + 1)
+    if added is not None:
+        scores += added
     t = scores[rows, tgt]  # (B,)
     t = torch.nan_to_num(t, nan=float("-inf"))
     lost = torch.isneginf(t)  # a target at -inf (or NaN) ties with every column, NaN ones too
@@ -488,13 +498,17 @@ def evaluate(
             bu = users[pos]
             inputs, tgt = store.eval_inputs(bu, max_len, split)
             targets[pos] = tgt
-            states = _user_states(model, _trim(inputs), device)  # (B, E)
+            seq = torch.from_numpy(_trim(inputs)).to(device)
+            states = states_of(model, seq)  # (B, E)
+            added = added_scores(model, seq)  # (B, N + 1) or None
             if cfg.protocol == "full":
                 assert items_all is not None
                 h_off = h_items = None
                 if cfg.exclude_history:
                     h_off, h_items = store.histories(bu, holdout)
-                ranks[pos] = full_ranks(states, items_all, tgt, h_off, h_items).cpu().numpy()
+                ranks[pos] = full_ranks(
+                    states, items_all, tgt, h_off, h_items, added
+                ).cpu().numpy()
             else:
                 try:
                     cands = _core.sample_candidates(store, bu, tgt, cfg.n_negatives, cfg.seed)
@@ -503,6 +517,8 @@ def evaluate(
                 cand_t = torch.from_numpy(cands).to(device)  # (B, 1 + n)
                 vecs = model.item_vectors(cand_t).float()  # (B, 1 + n, E)
                 scores = (states.unsqueeze(1) * vecs).sum(-1)  # (B, 1 + n)
+                if added is not None:
+                    scores = scores + added.gather(1, cand_t)
                 competing = torch.ones_like(scores, dtype=torch.bool)
                 competing[:, 0] = False
                 ranks[pos] = ranks_against(scores, scores[:, 0], competing).cpu().numpy()
@@ -556,8 +572,12 @@ def recommend_top_k(
                 inputs, _ = left_padded_inputs(store, bu, 0, max_len)
             else:
                 inputs, _ = store.eval_inputs(bu, max_len, split)
-            states = _user_states(model, _trim(inputs), device)  # (B, E)
-            scores = torch.nan_to_num(score_matrix(states, items_all), nan=float("-inf"))
+            seq = torch.from_numpy(_trim(inputs)).to(device)
+            scores = score_matrix(states_of(model, seq), items_all)  # (B, N + 1)
+            added = added_scores(model, seq)
+            if added is not None:
+                scores += added
+            scores = torch.nan_to_num(scores, nan=float("-inf"))
             scores[:, 0] = float("-inf")
             if exclude_history:
                 h_off, h_items = store.histories(bu, holdout)

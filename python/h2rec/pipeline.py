@@ -156,6 +156,7 @@ def train_run(
         return train(
             cfg, dataset.store, sids, embeddings, run_dir=work, resume=resume,
             overwrite=overwrite, item_fingerprint=dataset.item_fingerprint,
+            item_text=dataset.item_text,
         )
 
     def replacing() -> bool:
@@ -230,6 +231,7 @@ def compare_runs(
     from h2rec.blend import blend_applies
     from h2rec.blend import choose as choose_blend
     from h2rec.blend import detach as detach_blend
+    from h2rec.blend import is_outdated
     from h2rec.blend import write_copy as write_blend_copy
     from h2rec.train import load_checkpoint
     from h2rec.train.checkpoint import checkpoint_blend, set_checkpoint_blend
@@ -245,7 +247,7 @@ def compare_runs(
             logger.info("loading finished run %s", run_dir)
             model, saved = load_checkpoint(
                 run_dir / "best.pt", dataset.store, sids, embeddings, device_for(kcfg),
-                dataset.item_fingerprint,
+                dataset.item_fingerprint, item_text=dataset.item_text,
             )
             if saved.model != kcfg.model:  # e.g. trained before a default changed
                 diff = [f"model.{f.name}: {getattr(saved.model, f.name)!r} -> "
@@ -255,13 +257,14 @@ def compare_runs(
                     f"{run_dir}: holds a finished {kind} run with other model settings "
                     f"({', '.join(diff[:4])}); add --overwrite to train it again"
                 )
-            if not blend_applies(kcfg, embeddings):
+            if not blend_applies(kcfg, embeddings, dataset.item_text):
                 detach_blend(model)  # asked for without it (train.text_blend=off)
-            elif checkpoint_blend(run_dir / "best.pt") is None:
-                # finished before the text blend existed: choose it now, as h2rec blend does
-                assert embeddings is not None
+            elif is_outdated(checkpoint_blend(run_dir / "best.pt"), dataset.item_text):
+                # finished before the text blend (or its TF-IDF rows) existed: choose it now,
+                # as h2rec blend --overwrite does
                 record = choose_blend(model, embeddings, lambda m: evaluate(
-                    m, dataset.store, "valid", kcfg.eval, kcfg.model.max_len))
+                    m, dataset.store, "valid", kcfg.eval, kcfg.model.max_len),
+                    dataset.item_text)
                 set_checkpoint_blend(run_dir / "best.pt", record)
                 write_blend_copy(run_dir, record)
             test = evaluate(model, dataset.store, "test", kcfg.eval, kcfg.model.max_len)

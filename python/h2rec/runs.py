@@ -162,7 +162,7 @@ def load_run(
     embeddings = load_embeddings_for(cfg, dataset)
     model, _ = load_checkpoint(
         ckpt_path, dataset.store, sid_codes, embeddings, device_for(cfg), dataset.item_fingerprint,
-        apply_blend,
+        apply_blend, dataset.item_text,
     )
     return model, cfg, dataset
 

@@ -645,6 +645,7 @@ class Recommender:
                 torch.export.save(self._exported(), work / "encoder.pt2")
                 loaded = torch.export.load(work / "encoder.pt2").module()
                 max_err = self._check_encoder(loaded, vectors)
+                text_term = self._export_text_blend(work)
                 if faiss:
                     index = faiss_lib.IndexFlatIP(vectors["items"].shape[1])
                     index.add(vectors["items"])
@@ -663,6 +664,14 @@ class Recommender:
                     "score": "encoder(input) @ items.T; row r of items.npy is item_ids[r]",
                     "encoder_check_max_abs_error": max_err,
                 }
+                if text_term is not None:
+                    manifest["text_blend"] = text_term
+                    manifest["score"] = (
+                        "encoder(input) @ items.T + weight * (q @ T.T), T the CSR rows of "
+                        "text_rows.npz (row r: item_ids[r]) and q = sum over k of "
+                        "exp(-decay * k) * T[row of the item k steps before the last]; row r "
+                        "of items.npy is item_ids[r]"
+                    )
                 (work / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", "utf8")
                 swap_in(work, out)
             except BaseException:
@@ -671,6 +680,29 @@ class Recommender:
             finally:
                 self.model.to(device)  # tracing and the check run on the CPU
         return out
+
+    def _export_text_blend(self, work: Path) -> dict[str, Any] | None:
+        """With a sparse text blend (h2rec.blend): its rows as ``text_rows.npz`` (CSR
+        ``indptr``, ``indices``, ``data``, ``shape``; row r: item_ids[r]), checked by scoring 37
+        random histories from the file against the model's term; the manifest's entry."""
+        term = getattr(self.model, "text_blend", None)
+        if term is None:
+            return None
+        rows = term.rows
+        indptr = rows.indptr[1:] - rows.indptr[1]  # without the padding row
+        shape = np.array([rows.n_rows - 1, rows.n_terms], dtype=np.int64)
+        np.savez(work / "text_rows.npz", indptr=indptr, indices=rows.indices, data=rows.data,
+                 shape=shape)
+        saved = np.load(work / "text_rows.npz")
+        seq = self._example_inputs(37, 2)
+        want = term(seq).numpy()[:, 1:]
+        got = _text_scores_numpy(seq.numpy(), saved, term.weight, term.decay)
+        err = float(np.abs(got - want).max())
+        if not np.isfinite(err) or err > 1e-4 * (float(np.abs(want).max()) + 1e-6):
+            raise OutputError(f"text_rows.npz does not reproduce the text blend's scores "
+                              f"(max |difference| {err:.3g})")
+        return {"file": "text_rows.npz", "weight": term.weight, "decay": term.decay,
+                "check_max_abs_error": err}
 
     def _example_inputs(self, b: int, seed: int) -> Tensor:
         """(b, max_len) left-padded rows of random items with lengths 1..max_len."""
@@ -703,6 +735,25 @@ class Recommender:
             raise OutputError(f"encoder export does not reproduce the model's scores "
                               f"(max |difference| {err:.3g}, scores up to {scale:.3g})")
         return err
+
+
+def _text_scores_numpy(
+    seq: np.ndarray, saved: Any, weight: float, decay: float
+) -> np.ndarray:
+    """The text blend's scores (B, n_items) from an export's ``text_rows.npz``, in plain numpy:
+    what outside code computes (seq: left-padded rows r + 1 of item_ids, 0 = padding)."""
+    n, n_terms = (int(x) for x in saved["shape"])
+    indptr, indices, data = saved["indptr"], saved["indices"], saved["data"].astype(np.float64)
+    row_of = np.repeat(np.arange(n), np.diff(indptr))
+    out = np.zeros((seq.shape[0], n))
+    for b in range(seq.shape[0]):
+        q = np.zeros(n_terms)
+        for k, item in enumerate(seq[b, ::-1]):
+            if item > 0:
+                lo, hi = indptr[item - 1], indptr[item]
+                q[indices[lo:hi]] += np.exp(-decay * k) * data[lo:hi]
+        out[b] = weight * np.bincount(row_of, weights=data * q[indices], minlength=n)
+    return out
 
 
 def _device(model: Any) -> torch.device:

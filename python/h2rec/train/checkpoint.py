@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -277,10 +278,13 @@ def load_checkpoint(
     device: torch.device | None = None,
     item_fingerprint: str | None = None,
     apply_blend: bool = True,
+    item_text: Sequence[str] | None = None,
 ) -> tuple[Recommender, RunConfig]:
     """The model of a checkpoint (eval mode) and its config, after checking dataset and codes
     (and the dataset's item-id fingerprint, when given and recorded), with the text blend the
-    checkpoint holds attached (h2rec.blend; ``apply_blend=False``: without it)."""
+    checkpoint holds attached (h2rec.blend; ``apply_blend=False``: without it), which reads
+    ``item_text`` (the dataset's ``Dataset.item_text``) or, for an older blend, the
+    ``embeddings``."""
     path = Path(path)
     ckpt = _read_checkpoint(path)
     try:
@@ -302,7 +306,7 @@ def load_checkpoint(
     if apply_blend:
         from h2rec.blend import apply_record
 
-        apply_record(model, ckpt.get("text_blend"), embeddings, str(path))
+        apply_record(model, ckpt.get("text_blend"), embeddings, str(path), item_text)
     return model, cfg
 
 

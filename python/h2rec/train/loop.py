@@ -23,7 +23,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -118,6 +118,7 @@ def train(
     overwrite: bool = False,
     on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
     item_fingerprint: str | None = None,
+    item_text: Sequence[str] | None = None,
 ) -> TrainResult:
     """Train ``cfg.model`` on ``store``; return the best model and its test metrics.
 
@@ -127,7 +128,9 @@ def train(
     ``results.md``, ``ndcg10_by_popularity.png``); an existing run is an error unless
     ``resume`` (continue it exactly) or ``overwrite``. ``on_epoch_end(epoch, record)`` is called
     after each epoch's checkpoint is written. ``item_fingerprint`` (the dataset's
-    ``Dataset.item_fingerprint``) is recorded in the checkpoints and checked on resume."""
+    ``Dataset.item_fingerprint``) is recorded in the checkpoints and checked on resume.
+    ``item_text`` (the dataset's ``Dataset.item_text``): what the text blend of SID-only,
+    fusion and H2Rec runs reads (h2rec.blend; without it, the ``embeddings``)."""
     # 1. checks before anything is trained
     rank, world, local_rank = _dist_env()
     if not cfg.model.uses_sids:
@@ -174,7 +177,7 @@ def train(
     epochs_run = len(progress.history)  # an early stop leaves the loop one epoch past the last run
 
     # 4. the best checkpoint on the test split
-    test = _test_best(run, best_state, progress, provenance, embeddings)
+    test = _test_best(run, best_state, progress, provenance, embeddings, item_text)
     if out is not None and run.is_main:
         write_report(
             out,
@@ -479,6 +482,7 @@ def _test_best(
     progress: Progress,
     provenance: Provenance,
     embeddings: np.ndarray | None = None,
+    item_text: Sequence[str] | None = None,
 ) -> EvalResult:
     """Load the best weights (of this run, or of ``best.pt`` when they predate a resume), choose
     their text blend on the validation split (when the run has one, h2rec.blend) and evaluate
@@ -497,11 +501,11 @@ def _test_best(
     from h2rec import blend
 
     record = None
-    if blend.blend_applies(run.cfg, embeddings):
-        assert embeddings is not None
+    if blend.blend_applies(run.cfg, embeddings, item_text):
         record = blend.choose(
             model, embeddings,
             lambda m: _evaluate_all(m, run.store, "valid", run.cfg, run.world, run.rank),
+            item_text,
         )
     if run.out is not None and run.is_main and best_path is not None and best_path.exists():
         set_checkpoint_blend(best_path, record)  # best.pt scores with it (or with none)
