@@ -140,6 +140,7 @@ class TextScores(nn.Module):
         wt.index_put_((seq.reshape(-1), cols), w.repeat(b), accumulate=True)
         wt[0] = 0.0  # padding
         qt = torch.sparse.mm(self._tt, wt)  # (n_terms, B)
+        del wt  # as large as the scores: not held while they are made
         out = (torch.sparse.mm(self._t, qt) * self.weight).T.contiguous()
         return out.to(device)  # the sparse rows stay on the CPU
 

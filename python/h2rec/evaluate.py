@@ -354,6 +354,11 @@ def _by_length(lengths: np.ndarray, max_len: int, batch_size: int) -> Iterator[n
         yield order[start : start + batch_size]
 
 
+def _score_copies(model: Any) -> int:
+    """(B, N + 1) matrices a batch holds at once: the scores, and the text blend's term."""
+    return 1 if getattr(model, "text_blend", None) is None else 2
+
+
 def _score_rows(n_items: int, batch_size: int, max_scores: int) -> int:
     """Users scored at once: ``batch_size``, fewer when (users, n_items + 1) scores would exceed
     ``max_scores`` values (always at least one user)."""
@@ -490,7 +495,7 @@ def evaluate(
         items_all = model.all_item_vectors().float() if cfg.protocol == "full" else None
         batch = cfg.batch_size
         if cfg.protocol == "full":  # the score budget is shared by the batches run side by side
-            budget = cfg.max_scores_mb * 2**20 // 4 // _workers(device)
+            budget = cfg.max_scores_mb * 2**20 // 4 // _workers(device) // _score_copies(model)
             batch = _score_rows(n_items, batch, budget)
 
         @torch.inference_mode()  # inference mode is per thread: the workers need it too
@@ -565,7 +570,8 @@ def recommend_top_k(
         top_items = np.zeros((users.size, k), dtype=np.int64)
         top_scores = np.full((users.size, k), -np.inf, dtype=np.float32)
         lengths = store.lengths()[users] - holdout
-        batch = _score_rows(store.n_items, batch_size, max_scores_mb * 2**20 // 4)
+        budget = max_scores_mb * 2**20 // 4 // _score_copies(model)
+        batch = _score_rows(store.n_items, batch_size, budget)
         for pos in _by_length(lengths, max_len, batch):
             bu = users[pos]
             if split is None:
