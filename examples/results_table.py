@@ -50,6 +50,9 @@ DATASETS: dict[str, dict[str, object]] = {
         "folder": "ml-1m",
         "prepare": ["ml-1m.txt", "--items", "movies.dat", "--item-id-map",
                     "sas_to_original_items.txt", "--template", "{title}. Genres: {genres}"],
+        # SASRec's protocol for MovieLens-1M: its histories average 165 items, and the default
+        # 50 would train on under a third of them
+        "sets": ["model.max_len=200"],
     },
 }
 MODELS = ("sasrec", "sid", "fusion", "h2rec")
@@ -155,13 +158,26 @@ def _blend_is_current(record: dict | None) -> bool:
     return bool(record) and record.get("version") == BLEND_VERSION  # type: ignore[union-attr]
 
 
-def is_current(result: dict) -> bool:
+def sets_for(name: str, model: str, seed: int, extra: list[str], threads: int = 0) -> list[str]:
+    """The overrides of one run of the table: COMMON, the dataset's own, the model, the seed,
+    the thread count and the command's ``--set``."""
+    per_dataset: list[str] = DATASETS[name].get("sets", [])  # type: ignore[assignment]
+    return [*COMMON, *per_dataset, f"model.kind={model}", f"train.seed={seed}",
+            f"train.num_threads={threads}", *extra]
+
+
+def is_current(result: dict, sets: list[str] | None = None) -> bool:
     """Whether a result file was made with the settings its ``set`` gives today (its text blend
-    included)."""
+    included) and, given ``sets``, the settings these give (the table's protocol may change)."""
     from h2rec.errors import ConfigError
 
     try:
-        if "settings" not in result or _as_today(result["settings"]) != settings_for(result["set"]):
+        if "settings" not in result:
+            return False
+        today = _as_today(result["settings"])
+        if today != settings_for(result["set"]):
+            return False
+        if sets is not None and today != settings_for(sets):
             return False
         if not needs_blend(result["set"]):
             return not result.get("text_blend")
@@ -173,12 +189,11 @@ def is_current(result: dict) -> bool:
 def run_one(name: str, model: str, seed: int, args: argparse.Namespace, threads: int) -> str:
     """Train and evaluate one (dataset, model, seed) into its result file; says what it did."""
     out = Path(args.results) / name / f"{model}-s{seed}.json"
-    sets = [*COMMON, f"model.kind={model}", f"train.seed={seed}",
-            f"train.num_threads={threads}", *args.set]
+    sets = sets_for(name, model, seed, args.set, threads)
     want = settings_for(sets)
     status = "done"
     if out.exists():
-        if is_current(json.loads(out.read_text())):
+        if is_current(json.loads(out.read_text()), sets):
             return "skipped (done)"
         status = "done again (settings changed)"
     data = prepared(name, Path(args.shared), Path(args.work))
@@ -248,16 +263,19 @@ def _cell(values: list[float]) -> str:
     return f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}"
 
 
-def summary(results: Path) -> str:
-    """Markdown tables (one per dataset) of mean ± std over the seeds found."""
+def summary(results: Path, extra: list[str] | None = None) -> str:
+    """Markdown tables (one per dataset) of mean ± std over the seeds found that hold today's
+    settings of the table (with ``extra`` overrides)."""
     lines: list[str] = []
     for name in DATASETS:
         files = sorted(f for f in (results / name).glob("*-s*.json") if not f.name.startswith("."))
         if not files:
             continue
         rows = [json.loads(f.read_text()) for f in files]
-        stale = [f.name for f, r in zip(files, rows) if not is_current(r)]
-        rows = [r for r in rows if is_current(r)]
+        current = [is_current(r, sets_for(name, r.get("model", ""), r.get("seed", 0),
+                                          extra or [])) for r in rows]
+        stale = [f.name for f, ok in zip(files, current) if not ok]
+        rows = [r for r, ok in zip(rows, current) if ok]
         if stale:
             lines += [f"({name}: left out, made with other settings than today's: "
                       f"{', '.join(stale)})", ""]
@@ -315,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--summary", action="store_true", help="print the tables of finished runs")
     args = p.parse_args(argv)
     if args.summary:
-        print(summary(Path(args.results)))
+        print(summary(Path(args.results), args.set))
         return 0
     i, n = (int(v) for v in args.worker.split("/"))
     threads = args.threads or (1 if n > 1 else 0)

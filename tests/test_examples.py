@@ -28,6 +28,12 @@ def test_a_result_is_current_only_with_todays_settings() -> None:
     # the thread count does not change what a run computes
     result_2t = {"set": [*sets[:-1], "train.num_threads=2"], "settings": result["settings"]}
     assert rt.is_current(result_2t)
+    # the table's own sets (a dataset's protocol, --set) must give the same settings too
+    assert rt.is_current(result, [*sets[:-1], "train.num_threads=2"])
+    assert not rt.is_current(result, [*sets, "model.max_len=200"])
+    ml = rt.sets_for("ml-1m", "sasrec", 1, ["train.epochs=3"])
+    assert "model.max_len=200" in ml and rt.sets_for("beauty", "h2rec", 0, [])[-1] == \
+        "train.num_threads=0"
     # a run saved before train.lr_decay_patience existed had a constant rate: not today's default
     old = json.loads(json.dumps(saved))
     del old["train"]["lr_decay_patience"]
