@@ -256,16 +256,27 @@ def test_tfidf_blend_adds_the_decayed_text_similarity_to_every_score(
     for b in range(3):
         q = sum(np.exp(-0.5 * k) * dense[int(x)] for k, x in enumerate(seq[b].flip(0)))
         want[b] = 2.5 * dense @ q
-    got = {}
-    for threads in (1, 2):
-        torch.set_num_threads(threads)
-        got[threads] = added_scores(model, seq).numpy()
-    np.testing.assert_allclose(got[1], want, rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(got[1], got[2])  # the same bits whatever the thread count
+    np.testing.assert_allclose(added_scores(model, seq).numpy(), want, rtol=1e-5, atol=1e-6)
+    # candidates only: the same values as the full row's columns
+    cand = torch.tensor([[9, 1, 0, 27], [3, 3, 5, 120], [4, 2, 7, 8]])
+    np.testing.assert_allclose(added_scores(model, seq, cand).numpy(),
+                               np.take_along_axis(want, cand.numpy(), 1), rtol=1e-5, atol=1e-6)
+    # the same bits whatever the thread count, on a batch large enough to be split
+    from h2rec.evaluate import left_padded_inputs
+
+    big = torch.from_numpy(left_padded_inputs(data["store"], np.arange(200), 0, 12)[0])
+    before = torch.get_num_threads()
+    try:
+        got = {}
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            got[threads] = added_scores(model, big).numpy()
+    finally:
+        torch.set_num_threads(before)
+    np.testing.assert_array_equal(got[1], got[2])
     # recommendation ranks by inner product plus the term, history excluded
     users = np.arange(0, 40)
     top, _ = recommend_top_k(model, data["store"], users, 5, cfg.model.max_len)
-    from h2rec.evaluate import left_padded_inputs
 
     inputs, _ = left_padded_inputs(data["store"], users, 0, cfg.model.max_len)
     with torch.no_grad():
@@ -295,9 +306,11 @@ def test_training_with_item_text_chooses_and_reloads_the_tfidf_blend(
     assert record["text_sha256"] == blend.text_rows(texts).digest()
     w = record["weight"]
     assert record["valid_ndcg10"][f"{w:g}"] == max(record["valid_ndcg10"].values())
+    assert w > 0  # the text helps this data: the reload below scores with it
+    assert json.loads((run / "metrics.json").read_text())["text_blend_weight"] == w
     model, _ = load_checkpoint(run / "best.pt", data["store"], data["sids"], None,
                                item_text=texts)
-    assert (getattr(model, "text_blend", None) is not None) == (w > 0)
+    assert model.text_blend.weight == w
     again = evaluate(model, data["store"], "test", cfg.eval, cfg.model.max_len)
     assert again.ndcg10 == pytest.approx(result.test.ndcg10, abs=1e-12)
     forced = {**record, "weight": 2.0}
@@ -307,6 +320,11 @@ def test_training_with_item_text_chooses_and_reloads_the_tfidf_blend(
     other = [*texts[:-1], texts[-1] + " " + texts[0]]
     with pytest.raises(CheckpointError, match="text_sha256 differs"):
         load_checkpoint(run / "best.pt", data["store"], data["sids"], None, item_text=other)
+    for bad, match in (({"version": 3}, "version 3; known: 1, 2"),
+                       ({"version": True}, "version True"), ({"min_df": 2.5}, "not an h2rec")):
+        set_checkpoint_blend(run / "best.pt", {**forced, **bad})
+        with pytest.raises(CheckpointError, match=match):
+            load_checkpoint(run / "best.pt", data["store"], data["sids"], None, item_text=texts)
     plain, _ = load_checkpoint(run / "best.pt", data["store"], data["sids"], None,
                                apply_blend=False, item_text=texts)
     assert getattr(plain, "text_blend", None) is None
@@ -356,3 +374,44 @@ def test_a_tfidf_blended_run_exports_what_outside_code_scores_with(
     want = [[rec.item_ids[r] for r in np.argsort(-s, kind="stable")[:5]] for s in scores]
     got = rec.recommend(hist, k=5)
     assert [list(g) for g in got] == want
+
+
+@pytest.mark.parametrize("protocol", ["full", "sampled"])
+def test_evaluation_with_the_tfidf_blend_matches_a_numpy_oracle(
+    data: dict[str, Any], protocol: str
+) -> None:
+    """Ranks of evaluate against numpy scores: inner products plus the text term."""
+    import dataclasses
+
+    from h2rec import _core
+    from h2rec.evaluate import eval_users
+
+    cfg = _cfg("model.kind=fusion")
+    ev = dataclasses.replace(cfg.eval, protocol=protocol, n_negatives=20)
+    seed_everything(0)
+    model = build_for(cfg, data["store"], data["sids"], None).eval()
+    blend.attach_rows(model, blend.text_rows(data["dataset"].item_text), 4.0)
+    got = evaluate(model, data["store"], "test", ev, cfg.model.max_len)
+    store = data["store"]
+    users = eval_users(store)
+    dense = _dense_rows(data["dataset"].item_text)
+    inputs, targets = store.eval_inputs(users, cfg.model.max_len, "test")
+    with torch.no_grad():
+        base = (model.user_states(torch.from_numpy(inputs)) @ model.all_item_vectors().T).double()
+    scores = base.numpy()
+    for b, row in enumerate(inputs):
+        q = sum(np.exp(-0.5 * k) * dense[int(x)] for k, x in enumerate(row[::-1]))
+        scores[b] += 4.0 * dense @ q
+    if protocol == "full":
+        h_off, h_items = store.histories(users, 1)
+        want = []
+        for b, t in enumerate(targets):
+            others = np.ones(scores.shape[1], dtype=bool)
+            others[[0, t, *h_items[h_off[b] : h_off[b + 1]]]] = False
+            want.append(int((scores[b, others] >= scores[b, t]).sum()))
+    else:
+        cands = _core.sample_candidates(store, users, targets, 20, ev.seed)
+        want = [int((scores[b, c[1:]] >= scores[b, c[0]]).sum()) for b, c in enumerate(cands)]
+    ranks = np.asarray(got.ranks)
+    assert (ranks == np.asarray(want)).mean() > 0.99  # float32 against float64 near-ties
+    assert ranks.tolist() != [0] * len(ranks)

@@ -103,12 +103,15 @@ def _csr(indptr: Tensor, indices: Tensor, data: Tensor, size: tuple[int, int]) -
 
 
 class TextScores(nn.Module):
-    """``beta * <q_u, t_i>`` for every item i (see the module doc), from left-padded inputs.
+    """``beta * <q_u, t_i>`` for every item i, or for given candidates (see the module doc),
+    from left-padded inputs.
 
-    Two sparse products per batch, ``Q^T = T^T W^T`` and ``S^T = T Q^T``, each costing
-    (non-zeros of T) x (users): on Beauty (12k items, 10 words an item) less than scoring the
-    users against 64-wide item vectors. Nothing is trained and nothing is added to the model's
-    ``state_dict``; each output row is summed in a fixed order, whatever the thread count."""
+    The profiles q (B, n_terms) gather the input items' rows; all items are then scored by one
+    sparse product ``T q^T``, costing (non-zeros of T) x (users): on Beauty (12k items, ten
+    words an item) less than scoring the users against 64-wide item vectors. Nothing is
+    trained and nothing is added to the model's ``state_dict``; every sum runs in a fixed
+    order, whatever the thread count. The rows stay on the CPU; the scores go to the input's
+    device."""
 
     def __init__(self, rows: TextRows, weight: float, decay: float = BLEND_DECAY) -> None:
         super().__init__()
@@ -116,33 +119,45 @@ class TextScores(nn.Module):
         self.weight = float(weight)
         self.decay = float(decay)
         self.n_rows = rows.n_rows
-        t = (rows.n_rows, rows.n_terms)
-        indptr = torch.from_numpy(rows.indptr.copy())
-        indices = torch.from_numpy(rows.indices.copy())
-        data = torch.from_numpy(rows.data.copy())
-        self._t = _csr(indptr, indices, data, t)
-        # the transpose, by a stable sort of the column ids
-        order = np.argsort(rows.indices, kind="stable")
-        counts = np.bincount(rows.indices, minlength=rows.n_terms)
-        t_indptr = np.zeros(rows.n_terms + 1, dtype=np.int64)
-        np.cumsum(counts, out=t_indptr[1:])
-        row_of = np.repeat(np.arange(rows.n_rows, dtype=np.int64), np.diff(rows.indptr))
-        self._tt = _csr(torch.from_numpy(t_indptr), torch.from_numpy(row_of[order]),
-                        torch.from_numpy(rows.data[order].copy()), (rows.n_terms, rows.n_rows))
+        self._indptr = torch.from_numpy(rows.indptr.copy())
+        self._indices = torch.from_numpy(rows.indices.copy())
+        self._data = torch.from_numpy(rows.data.copy())
+        self._t = _csr(self._indptr, self._indices, self._data, (rows.n_rows, rows.n_terms))
 
-    def forward(self, seq: Tensor) -> Tensor:
-        """seq (B, T) left-padded item rows -> (B, n_items + 1) float32 scores to add."""
+    def _entries(self, items: Tensor) -> tuple[Tensor, Tensor]:
+        """For the flat item rows ``items`` (M,): (which of the M each stored entry of their
+        rows belongs to, the entry's position in ``indices`` / ``data``), in row order."""
+        starts = self._indptr[items]
+        counts = self._indptr[items + 1] - starts
+        owner = torch.repeat_interleave(torch.arange(items.numel()), counts)
+        first = torch.cumsum(counts, 0) - counts  # where each item's entries begin
+        pos = starts[owner] + torch.arange(owner.numel()) - first[owner]
+        return owner, pos
+
+    def profiles(self, seq: Tensor) -> Tensor:
+        """seq (B, T) left-padded item rows (CPU) -> q (B, n_terms) float32."""
         b, t = seq.shape
-        device, seq = seq.device, seq.cpu()
         w = torch.exp(-self.decay * torch.arange(t - 1, -1, -1, dtype=torch.float32))  # (T,)
-        wt = torch.zeros(self.n_rows, b)  # W^T: user b's weight on item row r
-        cols = torch.arange(b).repeat_interleave(t)
-        wt.index_put_((seq.reshape(-1), cols), w.repeat(b), accumulate=True)
-        wt[0] = 0.0  # padding
-        qt = torch.sparse.mm(self._tt, wt)  # (n_terms, B)
-        del wt  # as large as the scores: not held while they are made
-        out = (torch.sparse.mm(self._t, qt) * self.weight).T.contiguous()
-        return out.to(device)  # the sparse rows stay on the CPU
+        owner, pos = self._entries(seq.reshape(-1))  # padding (row 0) has no entries
+        vals = self._data[pos] * w.repeat(b)[owner]
+        q = torch.zeros(b * self.rows.n_terms)
+        q.index_put_((owner // t * self.rows.n_terms + self._indices[pos],), vals, accumulate=True)
+        return q.view(b, self.rows.n_terms)
+
+    def forward(self, seq: Tensor, candidates: Tensor | None = None) -> Tensor:
+        """seq (B, T) left-padded item rows -> float32 scores to add: (B, n_items + 1) for every
+        item, or (B, C) for ``candidates`` (B, C) item rows."""
+        device, seq = seq.device, seq.cpu()
+        q = self.profiles(seq)  # (B, n_terms)
+        if candidates is None:
+            out = torch.sparse.mm(self._t, q.T.contiguous()).T  # (B, n_items + 1)
+        else:
+            cand = candidates.cpu()
+            b, c = cand.shape
+            owner, pos = self._entries(cand.reshape(-1))
+            vals = self._data[pos] * q[owner // c, self._indices[pos]]
+            out = torch.zeros(b * c).index_put_((owner,), vals, accumulate=True).view(b, c)
+        return (out * self.weight).contiguous().to(device)
 
 
 def blend_applies(
@@ -281,8 +296,11 @@ def choose(
 
 def is_outdated(record: dict[str, Any] | None, item_text: Sequence[str] | None) -> bool:
     """Whether a checkpoint's blend ``record`` is not what :func:`choose` would give it today:
-    none yet, or dense embeddings (version 1) where item text is there now."""
-    return record is None or (record.get("version") != BLEND_VERSION and has_text(item_text))
+    none yet, or dense embeddings (version 1) where the item text now gives TF-IDF rows."""
+    if record is None:
+        return True
+    return (record.get("version") != BLEND_VERSION and has_text(item_text)
+            and text_rows(item_text) is not None)
 
 
 def check_record(record: Any, where: str) -> dict[str, Any]:
@@ -290,11 +308,19 @@ def check_record(record: Any, where: str) -> dict[str, Any]:
     weight >= 0, decay >= 0, the hash of its text."""
     try:
         version = record.get("version")
-        ok = record.get("format") == BLEND_FORMAT and version in (1, BLEND_VERSION)
+        if record.get("format") != BLEND_FORMAT or type(version) is not int or version not in (
+            1, BLEND_VERSION
+        ):
+            raise CheckpointError(
+                f"{where}: not an h2rec text blend this h2rec reads (format "
+                f"{record.get('format')!r}, version {version!r}; known: 1, {BLEND_VERSION})"
+            )
+        ok = True
         weight, decay = float(record["weight"]), float(record["decay"])
         digest = record["embeddings_sha256" if version == 1 else "text_sha256"]
         if version == BLEND_VERSION:
-            ok = ok and record["kind"] == "tfidf" and int(record["min_df"]) >= 1
+            min_df = record["min_df"]
+            ok = record["kind"] == "tfidf" and type(min_df) is int and min_df >= 1
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise CheckpointError(f"{where}: not a readable text blend: {err!r}") from err
     if not ok or not (np.isfinite(weight) and np.isfinite(decay) and weight >= 0 and decay >= 0):
@@ -335,8 +361,8 @@ def apply_record(
         if embeddings is None:
             raise ConfigError(
                 f"{where}: the run scores with a text blend, which needs the item embeddings it "
-                "was chosen with: give data.embeddings (--embeddings) or keep the dataset's "
-                "embeddings.npy"
+                "was chosen with: give data.embeddings (--embeddings), keep the dataset's "
+                f"embeddings.npy, or {again}"
             )
         if embeddings_digest(embeddings) != record["embeddings_sha256"]:
             raise CheckpointError(
@@ -345,11 +371,16 @@ def apply_record(
             )
         attach(model, embeddings, weight, float(record["decay"]))
         return weight
-    rows = text_rows(item_text, int(record["min_df"])) if has_text(item_text) else None
-    if rows is None:
+    if not has_text(item_text):
         raise ConfigError(
             f"{where}: the run scores with a text blend, which needs the item text of its "
             "dataset (items.parquet), and none was given"
+        )
+    rows = text_rows(item_text, int(record["min_df"]))  # type: ignore[arg-type]
+    if rows is None:
+        raise CheckpointError(
+            f"{where}: its text blend was chosen with other item text: no word of the text "
+            f"given is in {record['min_df']} items or more; {again}"
         )
     if rows.digest() != record["text_sha256"]:
         raise CheckpointError(

@@ -192,11 +192,14 @@ def _device_of(model: ScoringModel) -> torch.device:
     return torch.device("cpu")
 
 
-def added_scores(model: Any, seq: torch.Tensor) -> torch.Tensor | None:
-    """Scores (B, N + 1) to add to the inner products ``states @ items.T`` of left-padded
-    inputs (B, T): the sparse text blend of h2rec.blend, when the model carries one."""
+def added_scores(
+    model: Any, seq: torch.Tensor, candidates: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """Scores to add to the inner products of left-padded inputs (B, T) with every item
+    (B, N + 1), or with ``candidates`` (B, C): the sparse text blend of h2rec.blend, when the
+    model carries one."""
     term = getattr(model, "text_blend", None)
-    return None if term is None else term(seq).float()
+    return None if term is None else term(seq, candidates).float()
 
 
 def states_of(model: Any, seq: torch.Tensor) -> torch.Tensor:
@@ -505,8 +508,8 @@ def evaluate(
             targets[pos] = tgt
             seq = torch.from_numpy(_trim(inputs)).to(device)
             states = states_of(model, seq)  # (B, E)
-            added = added_scores(model, seq)  # (B, N + 1) or None
             if cfg.protocol == "full":
+                added = added_scores(model, seq)  # (B, N + 1) or None
                 assert items_all is not None
                 h_off = h_items = None
                 if cfg.exclude_history:
@@ -522,8 +525,9 @@ def evaluate(
                 cand_t = torch.from_numpy(cands).to(device)  # (B, 1 + n)
                 vecs = model.item_vectors(cand_t).float()  # (B, 1 + n, E)
                 scores = (states.unsqueeze(1) * vecs).sum(-1)  # (B, 1 + n)
+                added = added_scores(model, seq, cand_t)  # (B, 1 + n) or None
                 if added is not None:
-                    scores = scores + added.gather(1, cand_t)
+                    scores = scores + added
                 competing = torch.ones_like(scores, dtype=torch.bool)
                 competing[:, 0] = False
                 ranks[pos] = ranks_against(scores, scores[:, 0], competing).cpu().numpy()

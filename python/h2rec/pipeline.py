@@ -23,6 +23,7 @@ import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -230,7 +231,7 @@ def compare_runs(
     from h2rec.report import write_report
     from h2rec.blend import blend_applies
     from h2rec.blend import choose as choose_blend
-    from h2rec.blend import detach as detach_blend
+    from h2rec.blend import apply_record as apply_blend
     from h2rec.blend import is_outdated
     from h2rec.blend import write_copy as write_blend_copy
     from h2rec.train import load_checkpoint
@@ -247,7 +248,7 @@ def compare_runs(
             logger.info("loading finished run %s", run_dir)
             model, saved = load_checkpoint(
                 run_dir / "best.pt", dataset.store, sids, embeddings, device_for(kcfg),
-                dataset.item_fingerprint, item_text=dataset.item_text,
+                dataset.item_fingerprint, apply_blend=False,
             )
             if saved.model != kcfg.model:  # e.g. trained before a default changed
                 diff = [f"model.{f.name}: {getattr(saved.model, f.name)!r} -> "
@@ -257,16 +258,20 @@ def compare_runs(
                     f"{run_dir}: holds a finished {kind} run with other model settings "
                     f"({', '.join(diff[:4])}); add --overwrite to train it again"
                 )
+            saved_blend = checkpoint_blend(run_dir / "best.pt")
             if not blend_applies(kcfg, embeddings, dataset.item_text):
-                detach_blend(model)  # asked for without it (train.text_blend=off)
-            elif is_outdated(checkpoint_blend(run_dir / "best.pt"), dataset.item_text):
+                pass  # asked for without it (train.text_blend=off)
+            elif is_outdated(saved_blend, dataset.item_text):
                 # finished before the text blend (or its TF-IDF rows) existed: choose it now,
                 # as h2rec blend --overwrite does
-                record = choose_blend(model, embeddings, lambda m: evaluate(
-                    m, dataset.store, "valid", kcfg.eval, kcfg.model.max_len),
-                    dataset.item_text)
+                record = choose_blend(model, embeddings, partial(
+                    evaluate, store=dataset.store, split="valid", cfg=kcfg.eval,
+                    max_len=kcfg.model.max_len), dataset.item_text)
                 set_checkpoint_blend(run_dir / "best.pt", record)
                 write_blend_copy(run_dir, record)
+            else:
+                apply_blend(model, saved_blend, embeddings, str(run_dir / "best.pt"),
+                            dataset.item_text)
             test = evaluate(model, dataset.store, "test", kcfg.eval, kcfg.model.max_len)
         else:
             test = train_run(kcfg, dataset, sids, embeddings, run_dir, False, overwrite).test

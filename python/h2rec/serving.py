@@ -284,7 +284,8 @@ def iter_histories(
 class UserEncoder(nn.Module):
     """The part of a model a service runs: left-padded item rows (B, max_len) int64 (0 =
     padding, item ``r`` of the export's ``item_ids`` is row ``r + 1``) -> user vectors (B, E)
-    float32, to score against the export's ``items.npy`` by inner product."""
+    float32, to score against the export's ``items.npy`` by inner product (plus, for a run
+    with a sparse text blend, the term the export's ``text_rows.npz`` gives)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -600,7 +601,8 @@ class Recommender:
     @torch.inference_mode()
     def item_vectors(self) -> dict[str, np.ndarray]:
         """The item tables (n_items, ·) float32, row ``r`` = item ``item_ids[r]``: ``items``
-        (what the score uses: user vector @ items.T), and ``hid`` / ``sid`` where the model has
+        (what the score uses: user vector @ items.T, plus a sparse text blend's term where the
+        run has one, h2rec.blend), and ``hid`` / ``sid`` where the model has
         them (fusion's and, by default, H2Rec's ``items`` is hid + sid; H2Rec's is [hid ; sid]
         with ``model.item_score=paired``)."""
         model = self.model
@@ -621,8 +623,9 @@ class Recommender:
         ``torch.export`` program, ``torch.export.load(path).module()``: int64 (B, max_len)
         left-padded item rows -> float32 (B, E)), ``items.npy
         (n_items, E) and ``hid.npy`` / ``sid.npy`` where the model has them, ``item_ids.json``
-        (row r of the tables), ``manifest.json``, and with ``faiss`` an inner-product index
-        ``items.faiss`` of ``items.npy``. The encoder is checked after loading it back: its
+        (row r of the tables), ``manifest.json``, for a run with a sparse text blend its rows
+        ``text_rows.npz`` (the manifest gives the score), and with ``faiss`` an inner-product
+        index ``items.faiss`` of ``items.npy`` (the inner-product part of the score only). The encoder is checked after loading it back: its
         scores match the model's. The folder appears whole or not at all."""
         out = Path(out)
         check_output_dir(out, "export", overwrite)
@@ -670,7 +673,8 @@ class Recommender:
                         "encoder(input) @ items.T + weight * (q @ T.T), T the CSR rows of "
                         "text_rows.npz (row r: item_ids[r]) and q = sum over k of "
                         "exp(-decay * k) * T[row of the item k steps before the last]; row r "
-                        "of items.npy is item_ids[r]"
+                        "of items.npy is item_ids[r]; items.faiss, when written, holds the "
+                        "inner-product part only"
                     )
                 (work / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", "utf8")
                 swap_in(work, out)
@@ -693,10 +697,10 @@ class Recommender:
         shape = np.array([rows.n_rows - 1, rows.n_terms], dtype=np.int64)
         np.savez(work / "text_rows.npz", indptr=indptr, indices=rows.indices, data=rows.data,
                  shape=shape)
-        saved = np.load(work / "text_rows.npz")
         seq = self._example_inputs(37, 2)
         want = term(seq).numpy()[:, 1:]
-        got = _text_scores_numpy(seq.numpy(), saved, term.weight, term.decay)
+        with np.load(work / "text_rows.npz") as saved:
+            got = _text_scores_numpy(seq.numpy(), saved, term.weight, term.decay)
         err = float(np.abs(got - want).max())
         if not np.isfinite(err) or err > 1e-4 * (float(np.abs(want).max()) + 1e-6):
             raise OutputError(f"text_rows.npz does not reproduce the text blend's scores "

@@ -526,9 +526,11 @@ def _to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
 
 def blend_weight(model: Any) -> float:
     """The weight of the text blend attached to ``model`` (h2rec.blend); 0 without one."""
+    if getattr(model, "text_blend", None) is not None:  # the TF-IDF rows
+        return float(model.text_blend.weight)
     if getattr(model, "_blend_base_dim", None) is None:
         return 0.0
-    return float(model.text_match.fixed)
+    return float(model.text_match.fixed)  # dense embeddings (version 1)
 
 
 def _model_name(cfg: RunConfig) -> str:
