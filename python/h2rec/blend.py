@@ -135,29 +135,32 @@ class TextScores(nn.Module):
         return owner, pos
 
     def profiles(self, seq: Tensor) -> Tensor:
-        """seq (B, T) left-padded item rows (CPU) -> q (B, n_terms) float32."""
+        """seq (B, T) left-padded item rows (CPU) -> q^T (n_terms, B) float32: each column
+        one user's decayed sum of the rows of their items."""
         b, t = seq.shape
         w = torch.exp(-self.decay * torch.arange(t - 1, -1, -1, dtype=torch.float32))  # (T,)
         owner, pos = self._entries(seq.reshape(-1))  # padding (row 0) has no entries
         vals = self._data[pos] * w.repeat(b)[owner]
-        q = torch.zeros(b * self.rows.n_terms)
-        q.index_put_((owner // t * self.rows.n_terms + self._indices[pos],), vals, accumulate=True)
-        return q.view(b, self.rows.n_terms)
+        qt = torch.zeros(self.rows.n_terms * b)
+        qt.index_put_((self._indices[pos] * b + owner // t,), vals, accumulate=True)
+        return qt.view(self.rows.n_terms, b)
 
     def forward(self, seq: Tensor, candidates: Tensor | None = None) -> Tensor:
         """seq (B, T) left-padded item rows -> float32 scores to add: (B, n_items + 1) for every
-        item, or (B, C) for ``candidates`` (B, C) item rows."""
+        item (laid out as the transpose of an (n_items + 1, B) matrix, as h2rec.evaluate's
+        score_matrix makes the scores it is added to), or (B, C) for ``candidates`` (B, C)
+        item rows."""
         device, seq = seq.device, seq.cpu()
-        q = self.profiles(seq)  # (B, n_terms)
+        qt = self.profiles(seq) * self.weight  # (n_terms, B): weighed here, where it is small
         if candidates is None:
-            out = torch.sparse.mm(self._t, q.T.contiguous()).T  # (B, n_items + 1)
+            out = torch.sparse.mm(self._t, qt).T  # (B, n_items + 1)
         else:
             cand = candidates.cpu()
             b, c = cand.shape
             owner, pos = self._entries(cand.reshape(-1))
-            vals = self._data[pos] * q[owner // c, self._indices[pos]]
+            vals = self._data[pos] * qt[self._indices[pos], owner // c]
             out = torch.zeros(b * c).index_put_((owner,), vals, accumulate=True).view(b, c)
-        return (out * self.weight).contiguous().to(device)
+        return out.to(device)
 
 
 def blend_applies(
