@@ -273,11 +273,17 @@ def test_time_to_quality(benchmark, beauty: dict[str, Any], tmp_path: Path, kind
 
 
 @pytest.mark.parametrize("device_name", DEVICES)
-@pytest.mark.parametrize("kind", ["sasrec", "h2rec"])
+@pytest.mark.parametrize("kind", ["sasrec", "h2rec", "h2rec+blend"])
 def test_full_ranking_evaluation(benchmark, beauty: dict[str, Any], kind: str, device_name: str) -> None:
-    cfg = apply_overrides(RunConfig(), [f"model.kind={kind}"])
+    """``h2rec+blend``: with the text blend over the items' TF-IDF rows (weight 3), as a
+    trained H2Rec run scores by default."""
+    from h2rec import blend
+
+    cfg = apply_overrides(RunConfig(), [f"model.kind={kind.split('+')[0]}"])
     seed_everything(0)
     model = build_for(cfg, beauty["store"], beauty["sids"], None).to(torch.device(device_name))
+    if kind.endswith("+blend"):
+        blend.attach_rows(model, blend.text_rows(beauty["dataset"].item_text), 3.0)
     users = eval_users(beauty["store"])
     if EVAL_USERS:
         users = users[:EVAL_USERS]
