@@ -278,8 +278,21 @@ def test_stage_commands_chain_into_train(
 def test_recommend_split_export_reproduces_the_metrics(
     pipeline: dict[str, Any], tmp_path: Path, split: str
 ) -> None:
-    # an outside scorer: HR@K and NDCG@K from the exported lists with a few lines of numpy
-    run = pipeline["base"] / "h2rec"
+    # an outside scorer: HR@K and NDCG@K from the exported lists with a few lines of numpy,
+    # on a copy of the run that scores with a text blend (the default), of weight 2 here
+    import shutil
+
+    from h2rec import blend
+    from h2rec.data import load_dataset
+    from h2rec.train.checkpoint import checkpoint_blend, set_checkpoint_blend
+
+    run = tmp_path / "h2rec"
+    shutil.copytree(pipeline["base"] / "h2rec", run)
+    record = checkpoint_blend(run / "best.pt")
+    assert record is not None and record["version"] == 2
+    data = json.loads((run / "config.json").read_text())["data"]["path"]
+    rows = blend.text_rows(load_dataset(data).item_text)
+    set_checkpoint_blend(run / "best.pt", {**record, "weight": 2.0, "text_sha256": rows.digest()})
     out = tmp_path / "recs.parquet"
     assert main(["recommend", str(run), "--split", split, "--out", str(out), "-k", "20"]) == 0
     assert main(["evaluate", str(run), "--split", split, "--out", str(tmp_path / "m.json")]) == 0
