@@ -263,19 +263,74 @@ def _cell(values: list[float]) -> str:
     return f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}"
 
 
+def current_rows(
+    results: Path, name: str, extra: list[str] | None = None
+) -> tuple[list[dict], list[str]]:
+    """The result files of dataset ``name`` made with today's settings of the table (with
+    ``extra`` overrides), and the names of those left out."""
+    files = sorted(f for f in (results / name).glob("*-s*.json") if not f.name.startswith("."))
+    rows = [json.loads(f.read_text()) for f in files]
+    current = [is_current(r, sets_for(name, r.get("model", ""), r.get("seed", 0), extra or []))
+               for r in rows]
+    stale = [f.name for f, ok in zip(files, current) if not ok]
+    return [r for r, ok in zip(rows, current) if ok], stale
+
+
+def plot(results: Path, out: Path, extra: list[str] | None = None) -> None:
+    """Test NDCG@10 by the target's training popularity, per dataset with results: each model's
+    mean over its seeds (error bars: the std), and its ratio to SASRec's mean."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    from h2rec.report import atomic_writer
+
+    sets = {name: current_rows(results, name, extra)[0] for name in DATASETS}
+    sets = {name: rows for name, rows in sets.items() if rows}
+    if not sets:
+        raise SystemExit(f"--plot: no current result in {results}")
+    fig = Figure(figsize=(11, 3.6 * len(sets)))
+    for d, (name, rows) in enumerate(sets.items()):
+        labels = list(rows[0]["buckets"])
+        models = [m for m in MODELS if any(r["model"] == m for r in rows)]
+        ax_abs = fig.add_subplot(len(sets), 2, 2 * d + 1)
+        ax_rel = fig.add_subplot(len(sets), 2, 2 * d + 2)
+        width = 0.8 / len(models)
+
+        def per_bucket(model: str) -> np.ndarray:  # (seeds, buckets)
+            return np.array([[r["full"]["groups"][f"pop_{b}"]["NDCG@10"] for b in labels]
+                             for r in rows if r["model"] == model])
+
+        ref = per_bucket("sasrec").mean(axis=0) if "sasrec" in models else None
+        for i, model in enumerate(models):
+            vals = per_bucket(model)
+            xs = [j + (i - (len(models) - 1) / 2) * width for j in range(len(labels))]
+            err = vals.std(axis=0, ddof=1) if len(vals) > 1 else None
+            color = f"C{MODELS.index(model)}"  # one colour per model in every panel
+            ax_abs.bar(xs, vals.mean(axis=0), width=width, yerr=err, color=color,
+                       label=f"{model} (n={len(vals)})")
+            if ref is not None:
+                ax_rel.bar(xs, vals.mean(axis=0) / ref, width=width, color=color, label=model)
+        n_users = {b: rows[0]["full"]["groups"][f"pop_{b}"]["n"] for b in labels}
+        for ax, title in ((ax_abs, f"{name}: test NDCG@10"),
+                          (ax_rel, f"{name}: NDCG@10 / SASRec's")):
+            ax.set_xticks(range(len(labels)))
+            ax.set_xticklabels([f"{b}\n(n={n_users[b]})" for b in labels])
+            ax.set_xlabel("target's training popularity")
+            ax.set_title(title)
+        ax_rel.axhline(1.0, color="black", linewidth=0.8)
+        ax_abs.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_writer(out, lambda f: fig.savefig(f, format="png", dpi=110))
+
+
 def summary(results: Path, extra: list[str] | None = None) -> str:
     """Markdown tables (one per dataset) of mean ± std over the seeds found that hold today's
     settings of the table (with ``extra`` overrides)."""
     lines: list[str] = []
     for name in DATASETS:
-        files = sorted(f for f in (results / name).glob("*-s*.json") if not f.name.startswith("."))
-        if not files:
-            continue
-        rows = [json.loads(f.read_text()) for f in files]
-        current = [is_current(r, sets_for(name, r.get("model", ""), r.get("seed", 0),
-                                          extra or [])) for r in rows]
-        stale = [f.name for f, ok in zip(files, current) if not ok]
-        rows = [r for r, ok in zip(rows, current) if ok]
+        rows, stale = current_rows(results, name, extra)
         if stale:
             lines += [f"({name}: left out, made with other settings than today's: "
                       f"{', '.join(stale)})", ""]
@@ -331,9 +386,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0,
                    help="train.num_threads per run (default: 1 with several workers, else 0)")
     p.add_argument("--summary", action="store_true", help="print the tables of finished runs")
+    p.add_argument("--plot", default="",
+                   help="with --summary: write the per-bucket PNG of the test tables here")
     args = p.parse_args(argv)
     if args.summary:
         print(summary(Path(args.results), args.set))
+        if args.plot:
+            plot(Path(args.results), Path(args.plot), args.set)
         return 0
     i, n = (int(v) for v in args.worker.split("/"))
     threads = args.threads or (1 if n > 1 else 0)

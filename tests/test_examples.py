@@ -65,3 +65,35 @@ def test_a_result_is_current_only_with_todays_settings() -> None:
     gone["train"]["no_such_setting"] = 1
     assert "unreadable" in rt.settings_of(gone)
     assert not rt.is_current({"set": [*sets, "train.no_such_setting=1"], "settings": result["settings"]})
+
+
+def test_summary_and_plot_read_only_todays_results(tmp_path: Path) -> None:
+    rt = _results_table()
+    buckets = ["1-9", "10-29"]
+
+    def result(model: str, seed: int, ndcg: list[float], extra: list[str]) -> dict:
+        sets = rt.sets_for("beauty", model, seed, extra, threads=1)
+        groups = {f"pop_{b}": {"NDCG@10": v, "n": 5} for b, v in zip(buckets, ndcg)}
+        groups.update(head={"NDCG@10": 0.2}, tail={"NDCG@10": 0.1})
+        full = {"metrics": {"NDCG@10": sum(ndcg) / 2, "HR@10": 0.3}, "groups": groups}
+        res = {"dataset": "beauty", "model": model, "seed": seed, "set": sets,
+               "settings": rt.settings_for(sets), "buckets": buckets, "full": full,
+               "sampled": {"metrics": {"NDCG@10": 0.5, "HR@10": 0.7}, "groups": {}}}
+        if rt.needs_blend(sets):
+            res["text_blend"] = {"version": 2, "kind": "tfidf", "weight": 3.0}
+        return res
+
+    out = tmp_path / "beauty"
+    out.mkdir()
+    files = {"sasrec-s0": result("sasrec", 0, [0.1, 0.2], []),
+             "sasrec-s1": result("sasrec", 1, [0.3, 0.4], []),
+             "h2rec-s0": result("h2rec", 0, [0.2, 0.2], []),
+             "h2rec-s1": result("h2rec", 1, [0.9, 0.9], ["model.dropout=0.3"])}  # not today's
+    for name, res in files.items():
+        (out / f"{name}.json").write_text(json.dumps(res))
+    text = rt.summary(tmp_path)
+    assert "left out" in text and "h2rec-s1.json" in text
+    assert "| sasrec | 2 | 0.2500 ± 0.1414 |" in text and "| h2rec | 1 | 0.2000 |" in text
+    png = tmp_path / "buckets.png"
+    rt.plot(tmp_path, png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
