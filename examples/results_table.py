@@ -17,11 +17,14 @@ first use, with TF-IDF embeddings and the default 3 x 256 Semantic IDs.
         --results examples/results/test --worker 0/2 &
     python examples/results_table.py --shared ../shared/data --work runs/results \\
         --results examples/results/test --worker 1/2 &
-    python examples/results_table.py --results examples/results/test --summary
+    python examples/results_table.py --results examples/results/test --summary \\
+        --plot examples/results/test/buckets.png
 
 The summary gives mean +- std over the seeds found (n = how many), overall, head and tail items,
 the popularity buckets, short and long users, the sampled protocol, and the Semantic IDs'
-collision share and codebook usage. Tune on validation (examples/tune_beauty.py), never here.
+collision share and codebook usage; ``--plot`` draws the popularity buckets of every dataset
+(mean and std over seeds, and the ratio to SASRec). Tune on validation (examples/tune_beauty.py),
+never here.
 """
 
 from __future__ import annotations
