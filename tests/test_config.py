@@ -137,5 +137,6 @@ def test_the_papers_setting_ships_as_a_config_file() -> None:
     assert (cfg.train.loss, cfg.train.n_negatives, cfg.train.loss_scale) == ("bce", 1, "batch")
     assert (cfg.model.kind, cfg.model.max_len, cfg.train.batch_size) == ("h2rec", 200, 256)
     assert cfg.model.causal  # the leak of the paper's mask-free training is refused
+    assert cfg.train.text_blend == "off"  # the paper scores with the model alone
     default = load_config()
     assert default.train.loss != cfg.train.loss  # the defaults use the loss that wins
