@@ -8,15 +8,21 @@ from pathlib import Path
 
 from h2rec.config import RunConfig, apply_overrides, config_to_dict
 
+from conftest import QUICK_TRAIN, small_builtin
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _results_table():
-    spec = importlib.util.spec_from_file_location("results_table", ROOT / "examples" / "results_table.py")
+def _example(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def _results_table():
+    return _example("results_table")
 
 
 def test_a_result_is_current_only_with_todays_settings() -> None:
@@ -97,3 +103,37 @@ def test_summary_and_plot_read_only_todays_results(tmp_path: Path) -> None:
     png = tmp_path / "buckets.png"
     rt.plot(tmp_path, png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_blend_any_model_chooses_on_validation_and_leaves_the_run_alone(tmp_path: Path) -> None:
+    """A SASRec run with the text blend added: the weight is validation's best, the test
+    figures are those of the run scored with it, and the checkpoint is not written."""
+    import numpy as np
+
+    from h2rec import blend
+    from h2rec.cli import main
+    from h2rec.evaluate import evaluate
+    from h2rec.runs import load_run
+
+    data = small_builtin(tmp_path / "d", n_users=200, n_items=120, seed=1, emb_dim=24, levels=2,
+                         codebook=8, n_iter=8, save=True)
+    args = ["train", str(data["path"]), "--name", "sas", "--output-dir", str(tmp_path / "runs"),
+            "--set", "model.kind=sasrec"]
+    for s in ["model.hidden=16", "model.max_len=12", *QUICK_TRAIN, "train.epochs=2"]:
+        args += ["--set", s]
+    assert main(args) == 0
+    run = tmp_path / "runs" / "sas"
+    before = (run / "best.pt").read_bytes()
+    ex = _example("blend_any_model")
+    assert ex.main([str(run), "--out", str(tmp_path / "out"), "--threads", "1"]) == 0
+    res = json.loads((tmp_path / "out" / "sasrec-s0.json").read_text())
+    assert (run / "best.pt").read_bytes() == before
+    table = res["valid_ndcg10"]
+    assert set(table) == {f"{w:g}" for w in blend.BLEND_GRID}
+    assert table[f"{res['weight']:g}"] == max(table.values())
+    model, cfg, ds = load_run(run, apply_blend=False)
+    if res["weight"] > 0:
+        blend.attach_rows(model, blend.text_rows(ds.item_text), res["weight"])
+    want = evaluate(model, ds.store, "test", cfg.eval, cfg.model.max_len)
+    assert np.isclose(res["test"]["NDCG@10"], want.metrics["NDCG@10"], rtol=0, atol=1e-12)
+    assert "| sasrec | 1 |" in ex.summary(tmp_path / "out")
