@@ -27,13 +27,21 @@ def blend_run(run: Path, threads: int) -> dict:
     import h2rec  # noqa: F401  (before torch: the thread and wait settings)
     import torch
 
+    overrides = [f"train.num_threads={threads}"] if threads else []
+    before = torch.get_num_threads()
+    try:
+        if threads:
+            torch.set_num_threads(threads)
+        return _blend_run(run, overrides)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _blend_run(run: Path, overrides: list[str]) -> dict:
     from h2rec import blend
     from h2rec.evaluate import evaluate
     from h2rec.runs import load_run
 
-    overrides = [f"train.num_threads={threads}"] if threads else []
-    if threads:
-        torch.set_num_threads(threads)
     model, cfg, ds = load_run(run, overrides=overrides, apply_blend=False)
     blend.detach(model)
 
@@ -44,7 +52,8 @@ def blend_run(run: Path, threads: int) -> dict:
     if record is None:
         raise SystemExit(f"{run}: its dataset's items have no text a blend could use")
     test = evaluate(model, ds.store, "test", cfg.eval, cfg.model.max_len)
-    groups = {g: m["NDCG@10"] for g, m in test.groups.items() if m is not None}
+    groups = {g: m["NDCG@10"] for g, m in test.groups.items()
+              if m is not None and m.get("NDCG@10") is not None}  # an empty group has none
     return {"run": str(run), "model": cfg.model.kind, "seed": cfg.train.seed,
             "weight": record["weight"], "valid_ndcg10": record["valid_ndcg10"],
             "test": {"NDCG@10": test.metrics["NDCG@10"], "HR@10": test.metrics["HR@10"],
@@ -59,7 +68,10 @@ def summary(folder: Path) -> str:
     for model in sorted({r["model"] for r in rows}):
         mine = [r for r in rows if r["model"] == model]
 
-        def cell(values: list[float]) -> str:
+        def cell(values: list[float | None]) -> str:
+            values = [v for v in values if v is not None]
+            if not values:
+                return "-"
             if len(values) == 1:
                 return f"{values[0]:.4f}"
             return f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}"
@@ -69,8 +81,8 @@ def summary(folder: Path) -> str:
         out.append(
             f"| {model} | {len(mine)} | {weights} | "
             f"{cell([x['NDCG@10'] for x in t])} | {cell([x['HR@10'] for x in t])} | "
-            f"{cell([x['groups_ndcg10']['head'] for x in t])} | "
-            f"{cell([x['groups_ndcg10']['tail'] for x in t])} |"
+            f"{cell([x['groups_ndcg10'].get('head') for x in t])} | "
+            f"{cell([x['groups_ndcg10'].get('tail') for x in t])} |"
         )
     return "\n".join(out)
 

@@ -34,7 +34,9 @@ import json
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -294,38 +296,51 @@ def plot(results: Path, out: Path, extra: list[str] | None = None) -> None:
     if not sets:
         raise SystemExit(f"--plot: no current result in {results}")
     fig = Figure(figsize=(11, 3.6 * len(sets)))
-    for d, (name, rows) in enumerate(sets.items()):
-        labels = list(rows[0]["buckets"])
-        models = [m for m in MODELS if any(r["model"] == m for r in rows)]
-        ax_abs = fig.add_subplot(len(sets), 2, 2 * d + 1)
-        ax_rel = fig.add_subplot(len(sets), 2, 2 * d + 2)
-        width = 0.8 / len(models)
-
-        def per_bucket(model: str) -> np.ndarray:  # (seeds, buckets)
-            return np.array([[r["full"]["groups"][f"pop_{b}"]["NDCG@10"] for b in labels]
-                             for r in rows if r["model"] == model])
-
-        ref = per_bucket("sasrec").mean(axis=0) if "sasrec" in models else None
-        for i, model in enumerate(models):
-            vals = per_bucket(model)
-            xs = [j + (i - (len(models) - 1) / 2) * width for j in range(len(labels))]
-            err = vals.std(axis=0, ddof=1) if len(vals) > 1 else None
-            color = f"C{MODELS.index(model)}"  # one colour per model in every panel
-            ax_abs.bar(xs, vals.mean(axis=0), width=width, yerr=err, color=color,
-                       label=f"{model} (n={len(vals)})")
-            if ref is not None:
-                ax_rel.bar(xs, vals.mean(axis=0) / ref, width=width, color=color, label=model)
-        n_users = {b: rows[0]["full"]["groups"][f"pop_{b}"]["n"] for b in labels}
-        for ax, title in ((ax_abs, f"{name}: test NDCG@10"),
-                          (ax_rel, f"{name}: NDCG@10 / SASRec's")):
-            ax.set_xticks(range(len(labels)))
-            ax.set_xticklabels([f"{b}\n(n={n_users[b]})" for b in labels])
-            ax.set_xlabel("target's training popularity")
-            ax.set_title(title)
-        ax_rel.axhline(1.0, color="black", linewidth=0.8)
-        ax_abs.legend(fontsize=8)
+    with warnings.catch_warnings():  # an empty bucket: NaN bars, not "mean of empty slice"
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for d, (name, rows) in enumerate(sets.items()):
+            _plot_dataset(fig, len(sets), d, name, rows)
     fig.tight_layout()
     atomic_writer(out, lambda f: fig.savefig(f, format="png", dpi=110))
+
+
+def _plot_dataset(fig: Any, n_sets: int, d: int, name: str, rows: list[dict]) -> None:
+    """Row ``d`` of the figure: dataset ``name``'s buckets and their ratio to SASRec."""
+    labels = list(rows[0]["buckets"])
+    rows = [r for r in rows if list(r["buckets"]) == labels]  # the same buckets only
+    models = [m for m in MODELS if any(r["model"] == m for r in rows)]
+    ax_abs = fig.add_subplot(n_sets, 2, 2 * d + 1)
+    ax_rel = fig.add_subplot(n_sets, 2, 2 * d + 2)
+    width = 0.8 / len(models)
+
+    def value(r: dict, b: str, key: str) -> float:  # NaN for a missing or empty group
+        v = (r["full"]["groups"].get(f"pop_{b}") or {}).get(key)
+        return float("nan") if v is None else float(v)
+
+    def per_bucket(model: str) -> np.ndarray:  # (seeds, buckets)
+        return np.array([[value(r, b, "NDCG@10") for b in labels]
+                         for r in rows if r["model"] == model])
+
+    ref = np.nanmean(per_bucket("sasrec"), axis=0) if "sasrec" in models else None
+    for i, model in enumerate(models):
+        vals = per_bucket(model)
+        mean = np.nanmean(vals, axis=0)
+        xs = [j + (i - (len(models) - 1) / 2) * width for j in range(len(labels))]
+        err = np.nanstd(vals, axis=0, ddof=1) if len(vals) > 1 else None
+        color = f"C{MODELS.index(model)}"  # one colour per model in every panel
+        ax_abs.bar(xs, mean, width=width, yerr=err, color=color,
+                   label=f"{model} (n={len(vals)})")
+        if ref is not None:
+            ax_rel.bar(xs, mean / ref, width=width, color=color, label=model)
+    n_users = {b: value(rows[0], b, "n") for b in labels}
+    for ax, title in ((ax_abs, f"{name}: test NDCG@10"),
+                      (ax_rel, f"{name}: NDCG@10 / SASRec's")):
+        ax.set_xticks(range(len(labels)))
+        ax.set_xticklabels([f"{b}\n(n={n_users[b]:.0f})" for b in labels])
+        ax.set_xlabel("target's training popularity")
+        ax.set_title(title)
+    ax_rel.axhline(1.0, color="black", linewidth=0.8)
+    ax_abs.legend(fontsize=8)
 
 
 def summary(results: Path, extra: list[str] | None = None) -> str:

@@ -274,6 +274,26 @@ def test_tfidf_blend_adds_the_decayed_text_similarity_to_every_score(
     finally:
         torch.set_num_threads(before)
     np.testing.assert_array_equal(got[1], got[2])
+    # and on rows of many words, where a thread split of the sums would show in the last bits
+    rng = np.random.default_rng(0)
+    n_items, n_terms = 3000, 4000
+    nnz = rng.integers(5, 40, size=n_items)
+    indptr = np.concatenate([[0, 0], np.cumsum(nnz)]).astype(np.int64)
+    indices = np.concatenate([np.sort(rng.choice(n_terms, k, replace=False)) for k in nnz])
+    wide = blend.TextRows(indptr, indices.astype(np.int64),
+                          rng.random(indices.size).astype(np.float32), n_terms)
+    term = blend.TextScores(wide, 1.0)
+    seq = torch.from_numpy(rng.integers(0, n_items + 1, size=(256, 50)))
+    cand = torch.from_numpy(rng.integers(1, n_items + 1, size=(256, 30)))
+    try:
+        outs = {}
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            outs[threads] = (term(seq).numpy(), term(seq, cand).numpy())
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(outs[1], outs[2]):
+        np.testing.assert_array_equal(a, b)
     # recommendation ranks by inner product plus the term, history excluded
     users = np.arange(0, 40)
     top, _ = recommend_top_k(model, data["store"], users, 5, cfg.model.max_len)

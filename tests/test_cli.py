@@ -292,7 +292,8 @@ def test_recommend_split_export_reproduces_the_metrics(
     assert record is not None and record["version"] == 2
     data = json.loads((run / "config.json").read_text())["data"]["path"]
     rows = blend.text_rows(load_dataset(data).item_text)
-    set_checkpoint_blend(run / "best.pt", {**record, "weight": 2.0, "text_sha256": rows.digest()})
+    assert rows is not None and rows.digest() == record["text_sha256"]
+    set_checkpoint_blend(run / "best.pt", {**record, "weight": 2.0})
     out = tmp_path / "recs.parquet"
     assert main(["recommend", str(run), "--split", split, "--out", str(out), "-k", "20"]) == 0
     assert main(["evaluate", str(run), "--split", split, "--out", str(tmp_path / "m.json")]) == 0

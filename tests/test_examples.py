@@ -75,11 +75,12 @@ def test_a_result_is_current_only_with_todays_settings() -> None:
 
 def test_summary_and_plot_read_only_todays_results(tmp_path: Path) -> None:
     rt = _results_table()
-    buckets = ["1-9", "10-29"]
+    buckets = ["1-9", "10-29", "30-59"]  # the last one empty, as evaluate writes it: None
 
     def result(model: str, seed: int, ndcg: list[float], extra: list[str]) -> dict:
         sets = rt.sets_for("beauty", model, seed, extra, threads=1)
         groups = {f"pop_{b}": {"NDCG@10": v, "n": 5} for b, v in zip(buckets, ndcg)}
+        groups["pop_30-59"] = None
         groups.update(head={"NDCG@10": 0.2}, tail={"NDCG@10": 0.1})
         full = {"metrics": {"NDCG@10": sum(ndcg) / 2, "HR@10": 0.3}, "groups": groups}
         res = {"dataset": "beauty", "model": model, "seed": seed, "set": sets,

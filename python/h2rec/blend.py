@@ -106,8 +106,8 @@ class TextScores(nn.Module):
     """``beta * <q_u, t_i>`` for every item i, or for given candidates (see the module doc),
     from left-padded inputs.
 
-    The profiles q (B, n_terms) gather the input items' rows; all items are then scored by one
-    sparse product ``T q^T``, costing (non-zeros of T) x (users): on Beauty (12k items, ten
+    The profiles q^T (n_terms, B) gather the input items' rows (one scatter); all items are
+    then scored by one sparse product ``T q^T``, costing (non-zeros of T) x (users): on Beauty (12k items, ten
     words an item) less than scoring the users against 64-wide item vectors. Nothing is
     trained and nothing is added to the model's ``state_dict``; every sum runs in a fixed
     order, whatever the thread count. The rows stay on the CPU; the scores go to the input's
@@ -142,7 +142,9 @@ class TextScores(nn.Module):
         owner, pos = self._entries(seq.reshape(-1))  # padding (row 0) has no entries
         vals = self._data[pos] * w.repeat(b)[owner]
         qt = torch.zeros(self.rows.n_terms * b)
-        qt.index_put_((self._indices[pos] * b + owner // t,), vals, accumulate=True)
+        # index_add_ sums in the same order whatever the thread count (an accumulating
+        # index_put_ did not: its results moved in the last bits with the threads)
+        qt.index_add_(0, self._indices[pos] * b + owner // t, vals)
         return qt.view(self.rows.n_terms, b)
 
     def forward(self, seq: Tensor, candidates: Tensor | None = None) -> Tensor:
@@ -159,7 +161,7 @@ class TextScores(nn.Module):
             b, c = cand.shape
             owner, pos = self._entries(cand.reshape(-1))
             vals = self._data[pos] * qt[self._indices[pos], owner // c]
-            out = torch.zeros(b * c).index_put_((owner,), vals, accumulate=True).view(b, c)
+            out = torch.zeros(b * c).index_add_(0, owner, vals).view(b, c)
         return out.to(device)
 
 
