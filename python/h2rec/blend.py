@@ -109,10 +109,9 @@ class TextScores(nn.Module):
     The profiles q^T (n_terms, B) gather the input items' rows (one scatter); all items are
     then scored by one sparse product ``T q^T``, costing (non-zeros of T) x (users): on Beauty
     (12k items, ten words an item) less than scoring the users against 64-wide item vectors.
-    Nothing is
-    trained and nothing is added to the model's ``state_dict``; every sum runs in a fixed
-    order, whatever the thread count. The rows stay on the CPU; the scores go to the input's
-    device."""
+    Nothing is trained and nothing is added to the model's ``state_dict``; every sum runs in a
+    fixed order, whatever the thread count. The rows stay on the CPU; the scores go to the
+    input's device."""
 
     def __init__(self, rows: TextRows, weight: float, decay: float = BLEND_DECAY) -> None:
         super().__init__()
