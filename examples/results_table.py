@@ -98,9 +98,12 @@ def _prepare_locked(spec: dict[str, object], data: Path, src: Path) -> Path:
 
 
 # what does not change a run's results: left out when a result's settings are compared
-# what does not change the trained weights: the thread count, the device, and the text blend,
-# which is chosen after training (``h2rec blend``; a result records it, see needs_blend)
-_NOT_COMPARED = ("train.num_threads", "train.device", "train.text_blend")
+# what does not change what a run learns: the thread count, the device, the full softmax's
+# chunk memory (it changes only the rounding) and the text blend, which is chosen after training
+# (``h2rec blend``; a result records it, see needs_blend)
+_NOT_COMPARED = (
+    "train.num_threads", "train.device", "train.text_blend", "train.loss_memory_mb",
+)
 
 
 def _flat(values: dict, prefix: str = "") -> dict[str, object]:

@@ -761,3 +761,29 @@ def test_text_match_needs_embeddings_and_keeps_its_own_copy(sids: FakeSids) -> N
 def test_text_match_settings_are_checked(field: str, value: float) -> None:
     with pytest.raises(ConfigError, match=f"model.{field}"):
         ModelConfig(**{field: value})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 8, 15, 16, 17, 50])
+def test_softmax_of_short_and_long_rows_against_numpy(n: int) -> None:
+    # rows under 16 values take the padded path on the CPU; the oracle is float64 numpy
+    from h2rec.ops import softmax
+
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randn(4, 3, n, generator=gen) * 4
+    x[0, 0, : n - 1] = float("-inf")  # one value left: probability 1
+    x64 = x.double().numpy()
+    e = np.exp(x64 - x64.max(-1, keepdims=True))
+    want = e / e.sum(-1, keepdims=True)
+    with torch.no_grad():
+        got = softmax(x)
+    assert got.shape == x.shape
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-6, atol=1e-7)
+    # with a gradient to take: the same forward bits, and backward against float64 autograd
+    xg = x.clone().requires_grad_(True)
+    p = softmax(xg)
+    assert torch.equal(p.detach(), got)
+    w = torch.randn(x.shape, generator=gen)
+    (g,) = torch.autograd.grad((p * w).sum(), xg)
+    x64t = x.double().requires_grad_(True)
+    (g64,) = torch.autograd.grad((torch.softmax(x64t, -1) * w.double()).sum(), x64t)
+    np.testing.assert_allclose(g.numpy(), g64.numpy(), rtol=1e-5, atol=1e-6)

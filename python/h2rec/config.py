@@ -142,7 +142,7 @@ class TrainConfig:
     negative_sampling: Literal["uniform", "popularity"] = "uniform"  # negative distribution
     shared_negatives: int = 0  # sampled_softmax: this many negatives shared by the batch (0: per position)
     full_softmax_max_items: int = 200_000  # loss="auto": largest catalogue trained with full softmax
-    loss_memory_mb: int = 256  # full softmax: memory for one chunk of logits (rows are chunked)
+    loss_memory_mb: int = 512  # full softmax: memory for one chunk of logits (rows are chunked)
     length_buckets: int = 16  # sort users by length within windows of this many batches; 0 = off
     # "epoch": a batch's recommendation loss is its sum over positions divided by the epoch's mean
     # positions per batch, so every position weighs the same whichever batch holds it (length

@@ -6,6 +6,8 @@ r+1) and the tables here prepend the padding row themselves.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -93,6 +95,33 @@ class HidEmbedding(nn.Module):
     def forward(self, items: Tensor) -> Tensor:
         """items (...) -> (..., D); zero for item 0."""
         return self.table(items)
+
+
+class _CodeBag(torch.autograd.Function):
+    """``F.embedding_bag(idx, table, mode)`` (mean or sum of each row's L table rows), with a
+    backward of L ``index_add_`` calls, one per level: PyTorch's dense embedding-bag backward
+    sorts the indices first and took about 7 ms of every H2Rec step on Beauty (12k items x 3
+    levels into a 768-row table), the per-level adds about 2.5. ``index_add_`` accumulates each
+    destination row in index order, so the gradient has the same bits for any thread count."""
+
+    @staticmethod
+    def forward(ctx: Any, idx: Tensor, table: Tensor, mode: str) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(idx)
+        ctx.rows, ctx.mode = table.shape[0], mode
+        return F.embedding_bag(idx, table, mode=mode)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        (idx,) = ctx.saved_tensors
+        if not ctx.needs_input_grad[1]:
+            return None, None, None
+        g = grad.contiguous()
+        if ctx.mode == "mean":
+            g = g * (1.0 / idx.shape[1])
+        out = g.new_zeros((ctx.rows, g.shape[1]))
+        for lvl in range(idx.shape[1]):
+            out.index_add_(0, idx[:, lvl], g)
+        return None, out, None
 
 
 class SidEmbedding(nn.Module):
@@ -205,6 +234,6 @@ class SidEmbedding(nn.Module):
         Equal to ``pool(levels(items))``, computed as one embedding bag per item."""
         table = self.proj(self.table)  # (sum K_l, D)
         idx = (self.codes[items] + self.offsets).reshape(-1, self.n_levels)  # (M, L)
-        out = F.embedding_bag(idx, table, mode=self.pooling)  # (M, D)
+        out = _CodeBag.apply(idx, table, self.pooling)  # (M, D)
         out = out.view(*items.shape, -1)
         return out * (items > 0)[..., None].to(out.dtype)
