@@ -8,7 +8,8 @@ with the reconstruction error (mean squared residual norm after the last level) 
 
 Inputs: Amazon Beauty's 12,101 product titles embedded to 384 dimensions (all-MiniLM-L6-v2
 when installed, else TF-IDF + SVD), and a generated clustered set of 100,000 × 768
-(20,000 × 768 unless H2REC_BENCH_FULL=1).
+(20,000 × 768 unless H2REC_BENCH_FULL=1), and a generated catalogue of 1,000,000 × 384 (20,000
+unless H2REC_BENCH_FULL=1; h2rec and faiss.Kmeans only at full size).
 """
 
 from __future__ import annotations
@@ -53,11 +54,14 @@ def beauty_title_embeddings() -> tuple[np.ndarray, str]:
     return x, encoder
 
 
-@pytest.fixture(scope="module", params=["beauty-384", "generated-768"])
+@pytest.fixture(scope="module", params=["beauty-384", "generated-768", "catalogue-384"])
 def embeddings(request):
     if request.param == "beauty-384":
         x, encoder = beauty_title_embeddings()
         return request.param + "-" + encoder, x
+    if request.param == "catalogue-384":  # a million-item catalogue's sentence embeddings
+        n = 1_000_000 if FULL else 20_000
+        return f"generated-{n}x384", clustered_embeddings(n, 384, seed=1)
     n = 100_000 if FULL else 20_000
     return f"generated-{n}x768", clustered_embeddings(n, 768, seed=0)
 
@@ -117,6 +121,8 @@ def test_residual_kmeans(benchmark, embeddings, impl):
     name, x = embeddings
     if impl != "h2rec":
         pytest.importorskip("faiss" if impl.startswith("faiss") else "sklearn")
+    if x.shape[0] >= 1_000_000 and impl not in ("h2rec", "faiss_kmeans"):
+        pytest.skip("1M points: h2rec against faiss.Kmeans per level only (minutes each)")
     benchmark.group = f"rq-kmeans-{name}"
     # full sizes: best of two rounds (the first may share the cores with the embedding
     # fixture's leftover threads)

@@ -329,6 +329,34 @@ def test_thread_count_does_not_change_ranks_and_is_restored(protocol: str) -> No
             assert one.ranks[i] == sum(scores[j] >= scores[tgt] for j in rivals)
 
 
+def test_batches_of_the_plan_evaluate_to_the_bits_of_the_whole() -> None:
+    # how DDP ranks share an evaluation: the users of some batches of the plan, passed in plan
+    # order, are evaluated in those very batches (the same trims), so a SASRec's ranks are the
+    # whole evaluation's bits; the batches cover every evaluated user once, longest first
+    from h2rec.evaluate import batch_plan, eval_users
+    from h2rec.models import ModelConfig, build_model
+
+    rng = np.random.default_rng(8)
+    seqs = [rng.integers(1, 61, size=rng.integers(3, 30)).tolist() for _ in range(150)]
+    store = _core.SequenceStore.from_sequences(seqs, n_items=60)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(kind="sasrec", hidden=16, max_len=24), 60)
+    cfg = EvalConfig(ks=KS, batch_size=16)
+    whole = evaluate(model, store, "valid", cfg, max_len=24)
+    plan = batch_plan(model, store, "valid", cfg, max_len=24)
+    assert all(b.size == 16 for b in plan[:-1]) and 1 <= plan[-1].size <= 16
+    assert sorted(np.concatenate(plan).tolist()) == eval_users(store).tolist()
+    lengths = [min(store.lengths()[b].max(), 26) for b in plan]
+    assert lengths == sorted(lengths, reverse=True)
+    by_user = dict(zip(whole.users.tolist(), whole.ranks.tolist()))
+    for rank, world in ((0, 2), (1, 2), (2, 3)):
+        share = np.concatenate(plan[rank::world])
+        part = evaluate(model, store, "valid", cfg, max_len=24, users=share)
+        assert part.ranks.tolist() == [by_user[u] for u in part.users.tolist()]
+    with pytest.raises(ConfigError, match="split"):
+        batch_plan(model, store, "train", cfg, max_len=24)  # type: ignore[arg-type]
+
+
 def test_a_worker_error_reaches_the_caller() -> None:
     store = _core.SequenceStore.from_sequences([[1, 2, 3, 4, 5, 6]] * 40, n_items=6)
     model = LastItemModel(np.zeros((7, 7)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import socket
 from pathlib import Path
@@ -170,6 +171,97 @@ def test_two_process_gloo_ddp(data: dict[str, Any], tmp_path: Path) -> None:
     # the weights differ from a single-process run's (the data were split, not repeated)
     single = train(cfg, data["store"], data["sids"], run_dir=None)
     assert any(not torch.equal(v, single.model.state_dict()[k]) for k, v in r0["state"].items())
+    # the ranks gathered from the two processes are one process's evaluation to the bit
+    model = build_for(cfg, data["store"], data["sids"], None)
+    model.load_state_dict(r0["state"])
+    alone = evaluate(model, data["store"], "test", cfg.eval, cfg.model.max_len)
+    assert np.array_equal(alone.ranks, r0["test"])
+    # the run resumes in one process (another world size) for a third epoch over every user
+    history = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    more = train(_cfg("model.kind=h2rec", "train.epochs=3"), data["store"], data["sids"],
+                 run_dir=tmp_path / "run", resume=True)
+    assert [h["epoch"] for h in more.history] == [1, 2, 3]
+    assert more.history[0]["loss"] == pytest.approx(json.loads(history[0])["loss"], abs=0.0)
+    third = more.history[2]
+    assert round(third["sequences_per_second"] * third["train_seconds"]) == n
+
+
+def _ddp_step_worker(
+    rank: int, world: int, port: int, root: str, cfg: RunConfig, sids: Any, scale: float
+) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
+    import torch.distributed as dist
+    from h2rec.train.loop import _setup
+
+    store = load_dataset(Path(root) / "dataset").store
+    try:
+        run = _setup(cfg, store, sids, None, None, rank, world, rank)
+        torch.save(_one_step(run, rank, world, scale), Path(root) / f"step{rank}.pt")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _one_step(run: Any, rank: int, world: int, scale: float) -> dict[str, torch.Tensor]:
+    """One optimiser step on rows rank, rank + world, ... of the first batch of epoch 1, the
+    summed recommendation loss divided by ``scale``: the gradients ("grad:" + name, all-reduced
+    under DDP) and the weights after the step."""
+    inputs, targets, negatives = next(iter(run.sampler.epoch(1)))
+    step = getattr(run.step, "module", run.step)  # inside DDP or not
+    step.position_scale = scale
+    rows = slice(rank, None, world)
+    args = [torch.from_numpy(np.ascontiguousarray(a[rows])) for a in (inputs, targets, negatives)]
+    loss, _ = run.step(*args)
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grads = {f"grad:{k}": p.grad.clone() for k, p in run.model.named_parameters()
+             if p.grad is not None}
+    run.optimizer.step()
+    return {**grads, **{k: v.detach().clone() for k, v in run.model.state_dict().items()}}
+
+
+@pytest.mark.parametrize("kind", ["sasrec", "h2rec"])
+def test_two_processes_take_the_step_of_one_on_the_whole_batch(
+    data: dict[str, Any], tmp_path: Path, kind: str
+) -> None:
+    # DDP averages the ranks' gradients: with each rank's summed loss over S and one process's
+    # over 2 S (train.loss_scale=epoch scales by positions a batch, and the two ranks' batches
+    # make one of twice the users), one Adam step on half a batch each equals one step on the
+    # whole batch. Dropout off; H2Rec without its alignment losses, whose in-batch negatives
+    # differ between half a batch and the whole.
+    from h2rec.train.loop import _setup
+
+    (tmp_path / "dataset").symlink_to(data["dataset"].path, target_is_directory=True)
+    cfg = _cfg(f"model.kind={kind}", "model.dropout=0.0", "model.align_item=false",
+               "model.align_seq=false", "train.loss=full_softmax")
+    mp.spawn(_ddp_step_worker, args=(2, _free_port(), str(tmp_path), cfg, data["sids"], 7.0),
+             nprocs=2, join=True)
+    r0 = torch.load(tmp_path / "step0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "step1.pt", weights_only=True)
+    one = _one_step(_setup(cfg, data["store"], data["sids"], None, None, 0, 1, 0), 0, 1, 14.0)
+    seed_everything(cfg.train.seed)  # the initial weights, as _setup builds them
+    start = build_for(cfg, data["store"], data["sids"], None).state_dict()
+    assert r0.keys() == one.keys()
+    largest = max(float(v.abs().max()) for k, v in one.items() if k.startswith("grad:"))
+    moved = 0
+    for k, v in one.items():
+        assert torch.equal(r0[k], r1[k]), k  # the ranks agree exactly
+        if k.startswith("grad:"):  # the averaged gradient is the whole batch's
+            # to rounding: summed in other orders (atol: a millionth of the largest gradient;
+            # a key bias's gradient, which softmax cancels, is all rounding)
+            torch.testing.assert_close(r0[k], v, rtol=1e-4, atol=1e-6 * largest,
+                                       msg=lambda m: f"{k}: {m}")
+            continue
+        # Adam's first step moves each weight by about lr * sign(gradient): where the gradient
+        # is rounding noise (a key bias, which softmax cancels) the sign is noise too
+        g = one.get(f"grad:{k}")
+        sure = torch.ones_like(v, dtype=torch.bool) if g is None else g.abs() > 1e-6
+        torch.testing.assert_close(r0[k][sure], v[sure], rtol=1e-5, atol=1e-6, msg=k)
+        moved += int(not torch.equal(v, start[k]))
+    assert moved >= len(start) // 2  # the step moved the weights: the comparison is not vacuous
 
 
 # --------------------------------------------------------------------------- errors first

@@ -368,6 +368,35 @@ def _score_rows(n_items: int, batch_size: int, max_scores: int) -> int:
     return max(1, min(batch_size, max_scores // (n_items + 1)))
 
 
+def _batch_rows(model: Any, n_items: int, cfg: EvalConfig, device: torch.device) -> int:
+    """Users an evaluation batch holds: ``cfg.batch_size``, fewer in full ranking when their
+    scores would pass ``cfg.max_scores_mb`` (shared by the batches run side by side)."""
+    if cfg.protocol != "full":
+        return cfg.batch_size
+    budget = cfg.max_scores_mb * 2**20 // 4 // _workers(device) // _score_copies(model)
+    return _score_rows(n_items, cfg.batch_size, budget)
+
+
+def batch_plan(
+    model: ScoringModel,
+    store: _core.SequenceStore,
+    split: Split,
+    cfg: EvalConfig,
+    max_len: int,
+    users: np.ndarray | None = None,
+) -> list[np.ndarray]:
+    """The users of each batch :func:`evaluate` runs, in its order (each batch cut to its
+    longest row, so a user's bits depend on the batch they are in). Passing the users of some
+    of these batches, in this order, to :func:`evaluate` runs those very batches: what lets
+    processes share an evaluation and still get the one-process ranks to the bit."""
+    if split not in _HOLDOUT:
+        raise ConfigError(f"split={split!r}: must be 'valid' or 'test'")
+    users = eval_users(store) if users is None else np.asarray(users, dtype=np.int64)
+    lengths = store.lengths()[users] - _HOLDOUT[split]
+    rows = _batch_rows(model, store.n_items, cfg, _device_of(model))
+    return [users[pos] for pos in _by_length(lengths, max_len, rows)]
+
+
 def score_matrix(states: torch.Tensor, items_all: torch.Tensor) -> torch.Tensor:
     """Scores (B, N + 1) of users (B, E) against items (N + 1, E), a fresh tensor.
 
@@ -496,10 +525,6 @@ def evaluate(
         targets = np.empty(users.size, dtype=np.int64)
         lengths = store.lengths()[users] - holdout
         items_all = model.all_item_vectors().float() if cfg.protocol == "full" else None
-        batch = cfg.batch_size
-        if cfg.protocol == "full":  # the score budget is shared by the batches run side by side
-            budget = cfg.max_scores_mb * 2**20 // 4 // _workers(device) // _score_copies(model)
-            batch = _score_rows(n_items, batch, budget)
 
         @torch.inference_mode()  # inference mode is per thread: the workers need it too
         def one_batch(pos: np.ndarray) -> None:
@@ -532,7 +557,7 @@ def evaluate(
                 competing[:, 0] = False
                 ranks[pos] = ranks_against(scores, scores[:, 0], competing).cpu().numpy()
 
-        batches = list(_by_length(lengths, max_len, batch))
+        batches = list(_by_length(lengths, max_len, _batch_rows(model, n_items, cfg, device)))
         _run_batches(one_batch, batches, device)
         n_candidates = n_items if cfg.protocol == "full" else cfg.n_negatives + 1
         return result_from_ranks(split, cfg, store, users, targets, ranks, lengths, n_candidates)

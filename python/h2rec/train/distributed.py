@@ -4,7 +4,8 @@ wrapper, and evaluation with the users split over the ranks.
 Under ``torchrun`` (``WORLD_SIZE`` > 1) the model is wrapped in DistributedDataParallel (gloo on
 CPU, nccl on CUDA); rank r trains on batches r, r + world_size, ... of the epoch, the last
 round split evenly so that every user is trained once an epoch and every rank takes as many
-steps; each rank evaluates its share of users; only rank 0 writes files.
+steps; each rank evaluates whole batches of the one-process evaluation (the same ranks to the bit);
+only rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch import nn
 from h2rec import _core
 from h2rec.config import RunConfig
 from h2rec.errors import ConfigError
-from h2rec.evaluate import EvalResult, eval_users, evaluate, result_from_ranks
+from h2rec.evaluate import EvalResult, batch_plan, eval_users, evaluate, result_from_ranks
 from h2rec.threads import set_threads
 
 if TYPE_CHECKING:
@@ -102,7 +103,12 @@ def _evaluate_all(
     users = eval_users(store)
     if world == 1:
         return evaluate(model, store, split, cfg.eval, cfg.model.max_len, users=users)  # type: ignore[arg-type]
-    part = evaluate(model, store, split, cfg.eval, cfg.model.max_len, users=users[rank::world])  # type: ignore[arg-type]
+    # whole batches of the one-process plan, batch i to rank i % world: each batch is cut and
+    # computed as in one process, so the gathered ranks are the one-process ranks to the bit
+    plan = batch_plan(model, store, split, cfg.eval, cfg.model.max_len, users)  # type: ignore[arg-type]
+    mine = plan[rank::world]
+    share = np.concatenate(mine) if mine else np.empty(0, dtype=np.int64)
+    part = evaluate(model, store, split, cfg.eval, cfg.model.max_len, users=share)  # type: ignore[arg-type]
     shards: list[Any] = [None] * world
     dist.all_gather_object(shards, (part.users, part.targets, part.ranks, part.input_lengths))
     cat = [np.concatenate([s[i] for s in shards]) for i in range(4)]
