@@ -5,6 +5,8 @@
 //! itself single-threaded), so every number is computed the same way whatever the thread count.
 //! Centroid sums are taken per cluster in point order, in f64. Initialisation is k-means++ on a
 //! seeded subsample; an emptied cluster is repaired by splitting the largest one (as faiss does).
+//! Without a size cap, the iterations skip the rows that Hamerly's distance bounds show cannot
+//! have changed centroid (`lloyd_bounded`), assigning exactly as the plain iterations do.
 
 use rayon::prelude::*;
 
@@ -299,6 +301,143 @@ fn repair_empty(cent: &mut [f32], counts: &mut [usize], d: usize) -> bool {
     repaired
 }
 
+/// Per-row bounds on Euclidean distances (f64): `upper[i]` is at least the distance from row i
+/// to its centroid, `lower[i]` at most its distance to any other centroid.
+struct Bounds {
+    assign: Vec<u32>,
+    upper: Vec<f64>,
+    lower: Vec<f64>,
+}
+
+/// Rounding allowance on a squared distance computed as ||x||² - 2 x·c + ||c||² in f32 (a
+/// generous multiple of the worst case d·ε·(||x|| + ||c||)²): true and computed squared
+/// distances differ by less than this.
+fn tolerance(xn: f32, cmax: f32, d: usize) -> f64 {
+    let s = (xn.max(0.0) as f64).sqrt() + (cmax.max(0.0) as f64).sqrt();
+    4.0 * d as f64 * f32::EPSILON as f64 * s * s
+}
+
+/// Nearest and second-nearest centroid of the rows `rows` of x, by blocks of BLOCK gathered
+/// rows through the GEMM kernel: (row, centroid, upper, lower) for each, the bounds widened by
+/// the rounding allowance.
+#[allow(clippy::too_many_arguments)]
+fn nearest_two(
+    x: &[f32], d: usize, rows: &[u32], c: &[f32], k: usize, xn: &[f32], cn: &[f32], cmax: f32,
+) -> Vec<(u32, u32, f64, f64)> {
+    rows.par_chunks(BLOCK)
+        .flat_map_iter(|idx| {
+            let m = idx.len();
+            let mut xb = vec![0f32; m * d];
+            for (t, &i) in idx.iter().enumerate() {
+                xb[t * d..(t + 1) * d].copy_from_slice(&x[i as usize * d..(i as usize + 1) * d]);
+            }
+            let mut g = vec![0f32; m * k];
+            gemm_abt(&xb, m, c, k, d, &mut g);
+            let mut out = Vec::with_capacity(m);
+            for (t, &i) in idx.iter().enumerate() {
+                let gi = &g[t * k..(t + 1) * k];
+                let (mut b1, mut j1, mut b2) = (f32::INFINITY, 0usize, f32::INFINITY);
+                for j in 0..k {
+                    let v = cn[j] - 2.0 * gi[j];
+                    if v < b1 {
+                        b2 = b1;
+                        b1 = v;
+                        j1 = j;
+                    } else if v < b2 {
+                        b2 = v;
+                    }
+                }
+                let xi = xn[i as usize];
+                let tol = tolerance(xi, cmax, d);
+                let upper = ((xi + b1) as f64 + tol).max(0.0).sqrt();
+                let lower = if b2.is_finite() { ((xi + b2) as f64 - tol).max(0.0).sqrt() } else { f64::INFINITY };
+                out.push((i, j1 as u32, upper, lower));
+            }
+            out.into_iter()
+        })
+        .collect()
+}
+
+/// Lloyd iterations from `cent` that skip, by Hamerly's bounds, the rows whose centroid cannot
+/// have changed: after an update each row's upper bound grows by how far its centroid moved and
+/// its lower bound falls by the largest move; a row is recomputed only when the bounds no longer
+/// separate its centroid from the others by the rounding allowance on both sides (first from
+/// its exact distance to its own centroid, then against every centroid). A skipped row is thus
+/// one whose computed nearest centroid could not have changed, so the iterations assign as the
+/// plain ones do, at a fraction of the GEMM work once few rows move. Stops at a fixed point as
+/// they do; the caller assigns every row once more against the final centroids. Returns how
+/// many rows were assigned against every centroid, over all iterations.
+fn lloyd_bounded(x: &[f32], n: usize, d: usize, k: usize, cent: &mut [f32], n_iter: usize) -> usize {
+    let mut full = 0usize;
+    if n_iter == 0 {
+        return full;
+    }
+    let xn = row_norms(x, d);
+    let all: Vec<u32> = (0..n as u32).collect();
+    let mut b = Bounds { assign: vec![0; n], upper: vec![0.0; n], lower: vec![0.0; n] };
+    let mut repaired = false;
+    for it in 0..n_iter {
+        let cn = row_norms(cent, d);
+        let cmax = cn.iter().cloned().fold(0f32, f32::max);
+        let todo: Vec<u32> = if it == 0 {
+            all.clone()
+        } else {
+            // tighten: the exact distance to the row's own centroid, where the bounds overlap
+            let c: &[f32] = cent;
+            let keep: Vec<(bool, f64)> = (0..n)
+                .into_par_iter()
+                .map(|i| {
+                    let tol = tolerance(xn[i], cmax, d);
+                    // (a lower bound that has fallen below zero separates nothing)
+                    let sep = |u: f64, l: f64| l > u && u * u + 2.0 * tol < l * l;
+                    if sep(b.upper[i], b.lower[i]) {
+                        return (true, b.upper[i]);
+                    }
+                    let a = b.assign[i] as usize;
+                    let exact = sqdist(&x[i * d..(i + 1) * d], &c[a * d..(a + 1) * d]) as f64;
+                    let u = (exact * (1.0 + 4.0 * d as f64 * f32::EPSILON as f64) + tol).sqrt();
+                    (sep(u, b.lower[i]), u)
+                })
+                .collect();
+            let mut todo = Vec::new();
+            for (i, &(kept, u)) in keep.iter().enumerate() {
+                b.upper[i] = u;
+                if !kept {
+                    todo.push(i as u32);
+                }
+            }
+            todo
+        };
+        let mut changed = false;
+        full += todo.len();
+        for (i, j, u, l) in nearest_two(x, d, &todo, cent, k, &xn, &cn, cmax) {
+            let i = i as usize;
+            changed |= it > 0 && b.assign[i] != j;
+            b.assign[i] = j;
+            b.upper[i] = u;
+            b.lower[i] = l;
+        }
+        if it > 0 && !repaired && !changed {
+            break; // a fixed point: the update would reproduce the same centroids
+        }
+        let before = cent.to_vec();
+        let mut counts = update_centroids(x, n, d, &b.assign, cent, k);
+        // no repair after the last update, so the final centroids are means of their points
+        repaired = it + 1 < n_iter && repair_empty(cent, &mut counts, d);
+        // how far each centroid moved, rounded up
+        let grow = 1.0 + 4.0 * d as f64 * f32::EPSILON as f64;
+        let moved: Vec<f64> = before
+            .chunks(d)
+            .zip(cent.chunks(d))
+            .map(|(p, q)| (sqdist(p, q) as f64 * grow).sqrt() * grow + f64::MIN_POSITIVE)
+            .collect();
+        let most = moved.iter().cloned().fold(0f64, f64::max);
+        b.upper.par_iter_mut().zip(b.assign.par_iter()).for_each(|(u, &a)| *u += moved[a as usize]);
+        b.lower.par_iter_mut().for_each(|l| *l -= most);
+    }
+    full
+}
+
 /// One level of k-means. Returns centroids (k × d) and the assignment of each row.
 pub fn kmeans(x: &[f32], n: usize, d: usize, o: &KMeansOpts) -> Result<(Vec<f32>, Vec<u32>)> {
     check_matrix("x", x, n, d)?;
@@ -309,9 +448,12 @@ pub fn kmeans(x: &[f32], n: usize, d: usize, o: &KMeansOpts) -> Result<(Vec<f32>
         Init::KMeansPlusPlus => kmeanspp(x, n, d, k, o.seed),
         Init::Random => random_init(x, n, d, k, o.seed),
     };
-    let assign_fn = |c: &[f32]| {
-        if o.balanced { balanced_assign(x, n, d, c, k) } else { nearest_impl(x, n, d, c, k, false) }
-    };
+    if !o.balanced {
+        let _ = lloyd_bounded(x, n, d, k, &mut cent, o.n_iter);
+        let (assign, _) = nearest_impl(x, n, d, &cent, k, false);
+        return Ok((cent, assign));
+    }
+    let assign_fn = |c: &[f32]| balanced_assign(x, n, d, c, k);
     let mut prev: Option<Vec<u32>> = None;
     let mut repaired = false;
     for it in 0..o.n_iter {
@@ -536,6 +678,55 @@ mod tests {
         let mut cs: Vec<(i32, i32)> = c.chunks(2).map(|p| (p[0].round() as i32, p[1].round() as i32)).collect();
         cs.sort();
         assert_eq!(cs, vec![(0, 0), (0, 10), (10, 0)]);
+    }
+
+    /// Lloyd iterations as `kmeans` ran them before the bounds: every row against every
+    /// centroid, every iteration.
+    fn lloyd_plain(x: &[f32], n: usize, d: usize, k: usize, cent: &mut [f32], n_iter: usize) {
+        let mut prev: Option<Vec<u32>> = None;
+        let mut repaired = false;
+        for it in 0..n_iter {
+            let (assign, _) = nearest_impl(x, n, d, cent, k, false);
+            if !repaired && prev.as_ref() == Some(&assign) {
+                break;
+            }
+            let mut counts = update_centroids(x, n, d, &assign, cent, k);
+            repaired = it + 1 < n_iter && repair_empty(cent, &mut counts, d);
+            prev = Some(assign);
+        }
+    }
+
+    #[test]
+    fn bounded_lloyd_assigns_as_the_plain_one() {
+        // 4000 points around 40 centres in 24-D, 64 clusters (some split, some emptied and
+        // repaired): the same centroids to the bit, with most rows skipped after a few rounds
+        let (n, d, k) = (4000usize, 24usize, 64usize);
+        let mut r = Rng::stream(7, 2, 3, 4);
+        let centres: Vec<f32> = (0..40 * d).map(|_| (r.unit_f64() as f32 - 0.5) * 6.0).collect();
+        let mut x = Vec::with_capacity(n * d);
+        for i in 0..n {
+            let c = (i * 7) % 40;
+            for t in 0..d {
+                x.push(centres[c * d + t] + (r.unit_f64() as f32 - 0.5));
+            }
+        }
+        for (iters, seed) in [(1usize, 1u64), (2, 2), (25, 3), (60, 4)] {
+            let start = kmeanspp(&x, n, d, k, seed);
+            let (mut plain, mut bounded) = (start.clone(), start.clone());
+            lloyd_plain(&x, n, d, k, &mut plain, iters);
+            let full = lloyd_bounded(&x, n, d, k, &mut bounded, iters);
+            assert_eq!(plain, bounded, "{iters} iterations");
+            if iters >= 25 {
+                assert!(full < n * iters / 3, "{full} full assignments in {iters} iterations");
+            }
+        }
+        // and through kmeans: the codes of the final centroids
+        let o = KMeansOpts { k, n_iter: 30, seed: 5, balanced: false, init: Init::Random };
+        let (c, a) = kmeans(&x, n, d, &o).unwrap();
+        let mut plain = random_init(&x, n, d, k, 5);
+        lloyd_plain(&x, n, d, k, &mut plain, 30);
+        assert_eq!(c, plain);
+        assert_eq!(a, nearest_impl(&x, n, d, &plain, k, false).0);
     }
 
     #[test]
