@@ -377,24 +377,27 @@ def _batch_rows(model: Any, n_items: int, cfg: EvalConfig, device: torch.device)
     return _score_rows(n_items, cfg.batch_size, budget)
 
 
-def batch_plan(
-    model: ScoringModel,
-    store: _core.SequenceStore,
-    split: Split,
-    cfg: EvalConfig,
-    max_len: int,
-    users: np.ndarray | None = None,
-) -> list[np.ndarray]:
-    """The users of each batch :func:`evaluate` runs, in its order (each batch cut to its
-    longest row, so a user's bits depend on the batch they are in). Passing the users of some
-    of these batches, in this order, to :func:`evaluate` runs those very batches: what lets
-    processes share an evaluation and still get the one-process ranks to the bit."""
+def _plan(
+    model: Any, store: _core.SequenceStore, split: Split, cfg: EvalConfig, max_len: int,
+    users: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """(users, their input lengths, the positions of the users of each batch) of an evaluation."""
     if split not in _HOLDOUT:
         raise ConfigError(f"split={split!r}: must be 'valid' or 'test'")
     users = eval_users(store) if users is None else np.asarray(users, dtype=np.int64)
     lengths = store.lengths()[users] - _HOLDOUT[split]
     rows = _batch_rows(model, store.n_items, cfg, _device_of(model))
-    return [users[pos] for pos in _by_length(lengths, max_len, rows)]
+    return users, lengths, list(_by_length(lengths, max_len, rows))
+
+
+def batch_plan(model: ScoringModel, store: _core.SequenceStore, split: Split, cfg: EvalConfig,
+               max_len: int, users: np.ndarray | None = None) -> list[np.ndarray]:
+    """The users of each batch :func:`evaluate` runs, in its order (each batch cut to its
+    longest row, so a user's bits depend on the batch they are in). Passing the users of some
+    of these batches, in this order, to :func:`evaluate` runs those very batches: what lets
+    processes share an evaluation and still get the one-process ranks to the bit."""
+    users, _, batches = _plan(model, store, split, cfg, max_len, users)
+    return [users[pos] for pos in batches]
 
 
 def score_matrix(states: torch.Tensor, items_all: torch.Tensor) -> torch.Tensor:
@@ -512,18 +515,15 @@ def evaluate(
     ``item_vectors(items (...)) -> (..., E)``, ``all_item_vectors() -> (n_items + 1, E)``.
     Users go in batches of similar input length, each cut to its longest row; full ranking holds
     at most ``cfg.max_scores_mb`` of scores at once (fewer users per batch on big catalogues)."""
-    if split not in _HOLDOUT:
-        raise ConfigError(f"split={split!r}: must be 'valid' or 'test'")
+    users, lengths, batches = _plan(model, store, split, cfg, max_len, users)
     holdout = _HOLDOUT[split]
     device = _device_of(model)
     was_training = model.training
     model.eval()
     try:
-        users = eval_users(store) if users is None else np.asarray(users, dtype=np.int64)
         n_items = store.n_items
         ranks = np.empty(users.size, dtype=np.int64)
         targets = np.empty(users.size, dtype=np.int64)
-        lengths = store.lengths()[users] - holdout
         items_all = model.all_item_vectors().float() if cfg.protocol == "full" else None
 
         @torch.inference_mode()  # inference mode is per thread: the workers need it too
@@ -557,7 +557,6 @@ def evaluate(
                 competing[:, 0] = False
                 ranks[pos] = ranks_against(scores, scores[:, 0], competing).cpu().numpy()
 
-        batches = list(_by_length(lengths, max_len, _batch_rows(model, n_items, cfg, device)))
         _run_batches(one_batch, batches, device)
         n_candidates = n_items if cfg.protocol == "full" else cfg.n_negatives + 1
         return result_from_ranks(split, cfg, store, users, targets, ranks, lengths, n_candidates)
