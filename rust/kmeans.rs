@@ -6,7 +6,8 @@
 //! Centroid sums are taken per cluster in point order, in f64. Initialisation is k-means++ on a
 //! seeded subsample; an emptied cluster is repaired by splitting the largest one (as faiss does).
 //! Without a size cap, the iterations skip the rows that Hamerly's distance bounds show cannot
-//! have changed centroid (`lloyd_bounded`), assigning exactly as the plain iterations do.
+//! have changed centroid (`lloyd_bounded`), assigning as the plain iterations do (up to the GEMM
+//! kernel's rounding, which depends on how many rows it gets, at exact ties).
 
 use rayon::prelude::*;
 
@@ -364,9 +365,12 @@ fn nearest_two(
 /// separate its centroid from the others by the rounding allowance on both sides (first from
 /// its exact distance to its own centroid, then against every centroid). A skipped row is thus
 /// one whose computed nearest centroid could not have changed, so the iterations assign as the
-/// plain ones do, at a fraction of the GEMM work once few rows move. Stops at a fixed point as
-/// they do; the caller assigns every row once more against the final centroids. Returns how
-/// many rows were assigned against every centroid, over all iterations.
+/// plain ones do, at a fraction of the GEMM work once few rows move; the recomputed rows go
+/// through the GEMM in gathered blocks, whose rounding can differ from the full blocks' (the
+/// kernel's blocking depends on the row count), which matters only for a row equidistant from
+/// two centroids to within that rounding. The result depends on the thread count in no case.
+/// Stops at a fixed point as they do; the caller assigns every row once more against the final
+/// centroids. Returns how many rows were assigned against every centroid, over all iterations.
 fn lloyd_bounded(x: &[f32], n: usize, d: usize, k: usize, cent: &mut [f32], n_iter: usize) -> usize {
     let mut full = 0usize;
     if n_iter == 0 {
@@ -698,8 +702,8 @@ mod tests {
 
     #[test]
     fn bounded_lloyd_assigns_as_the_plain_one() {
-        // 4000 points around 40 centres in 24-D, 64 clusters (some split, some emptied and
-        // repaired): the same centroids to the bit, with most rows skipped after a few rounds
+        // 4000 points around 40 centres in 24-D (no row within rounding of a tie), 64 clusters:
+        // the same centroids to the bit, with most rows skipped after a few rounds
         let (n, d, k) = (4000usize, 24usize, 64usize);
         let mut r = Rng::stream(7, 2, 3, 4);
         let centres: Vec<f32> = (0..40 * d).map(|_| (r.unit_f64() as f32 - 0.5) * 6.0).collect();

@@ -351,6 +351,10 @@ def test_batches_of_the_plan_evaluate_to_the_bits_of_the_whole() -> None:
     by_user = dict(zip(whole.users.tolist(), whole.ranks.tolist()))
     for rank, world in ((0, 2), (1, 2), (2, 3)):
         share = np.concatenate(plan[rank::world])
+        # the batches evaluate runs on the share are those very batches (a user's state
+        # depends on its batch's trim: users[rank::world] would regroup them)
+        again = batch_plan(model, store, "valid", cfg, max_len=24, users=share)
+        assert [b.tolist() for b in again] == [b.tolist() for b in plan[rank::world]]
         part = evaluate(model, store, "valid", cfg, max_len=24, users=share)
         assert part.ranks.tolist() == [by_user[u] for u in part.users.tolist()]
     with pytest.raises(ConfigError, match="split"):

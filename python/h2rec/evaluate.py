@@ -368,9 +368,11 @@ def _score_rows(n_items: int, batch_size: int, max_scores: int) -> int:
     return max(1, min(batch_size, max_scores // (n_items + 1)))
 
 
-def _batch_rows(model: Any, n_items: int, cfg: EvalConfig, device: torch.device) -> int:
+def batch_rows(model: Any, n_items: int, cfg: EvalConfig) -> int:
     """Users an evaluation batch holds: ``cfg.batch_size``, fewer in full ranking when their
-    scores would pass ``cfg.max_scores_mb`` (shared by the batches run side by side)."""
+    scores would pass ``cfg.max_scores_mb`` (shared by the batches run side by side, as many
+    as the torch threads on the CPU)."""
+    device = _device_of(model)
     if cfg.protocol != "full":
         return cfg.batch_size
     budget = cfg.max_scores_mb * 2**20 // 4 // _workers(device) // _score_copies(model)
@@ -386,7 +388,7 @@ def _plan(
         raise ConfigError(f"split={split!r}: must be 'valid' or 'test'")
     users = eval_users(store) if users is None else np.asarray(users, dtype=np.int64)
     lengths = store.lengths()[users] - _HOLDOUT[split]
-    rows = _batch_rows(model, store.n_items, cfg, _device_of(model))
+    rows = batch_rows(model, store.n_items, cfg)
     return users, lengths, list(_by_length(lengths, max_len, rows))
 
 

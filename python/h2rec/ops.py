@@ -26,7 +26,7 @@ _SHORT_ROW = 16
 def _forward(x: Tensor) -> Tensor:
     """``torch.softmax(x, dim=-1)``; on the CPU, rows of 2..15 values padded with -inf to 16 (the
     padding adds exp(-inf) = 0 to every sum) and the result cut back to the row length."""
-    n = x.shape[-1]
+    n = x.shape[-1] if x.dim() else 1
     if x.device.type == "cpu" and 1 < n < _SHORT_ROW:
         return torch.softmax(F.pad(x, (0, _SHORT_ROW - n), value=float("-inf")), dim=-1)[..., :n]
     return torch.softmax(x, dim=-1)
@@ -50,9 +50,12 @@ class _Softmax(torch.autograd.Function):
 def softmax(x: Tensor) -> Tensor:
     """``torch.softmax(x, dim=-1)`` with a backward that is bit-identical for any thread count.
 
-    Without a backward to run (no grad, or a trace for export) it is
-    ``torch.softmax`` itself: the forward is the same computation."""
-    if torch.jit.is_tracing():  # an exported graph keeps the row length dynamic
+    The forward is :func:`_forward` with or without a backward to run, so training and
+    evaluation compute the same bits (short CPU rows differ from ``torch.softmax`` in the last
+    bit). Inside ``torch.jit.trace``, ``torch.compile`` and ``torch.export`` it is
+    ``torch.softmax`` itself: a graph keeps no branch on the row length, and the compiler fuses
+    the softmax anyway."""
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():
         return torch.softmax(x, dim=-1)
     if not (torch.is_grad_enabled() and x.requires_grad):
         return _forward(x)

@@ -234,6 +234,9 @@ class SidEmbedding(nn.Module):
         Equal to ``pool(levels(items))``, computed as one embedding bag per item."""
         table = self.proj(self.table)  # (sum K_l, D)
         idx = (self.codes[items] + self.offsets).reshape(-1, self.n_levels)  # (M, L)
-        out = _CodeBag.apply(idx, table, self.pooling)  # (M, D)
+        if table.device.type == "cpu":  # elsewhere index_add_ is atomic: order not fixed
+            out = _CodeBag.apply(idx, table, self.pooling)  # (M, D)
+        else:
+            out = F.embedding_bag(idx, table, mode=self.pooling)
         out = out.view(*items.shape, -1)
         return out * (items > 0)[..., None].to(out.dtype)

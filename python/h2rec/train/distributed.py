@@ -4,12 +4,13 @@ wrapper, and evaluation with the users split over the ranks.
 Under ``torchrun`` (``WORLD_SIZE`` > 1) the model is wrapped in DistributedDataParallel (gloo on
 CPU, nccl on CUDA); rank r trains on batches r, r + world_size, ... of the epoch, the last
 round split evenly so that every user is trained once an epoch and every rank takes as many
-steps; each rank evaluates whole batches of the one-process evaluation (the same ranks to the bit);
-only rank 0 writes files.
+steps; each rank evaluates whole batches of one evaluation plan (the ranks of one process with the same
+batch size, to the bit); only rank 0 writes files.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from typing import TYPE_CHECKING, Any
@@ -22,7 +23,9 @@ from torch import nn
 from h2rec import _core
 from h2rec.config import RunConfig
 from h2rec.errors import ConfigError
-from h2rec.evaluate import EvalResult, batch_plan, eval_users, evaluate, result_from_ranks
+from h2rec.evaluate import (
+    EvalResult, batch_plan, batch_rows, eval_users, evaluate, result_from_ranks,
+)
 from h2rec.threads import set_threads
 
 if TYPE_CHECKING:
@@ -103,15 +106,25 @@ def _evaluate_all(
     users = eval_users(store)
     if world == 1:
         return evaluate(model, store, split, cfg.eval, cfg.model.max_len, users=users)  # type: ignore[arg-type]
-    # whole batches of the one-process plan, batch i to rank i % world: each batch is cut and
-    # computed as in one process, so the gathered ranks are the one-process ranks to the bit
-    plan = batch_plan(model, store, split, cfg.eval, cfg.model.max_len, users)  # type: ignore[arg-type]
+    # whole batches of one plan, batch i to rank i % world: each batch is cut and computed as
+    # one process with that batch size computes it. The ranks agree on the batch size first:
+    # the score budget shrinks it by each rank's own thread count, and two plans would split
+    # the users differently (some twice, some never).
+    rows = torch.tensor([batch_rows(model, store.n_items, cfg.eval)], dtype=torch.int64)
+    dist.all_reduce(rows, op=dist.ReduceOp.MIN)
+    ecfg = dataclasses.replace(cfg.eval, batch_size=int(rows.item()))  # within every budget
+    plan = batch_plan(model, store, split, ecfg, cfg.model.max_len, users)  # type: ignore[arg-type]
     mine = plan[rank::world]
     share = np.concatenate(mine) if mine else np.empty(0, dtype=np.int64)
-    part = evaluate(model, store, split, cfg.eval, cfg.model.max_len, users=share)  # type: ignore[arg-type]
+    part = evaluate(model, store, split, ecfg, cfg.model.max_len, users=share)  # type: ignore[arg-type]
     shards: list[Any] = [None] * world
     dist.all_gather_object(shards, (part.users, part.targets, part.ranks, part.input_lengths))
     cat = [np.concatenate([s[i] for s in shards]) for i in range(4)]
     order = np.argsort(cat[0], kind="stable")
     u, t, r, lengths = (a[order] for a in cat)
+    if not np.array_equal(u, users):  # every user once: anything else would skew the metrics
+        raise RuntimeError(
+            f"distributed evaluation: the ranks evaluated {u.size} users, {np.unique(u).size} "
+            f"distinct, of {users.size}"
+        )
     return result_from_ranks(split, cfg.eval, store, u, t, r, lengths, part.n_candidates)
