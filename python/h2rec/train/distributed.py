@@ -4,8 +4,8 @@ wrapper, and evaluation with the users split over the ranks.
 Under ``torchrun`` (``WORLD_SIZE`` > 1) the model is wrapped in DistributedDataParallel (gloo on
 CPU, nccl on CUDA); rank r trains on batches r, r + world_size, ... of the epoch, the last
 round split evenly so that every user is trained once an epoch and every rank takes as many
-steps; each rank evaluates whole batches of one evaluation plan (the ranks of one process with the same
-batch size, to the bit); only rank 0 writes files.
+steps; each rank evaluates whole batches of one evaluation plan (the ranks of one process with
+the same batch size, to the bit); only rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -110,9 +110,10 @@ def _evaluate_all(
     # one process with that batch size computes it. The ranks agree on the batch size first:
     # the score budget shrinks it by each rank's own thread count, and two plans would split
     # the users differently (some twice, some never).
-    rows = torch.tensor([batch_rows(model, store.n_items, cfg.eval)], dtype=torch.int64)
-    dist.all_reduce(rows, op=dist.ReduceOp.MIN)
-    ecfg = dataclasses.replace(cfg.eval, batch_size=int(rows.item()))  # within every budget
+    # (an object gather, not a tensor all_reduce: nccl would need the tensor on the GPU)
+    each: list[Any] = [None] * world
+    dist.all_gather_object(each, batch_rows(model, store.n_items, cfg.eval))
+    ecfg = dataclasses.replace(cfg.eval, batch_size=min(each))  # within every rank's budget
     plan = batch_plan(model, store, split, ecfg, cfg.model.max_len, users)  # type: ignore[arg-type]
     mine = plan[rank::world]
     share = np.concatenate(mine) if mine else np.empty(0, dtype=np.int64)
