@@ -1,86 +1,194 @@
 //! The CSR store of users' chronological item sequences, validated once at construction.
 
+use std::fmt;
+use std::sync::Arc;
+
 use rayon::prelude::*;
 
 use crate::error::Result;
 use crate::{ensure, invalid};
 
+/// Read-only memory the store reads its arrays from: a `Vec` it owns, or a buffer it borrows
+/// (a memory-mapped `.npy` opened read-only by the Python side), kept alive by the owner.
+pub trait Backing<T>: Send + Sync {
+    fn slice(&self) -> &[T];
+}
+
+impl<T: Send + Sync> Backing<T> for Vec<T> {
+    fn slice(&self) -> &[T] {
+        self
+    }
+}
+
+/// A shared read-only array: cloning shares the memory.
+#[derive(Clone)]
+pub struct Shared<T: 'static>(Arc<dyn Backing<T>>);
+
+impl<T: Send + Sync + 'static> Shared<T> {
+    pub fn owned(v: Vec<T>) -> Self {
+        Shared(Arc::new(v))
+    }
+    pub fn new(b: Arc<dyn Backing<T>>) -> Self {
+        Shared(b)
+    }
+}
+
+impl<T> std::ops::Deref for Shared<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        self.0.slice()
+    }
+}
+
+impl<T> fmt::Debug for Shared<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Shared(len={})", self.0.slice().len())
+    }
+}
+
+/// A validated signed buffer read as the unsigned type of the same width (`i64` offsets as
+/// `usize`, `i32` item ids as `u32`): the store checks every value is non-negative first.
+struct Unsigned<S: 'static>(Arc<dyn Backing<S>>);
+
+macro_rules! unsigned_view {
+    ($s:ty, $t:ty) => {
+        const _: () = assert!(std::mem::size_of::<$s>() == std::mem::size_of::<$t>());
+        impl Backing<$t> for Unsigned<$s> {
+            fn slice(&self) -> &[$t] {
+                let s = self.0.slice();
+                // SAFETY: same size and alignment, and every value was checked non-negative
+                // before the view was made, so each reads as the same number.
+                unsafe { std::slice::from_raw_parts(s.as_ptr() as *const $t, s.len()) }
+            }
+        }
+    };
+}
+unsigned_view!(i64, usize);
+unsigned_view!(i32, u32);
+
 /// Users' item sequences: user `u` owns `items[offsets[u]..offsets[u + 1]]`, oldest first.
 /// Items are 1..=n_items (0 is padding and never stored). Each user's distinct items are also
 /// kept sorted, for O(log h) "has the user touched this item" checks on the sampling hot path.
+/// The two CSR arrays are either owned or borrowed (see [`SequenceStore::borrowed`]); the
+/// sorted distinct histories are always the store's own, one `u32` per distinct item.
 #[derive(Debug, Clone)]
 pub struct SequenceStore {
-    offsets: Vec<usize>,
-    items: Vec<u32>,
+    offsets: Shared<usize>,
+    items: Shared<u32>,
     n_items: u32,
     seen_offsets: Vec<usize>,
     seen: Vec<u32>,
+    borrowed: bool,
+}
+
+/// Checks CSR offsets against the number of items they index.
+fn check_offsets(offsets: &[i64], n_values: usize) -> Result<()> {
+    ensure!(!offsets.is_empty(), "offsets is empty; it needs n_users + 1 entries starting at 0");
+    ensure!(offsets[0] == 0, "offsets[0]={} must be 0", offsets[0]);
+    if let Some(u) = (0..offsets.len() - 1).find(|&u| offsets[u + 1] < offsets[u]) {
+        return Err(invalid!(
+            "offsets are not monotone: offsets[{}]={} < offsets[{}]={}",
+            u + 1,
+            offsets[u + 1],
+            u,
+            offsets[u]
+        ));
+    }
+    let last = offsets[offsets.len() - 1];
+    ensure!(last as u64 == n_values as u64, "offsets[-1]={last} must equal len(items)={n_values}");
+    Ok(())
+}
+
+/// Checks item ids are 1..=n_items (`n_items` defaults to the largest id) and returns n_items.
+fn check_items<T: Copy + Into<i64> + Send + Sync>(items: &[T], n_items: Option<i64>) -> Result<u32> {
+    let max_item = items.par_iter().map(|&v| v.into()).max().unwrap_or(0);
+    let n_items = match n_items {
+        Some(n) => {
+            ensure!((1..=u32::MAX as i64 - 1).contains(&n), "n_items={n} must be in 1..2^32-1");
+            n
+        }
+        None => {
+            ensure!(max_item >= 1, "items is empty; pass n_items to build an empty store");
+            max_item
+        }
+    };
+    ensure!(n_items < u32::MAX as i64, "n_items={n_items} is too large (at most 2^32-2)");
+    let bad = items.par_iter().position_first(|&v| {
+        let v: i64 = v.into();
+        v < 1 || v > n_items
+    });
+    if let Some(i) = bad {
+        let v: i64 = items[i].into();
+        return Err(if v < 1 {
+            invalid!("items[{i}]={v} is not a valid item id (ids start at 1; 0 is padding)")
+        } else {
+            invalid!("items[{i}]={v} > n_items={n_items}")
+        });
+    }
+    Ok(n_items as u32)
 }
 
 impl SequenceStore {
-    /// Validates CSR arrays. `n_items` defaults to the largest item id.
+    /// Validates CSR arrays and copies them in. `n_items` defaults to the largest item id.
     pub fn new(offsets: &[i64], items: &[i64], n_items: Option<i64>) -> Result<Self> {
-        ensure!(!offsets.is_empty(), "offsets is empty; it needs n_users + 1 entries starting at 0");
-        ensure!(offsets[0] == 0, "offsets[0]={} must be 0", offsets[0]);
-        for u in 0..offsets.len() - 1 {
-            ensure!(
-                offsets[u + 1] >= offsets[u],
-                "offsets are not monotone: offsets[{}]={} < offsets[{}]={}",
-                u + 1,
-                offsets[u + 1],
-                u,
-                offsets[u]
-            );
-        }
-        let last = offsets[offsets.len() - 1];
-        ensure!(
-            last as u64 == items.len() as u64,
-            "offsets[-1]={last} must equal len(items)={}",
-            items.len()
-        );
-        let max_item = items.iter().copied().max().unwrap_or(0);
-        let n_items = match n_items {
-            Some(n) => {
-                ensure!((1..=u32::MAX as i64 - 1).contains(&n), "n_items={n} must be in 1..2^32-1");
-                n
-            }
-            None => {
-                ensure!(max_item >= 1, "items is empty; pass n_items to build an empty store");
-                max_item
-            }
-        };
-        ensure!(n_items < u32::MAX as i64, "n_items={n_items} is too large (at most 2^32-2)");
-        if let Some((i, &v)) = items.iter().enumerate().find(|(_, &v)| v < 1 || v > n_items) {
-            return Err(if v < 1 {
-                invalid!("items[{i}]={v} is not a valid item id (ids start at 1; 0 is padding)")
-            } else {
-                invalid!("items[{i}]={v} > n_items={n_items}")
-            });
-        }
+        check_offsets(offsets, items.len())?;
+        let n_items = check_items(items, n_items)?;
         let offsets: Vec<usize> = offsets.iter().map(|&o| o as usize).collect();
         let items: Vec<u32> = items.iter().map(|&v| v as u32).collect();
-        Ok(Self::from_parts(offsets, items, n_items as u32))
+        Ok(Self::from_parts(Shared::owned(offsets), Shared::owned(items), n_items, false))
     }
 
-    /// Builds from already checked parts and derives the sorted distinct histories.
-    fn from_parts(offsets: Vec<usize>, items: Vec<u32>, n_items: u32) -> Self {
-        let sorted: Vec<Vec<u32>> = (0..offsets.len() - 1)
+    /// Validates CSR arrays held elsewhere (`i64` offsets, `i32` item ids) and reads them in
+    /// place, without a copy: the store keeps `offsets` and `items` alive and never writes.
+    pub fn borrowing(
+        offsets: Arc<dyn Backing<i64>>,
+        items: Arc<dyn Backing<i32>>,
+        n_items: Option<i64>,
+    ) -> Result<Self> {
+        check_offsets(offsets.slice(), items.slice().len())?;
+        let n_items = check_items(items.slice(), n_items)?;
+        let offsets = Shared::new(Arc::new(Unsigned(offsets)));
+        let items = Shared::new(Arc::new(Unsigned(items)));
+        Ok(Self::from_parts(offsets, items, n_items, true))
+    }
+
+    /// Builds from already checked parts and derives the sorted distinct histories: one copy
+    /// of the items, each user's run sorted and deduplicated in place, then compacted.
+    fn from_parts(offsets: Shared<usize>, items: Shared<u32>, n_items: u32, borrowed: bool) -> Self {
+        let n_users = offsets.len() - 1;
+        let mut seen: Vec<u32> = items.to_vec();
+        let mut runs: Vec<&mut [u32]> = Vec::with_capacity(n_users);
+        let mut rest: &mut [u32] = &mut seen;
+        for u in 0..n_users {
+            let (head, tail) = rest.split_at_mut(offsets[u + 1] - offsets[u]);
+            runs.push(head);
+            rest = tail;
+        }
+        let distinct: Vec<usize> = runs
             .into_par_iter()
-            .map(|u| {
-                let mut s = items[offsets[u]..offsets[u + 1]].to_vec();
-                s.sort_unstable();
-                s.dedup();
-                s
+            .map(|run| {
+                run.sort_unstable();
+                let mut k = 0;
+                for i in 0..run.len() {
+                    if i == 0 || run[i] != run[k - 1] {
+                        run[k] = run[i];
+                        k += 1;
+                    }
+                }
+                k
             })
             .collect();
-        let mut seen_offsets = Vec::with_capacity(offsets.len());
+        let mut seen_offsets = Vec::with_capacity(n_users + 1);
         seen_offsets.push(0);
-        let mut seen = Vec::with_capacity(items.len());
-        for s in &sorted {
-            seen.extend_from_slice(s);
-            seen_offsets.push(seen.len());
+        let mut end = 0;
+        for (u, &k) in distinct.iter().enumerate() {
+            seen.copy_within(offsets[u]..offsets[u] + k, end);
+            end += k;
+            seen_offsets.push(end);
         }
-        SequenceStore { offsets, items, n_items, seen_offsets, seen }
+        seen.truncate(end);
+        seen.shrink_to_fit();
+        SequenceStore { offsets, items, n_items, seen_offsets, seen, borrowed }
     }
 
     /// Builds from one list of item ids per user.
@@ -93,6 +201,11 @@ impl SequenceStore {
             offsets.push(items.len() as i64);
         }
         Self::new(&offsets, &items, n_items)
+    }
+
+    /// Whether the CSR arrays are read in place from memory the store does not own.
+    pub fn borrowed(&self) -> bool {
+        self.borrowed
     }
 
     pub fn n_users(&self) -> usize {
@@ -220,6 +333,28 @@ mod tests {
         assert!(SequenceStore::new(&[0, 2], &[1, 0], None).is_err());
         assert!(SequenceStore::new(&[0, 2], &[1, 9], Some(5)).is_err());
         assert!(SequenceStore::new(&[0, 3], &[1, 2], None).is_err());
+    }
+
+    #[test]
+    fn borrowed_arrays_read_as_the_copied_ones() {
+        let (o, it) = (vec![0i64, 5, 8, 14], vec![3i64, 1, 2, 3, 5, 4, 4, 2, 1, 2, 3, 4, 5, 6]);
+        let it32: Vec<i32> = it.iter().map(|&v| v as i32).collect();
+        let b = SequenceStore::borrowing(Arc::new(o.clone()), Arc::new(it32), None).unwrap();
+        let c = SequenceStore::new(&o, &it, None).unwrap();
+        assert!(b.borrowed() && !c.borrowed());
+        assert_eq!((b.n_users(), b.n_items(), b.n_interactions()), (3, 6, 14));
+        for u in 0..3 {
+            assert_eq!(b.seq(u), c.seq(u));
+            assert_eq!(b.seen(u), c.seen(u));
+        }
+        assert_eq!(b.seen(1), &[2, 4]);
+        assert_eq!(b.offsets(), &[0, 5, 8, 14]);
+        // negative values are refused before they could be read as huge unsigned ones
+        let e = SequenceStore::borrowing(Arc::new(vec![0i64, 2]), Arc::new(vec![1i32, -3]), None);
+        assert_eq!(e.unwrap_err().to_string(), "items[1]=-3 is not a valid item id (ids start at 1; 0 is padding)");
+        let e = SequenceStore::borrowing(Arc::new(vec![0i64, -1, 2]), Arc::new(vec![1i32, 2]), None);
+        assert!(e.unwrap_err().to_string().starts_with("offsets are not monotone: offsets[1]=-1"));
+        assert!(SequenceStore::borrowing(Arc::new(vec![0i64, 3]), Arc::new(vec![1i32, 2]), None).is_err());
     }
 
     #[test]

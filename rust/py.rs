@@ -4,13 +4,13 @@
 use std::sync::Arc;
 
 use numpy::ndarray::{Array2, Array3};
-use numpy::{IntoPyArray, PyArray1, PyArray2, PyArray3, PyUntypedArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArray3};
+use numpy::{IntoPyArray, PyArray1, PyArray2, PyArray3, PyArrayMethods, PyUntypedArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArray3};
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
 use crate::batch::{SamplerConfig, TrainSampler as RsSampler};
-use crate::csr::SequenceStore as RsStore;
+use crate::csr::{Backing, SequenceStore as RsStore};
 use crate::error::Error;
 use crate::kmeans as km;
 use crate::{candidates, cooccur, pool};
@@ -112,6 +112,48 @@ fn vec2<'py>(py: Python<'py>, v: Vec<i64>, rows: usize, cols: usize) -> PyResult
 }
 
 // ---------------------------------------------------------------------------------------------
+// Arrays read in place
+
+/// A numpy array's buffer, kept alive by a reference to the array.
+struct NumpyBuf<T> {
+    _owner: Py<PyAny>,
+    ptr: *const T,
+    len: usize,
+}
+
+// SAFETY: the buffer is read-only (checked when made) and lives as long as `_owner`; reading
+// it needs no GIL.
+unsafe impl<T> Send for NumpyBuf<T> {}
+unsafe impl<T> Sync for NumpyBuf<T> {}
+
+impl<T> Backing<T> for NumpyBuf<T> {
+    fn slice(&self) -> &[T] {
+        if self.len == 0 {
+            return &[];
+        }
+        // SAFETY: `ptr` is the aligned, C-contiguous data of `len` elements of a live array.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+/// The buffer of a 1-D array of exactly `T` that is read-only, C-contiguous and aligned (what
+/// `np.load(path, mmap_mode="r")` returns), to read in place; None for anything else, which the
+/// caller copies instead.
+fn read_only<T: numpy::Element + 'static>(obj: &Bound<'_, PyAny>) -> PyResult<Option<Arc<dyn Backing<T>>>> {
+    let Ok(arr) = obj.extract::<Bound<'_, PyArray1<T>>>() else {
+        return Ok(None);
+    };
+    let flags = arr.getattr("flags")?;
+    for (flag, want) in [("writeable", false), ("c_contiguous", true), ("aligned", true)] {
+        if flags.getattr(flag)?.extract::<bool>()? != want {
+            return Ok(None);
+        }
+    }
+    let buf = NumpyBuf { _owner: arr.clone().into_any().unbind(), ptr: arr.data() as *const T, len: arr.len() };
+    Ok(Some(Arc::new(buf)))
+}
+
+// ---------------------------------------------------------------------------------------------
 // SequenceStore
 
 #[pyclass(name = "SequenceStore", module = "h2rec._core", frozen)]
@@ -124,6 +166,10 @@ impl SequenceStore {
     #[new]
     #[pyo3(signature = (offsets, items, n_items=None))]
     fn new(py: Python<'_>, offsets: &Bound<'_, PyAny>, items: &Bound<'_, PyAny>, n_items: Option<i64>) -> PyResult<Self> {
+        if let (Some(o), Some(it)) = (read_only::<i64>(offsets)?, read_only::<i32>(items)?) {
+            let inner = py.detach(|| RsStore::borrowing(o, it, n_items))?;
+            return Ok(SequenceStore { inner: Arc::new(inner) });
+        }
         let o = int1(py, offsets, "offsets")?;
         let it = int1(py, items, "items")?;
         let (os, is) = (slice(&o)?, slice(&it)?);
@@ -157,6 +203,12 @@ impl SequenceStore {
     #[getter]
     fn n_items(&self) -> u32 {
         self.inner.n_items()
+    }
+    /// Whether the store reads its arrays in place (read-only int64 offsets and int32 items,
+    /// such as ``np.load(..., mmap_mode="r")`` gives) instead of holding a copy.
+    #[getter]
+    fn borrowed(&self) -> bool {
+        self.inner.borrowed()
     }
     #[getter]
     fn n_interactions(&self) -> usize {

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from h2rec import SequenceStore
+from h2rec import SequenceStore, sample_candidates
 
 SEQS = [[3, 1, 2, 3, 5], [4, 4, 2], [1, 2, 3, 4, 5, 6]]
 
@@ -64,3 +64,76 @@ def test_histories_csr():
     ptr, items = s.histories(np.array([1, 2]), holdout=2)
     assert ptr.tolist() == [0, 1, 5]
     assert items.tolist() == [4, 1, 2, 3, 4]
+
+
+def _read_only(a: np.ndarray) -> np.ndarray:
+    a = np.ascontiguousarray(a)
+    a.flags.writeable = False
+    return a
+
+
+@given(st.lists(st.lists(st.integers(1, 25), min_size=0, max_size=10), min_size=1, max_size=15))
+@settings(max_examples=40, deadline=None)
+def test_a_store_read_in_place_answers_as_a_copied_one(seqs):
+    offsets = np.concatenate([[0], np.cumsum([len(q) for q in seqs])]).astype(np.int64)
+    items = np.array([i for q in seqs for i in q], dtype=np.int64)
+    copied = SequenceStore(offsets, items, 25)
+    borrowed = SequenceStore(_read_only(offsets), _read_only(items.astype(np.int32)), 25)
+    assert borrowed.borrowed and not copied.borrowed
+    users = np.array([u for u, q in enumerate(seqs) if len(q) >= 3], dtype=np.int64)
+    np.testing.assert_array_equal(borrowed.items, items)
+    np.testing.assert_array_equal(borrowed.offsets, offsets)
+    for h in (0, 2):
+        np.testing.assert_array_equal(borrowed.popularity(h), copied.popularity(h))
+    np.testing.assert_array_equal(borrowed.histories(users, 1)[1], copied.histories(users, 1)[1])
+    if users.size:
+        for split in ("valid", "test"):
+            for a, b in zip(borrowed.eval_inputs(users, 4, split), copied.eval_inputs(users, 4, split)):
+                np.testing.assert_array_equal(a, b)
+        # the exclusions of sampled candidates come from the distinct histories
+        t = borrowed.eval_inputs(users, 4, "test")[1]
+        np.testing.assert_array_equal(
+            sample_candidates(borrowed, users, t, 5, seed=3),
+            sample_candidates(copied, users, t, 5, seed=3),
+        )
+
+
+def test_only_read_only_exact_arrays_are_borrowed():
+    offsets, items = np.array([0, 3, 5]), np.array([1, 2, 3, 2, 2])
+    assert not SequenceStore(offsets, items.astype(np.int32)).borrowed  # writable: copied
+    assert not SequenceStore(_read_only(offsets), _read_only(items)).borrowed  # int64 items
+    assert not SequenceStore(_read_only(offsets), _read_only(items.astype(np.int16))).borrowed
+    strided = _read_only(np.repeat(items.astype(np.int32), 2))[::2]
+    assert not SequenceStore(_read_only(offsets), strided).borrowed  # not contiguous
+    s = SequenceStore(_read_only(offsets), _read_only(items.astype(np.int32)))
+    assert s.borrowed and s.n_items == 3
+
+
+def test_a_borrowed_array_outlives_its_last_python_name():
+    import gc
+
+    items = _read_only(np.array([4, 1, 4, 2, 3], dtype=np.int32))
+    s = SequenceStore(_read_only(np.array([0, 2, 5])), items)
+    del items
+    gc.collect()
+    np.testing.assert_array_equal(s.items, [4, 1, 4, 2, 3])
+    np.testing.assert_array_equal(s.sequence(1), [4, 2, 3])
+
+
+@pytest.mark.parametrize(
+    ("offsets", "items", "message"),
+    [
+        ([0, 2], [1, -3], r"items\[1\]=-3 is not a valid item id"),
+        ([0, 2], [1, 0], r"items\[1\]=0 is not a valid item id"),
+        ([0, 3, 2], [1, 2], r"offsets are not monotone: offsets\[2\]=2 < offsets\[1\]=3"),
+        ([0, -1, 2], [1, 2], r"offsets\[1\]=-1 < offsets\[0\]=0"),
+        ([0, 3], [1, 2], r"offsets\[-1\]=3 must equal len\(items\)=2"),
+        ([1, 2], [1, 2], r"offsets\[0\]=1 must be 0"),
+    ],
+)
+def test_borrowed_arrays_are_validated_as_copied_ones(offsets, items, message):
+    with pytest.raises(ValueError, match=message):
+        SequenceStore(_read_only(np.array(offsets, dtype=np.int64)),
+                      _read_only(np.array(items, dtype=np.int32)))
+    with pytest.raises(ValueError, match=message):
+        SequenceStore(np.array(offsets), np.array(items))

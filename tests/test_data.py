@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -403,8 +404,11 @@ def test_load_dataset_rejects_broken_dirs(tmp_path: Path) -> None:
     np.save(out / "items.npy", np.array([1, 2, 9], dtype=np.int64))
     with pytest.raises(DataError, match="invalid sequences"):
         load_dataset(out)
+    np.save(out / "items.npy", np.array([1, 2, 9], dtype=np.int32))  # memory-mapped
+    with pytest.raises(DataError, match=r"invalid sequences \(items\[2\]=9 > n_items=3\)"):
+        load_dataset(out)
     np.save(out / "items.npy", np.array([1.0, 2.0, 3.0]))
-    with pytest.raises(DataError, match="expected int64"):
+    with pytest.raises(DataError, match="expected int32 or int64 with 1 dims, got float64"):
         load_dataset(out)
     (out / "offsets.npy").unlink()
     with pytest.raises(DataError, match="offsets.npy: missing"):
@@ -596,3 +600,25 @@ def test_csv_rows_with_wrong_field_counts(tmp_path: Path) -> None:
         (3, "wrong number of fields", "a,y,2,9"), (5, "wrong number of fields", "a,w")]
     ids = pl.read_parquet(out / "items.parquet").get_column("original_id").to_list()
     assert [ids[i - 1] for i in sequences_of(out)[0]] == ["x", "z", "v"]
+
+
+def test_the_sequences_are_int32_on_disk_and_read_in_place(tmp_path: Path) -> None:
+    out = prepare(write(tmp_path / "s.txt", "u1 a b c a\nu2 c d b\nu3 a d\n"), tmp_path / "ds")
+    assert np.load(out / "items.npy").dtype == np.int32
+    assert np.load(out / "offsets.npy").dtype == np.int64
+    ds = load_dataset(out)
+    assert ds.store.borrowed
+    want = [[1, 2, 3, 1], [3, 4, 2]]  # u3 (2 items) is dropped: shorter than min_length
+    assert [ds.store.sequence(u).tolist() for u in range(ds.n_users)] == want
+    # a dataset written with int64 ids (before int32) still loads, as a copy; the file is
+    # replaced by a rename, as h2rec writes every file (a rewrite in place would change what
+    # the mapped ``ds`` reads)
+    np.save(tmp_path / "items64.npy", np.load(out / "items.npy").astype(np.int64))
+    os.replace(tmp_path / "items64.npy", out / "items.npy")
+    old = load_dataset(out)
+    assert not old.store.borrowed
+    assert [old.store.sequence(u).tolist() for u in range(old.n_users)] == want
+    # the mapped arrays stay readable when the directory is replaced under a loaded dataset
+    prepare(write(tmp_path / "t.txt", "v a b c\n"), out, overwrite=True)
+    assert [ds.store.sequence(u).tolist() for u in range(ds.n_users)] == want
+    assert load_dataset(out).store.sequence(0).tolist() == [1, 2, 3]

@@ -372,3 +372,25 @@ def test_a_worker_error_reaches_the_caller() -> None:
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_user_sample_is_fixed_by_the_seed_and_ranks_as_those_users_alone() -> None:
+    seqs, store, model, _ = _random_case(5, n_users=60)
+    every = evaluate(model, store, "test", EvalConfig(batch_size=7), max_len=6)
+    cfg = EvalConfig(batch_size=7, sample_users=17, seed=4)
+    a = evaluate(model, store, "valid", cfg, max_len=6)
+    b = evaluate(model, store, "test", cfg, max_len=6)
+    # the same 17 users for both splits, in user order, all of them evaluable
+    assert a.users.tolist() == b.users.tolist() and len(set(b.users.tolist())) == 17
+    assert b.users.tolist() == sorted(b.users.tolist())
+    assert set(b.users.tolist()) <= set(every.users.tolist())
+    # each sampled user's rank is its rank in the evaluation of everyone
+    rank_of = dict(zip(every.users.tolist(), every.ranks.tolist()))
+    assert b.ranks.tolist() == [rank_of[u] for u in b.users.tolist()]
+    other = evaluate(model, store, "test", EvalConfig(batch_size=7, sample_users=17, seed=5), 6)
+    assert other.users.tolist() != b.users.tolist()
+    # a sample as large as the population is the population
+    whole = evaluate(model, store, "test", EvalConfig(batch_size=7, sample_users=10_000), 6)
+    assert whole.users.tolist() == every.users.tolist()
+    with pytest.raises(ConfigError, match="eval.sample_users"):
+        EvalConfig(sample_users=-1)

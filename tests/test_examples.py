@@ -138,3 +138,50 @@ def test_blend_any_model_chooses_on_validation_and_leaves_the_run_alone(tmp_path
     want = evaluate(model, ds.store, "test", cfg.eval, cfg.model.max_len)
     assert np.isclose(res["test"]["NDCG@10"], want.metrics["NDCG@10"], rtol=0, atol=1e-12)
     assert "| sasrec | 1 |" in ex.summary(tmp_path / "out")
+
+
+def _bench(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benches" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_the_scale_log_is_per_user_chronological_and_joins_its_items(tmp_path: Path) -> None:
+    import polars as pl
+
+    scale = _bench("scale")
+    info = scale.generate(30_000, tmp_path / "log", chunk=7_000)  # several chunks
+    log = pl.read_csv(tmp_path / "log" / "interactions.csv")
+    items = pl.read_csv(tmp_path / "log" / "items.csv")
+    assert info == {"interactions": log.height, "users": 1_500, "items": 1_000}
+    assert log.get_column("user_id").n_unique() == 1_500 and items.height == 1_000
+    assert log.group_by("user_id").len().get_column("len").min() >= 3
+    # timestamps increase within each user, rows of a user are contiguous
+    diffs = log.with_columns(
+        (pl.col("timestamp").diff().over("user_id")).alias("d")
+    ).get_column("d").drop_nulls()
+    assert diffs.min() >= 60
+    assert log.get_column("user_id").rle().len() == 1_500
+    assert set(log.get_column("item_id").unique()) <= set(items.get_column("item_id"))
+    # popularity is a long tail: the top 1% of items take far more than 1% of the rows
+    counts = log.group_by("item_id").len().get_column("len").sort(descending=True)
+    assert counts.head(10).sum() > 0.05 * log.height
+    again = scale.generate(30_000, tmp_path / "log", chunk=7_000)  # resumed: not redone
+    assert again == info
+
+
+def test_the_scale_table_reports_time_per_interaction_and_the_slope() -> None:
+    scale = _bench("scale")
+
+    def size(n: int, seconds: float) -> dict:
+        return {"n": n, "dataset": {"interactions": n},
+                "stages": {"prepare": {"seconds": seconds, "peak_rss_mb": 100.0}}}
+
+    text = scale.table({"a": size(1_000_000, 2.0), "b": size(100_000_000, 400.0)})
+    row = next(line for line in text.splitlines() if line.startswith("| prepare"))
+    # 2 s / 1e6 = 2.00 µs a row; 400 s / 1e8 = 4.00; slope log(200) / log(100) = 1.15
+    assert "2.0 s, 2.00 µs/int., 100 MB" in row and "400.0 s, 4.00 µs/int." in row
+    assert row.endswith("| 1.15 |")
+    assert "| train-epoch | — | — | — |" in text

@@ -53,8 +53,10 @@ _F32 = NDArray[np.float32]
 class SequenceStore:
     """Users' chronological item sequences in CSR form, validated once at construction.
 
-    Array arguments may be any integer array-like; they are converted to C-contiguous int64
-    (no copy when they already are), and anything else is a TypeError."""
+    Array arguments may be any integer array-like; they are copied in, and anything else is a
+    TypeError. Read-only, C-contiguous int64 ``offsets`` with int32 ``items`` (what
+    ``np.load(path, mmap_mode="r")`` gives for a dataset directory) are read in place instead:
+    the store keeps the arrays alive and never writes to them (``borrowed``)."""
 
     def __new__(
         cls, offsets: ArrayLike, items: ArrayLike, n_items: int | None = None
@@ -69,6 +71,9 @@ class SequenceStore:
     def n_items(self) -> int: ...
     @property
     def n_interactions(self) -> int: ...
+    @property
+    def borrowed(self) -> bool:
+        """Whether the arrays are read in place rather than copied."""
     @property
     def offsets(self) -> _I64: ...
     @property

@@ -204,9 +204,13 @@ class EvalConfig:
     buckets: tuple[int, ...] = (10, 30, 60, 100)  # popularity bucket edges: 1-9, 10-29, ..., >=100
     short_share: float = 0.8  # Pareto split of users: short = this share with the shortest inputs
     long_threshold: int = 0  # if > 0: long user = input length >= this (fixed threshold)
+    # if > 0: validation and test rank a fixed sample of this many users (drawn once by
+    # eval.seed), not every user: for logs of millions of users
+    sample_users: int = 0
 
     def __post_init__(self) -> None:
         _check(self.n_negatives >= 1, "eval.n_negatives", self.n_negatives, "must be >= 1")
+        _check(self.sample_users >= 0, "eval.sample_users", self.sample_users, "must be >= 0")
         _check(
             len(self.ks) > 0 and all(k >= 1 for k in self.ks) and 10 in self.ks,
             "eval.ks",

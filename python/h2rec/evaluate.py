@@ -181,9 +181,15 @@ def left_padded_inputs(store: _core.SequenceStore, users: np.ndarray, holdout: i
     return out, lengths
 
 
-def eval_users(store: _core.SequenceStore) -> np.ndarray:
-    """Users evaluated by both splits: at least three interactions."""
-    return np.flatnonzero(store.lengths() >= 3).astype(np.int64)
+def eval_users(store: _core.SequenceStore, sample: int = 0, seed: int = 0) -> np.ndarray:
+    """Users evaluated by both splits: at least three interactions; with ``sample`` > 0, a
+    fixed sample of that many of them (in user order), drawn by ``seed`` alone, so validation
+    and test, every epoch and every process rank the same users."""
+    users = np.flatnonzero(store.lengths() >= 3).astype(np.int64)
+    if 0 < sample < users.size:
+        pick = np.random.default_rng([seed, 0x5A3]).choice(users.size, size=sample, replace=False)
+        users = users[np.sort(pick)]
+    return users
 
 
 def _device_of(model: ScoringModel) -> torch.device:
@@ -386,7 +392,10 @@ def _plan(
     """(users, their input lengths, the positions of the users of each batch) of an evaluation."""
     if split not in _HOLDOUT:
         raise ConfigError(f"split={split!r}: must be 'valid' or 'test'")
-    users = eval_users(store) if users is None else np.asarray(users, dtype=np.int64)
+    if users is None:
+        users = eval_users(store, cfg.sample_users, cfg.seed)
+    else:
+        users = np.asarray(users, dtype=np.int64)
     lengths = store.lengths()[users] - _HOLDOUT[split]
     rows = batch_rows(model, store.n_items, cfg)
     return users, lengths, list(_by_length(lengths, max_len, rows))

@@ -547,7 +547,9 @@ class Recommender:
                 raise DataError(f"--users: unknown user ids {missing[:5]}")
             rows = np.array([index[u] for u in wanted], dtype=np.int64)
         elif split:
-            rows = eval_users(store)  # the users the split's metrics are computed over
+            # the users the split's metrics are computed over (eval.sample_users of the run)
+            ecfg = self.config.eval
+            rows = eval_users(store, ecfg.sample_users, ecfg.seed)
         else:
             rows = np.arange(store.n_users, dtype=np.int64)
         if split:

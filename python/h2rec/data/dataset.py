@@ -7,7 +7,8 @@ of first appearance when the users' sorted sequences are read one after another 
 S3Rec's ids from ``user_sequence.txt``), and writes the dataset directory under a temporary name
 that is renamed when complete. Everything runs in polars; no Python loop touches a row.
 
-A dataset directory holds ``offsets.npy`` and ``items.npy`` (the CSR sequences),
+A dataset directory holds ``offsets.npy`` (int64) and ``items.npy`` (int32 while the ids fit,
+else int64: the CSR sequences, memory-mapped by ``load_dataset``),
 ``users.parquet``, ``items.parquet`` (original ids and item text), ``stats.json``, ``meta.json``
 and, when rows were dropped, ``skipped_rows.csv``.
 """
@@ -276,7 +277,9 @@ def _prepare(
     tmp = new_dir_beside(out, "dataset")
     try:
         np.save(tmp / "offsets.npy", offsets)
-        np.save(tmp / "items.npy", items_np)
+        # int32 ids whenever the catalogue allows: half the bytes, and the store reads the
+        # memory-mapped file in place (load_dataset)
+        np.save(tmp / "items.npy", items_np.astype(_item_dtype(n_items), copy=False))
         users.write_parquet(tmp / "users.parquet")
         item_frame.write_parquet(tmp / "items.parquet")
         if skipped.height:
@@ -335,24 +338,39 @@ class Dataset:
         return pl.read_parquet(self.path / "items.parquet")
 
 
-def _load_npy(path: Path, dtype: type, ndim: int) -> np.ndarray:
+def _item_dtype(n_items: int) -> type:
+    """The dtype ``items.npy`` is written with: int32 while the ids fit, else int64."""
+    return np.int32 if n_items <= np.iinfo(np.int32).max else np.int64
+
+
+def _load_npy(path: Path, dtypes: tuple[type, ...], ndim: int) -> np.ndarray:
+    """A ``.npy`` array of one of ``dtypes``, memory-mapped read-only (an empty file is read
+    plainly: it cannot be mapped)."""
     if not path.exists():
         raise DataError(f"{path}: missing; not a complete dataset directory")
     try:
-        arr = np.load(path, allow_pickle=False)
+        arr = np.load(path, allow_pickle=False, mmap_mode="r")
+        if arr.size == 0:
+            arr = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
         reason = _first_line(exc)[:200]
         raise DataError(f"{path}: cannot read ({reason}); not a complete dataset directory") from exc
     if not isinstance(arr, np.ndarray):
         raise DataError(f"{path}: not a .npy array")
-    if arr.dtype != dtype or arr.ndim != ndim:
-        raise DataError(f"{path}: expected {np.dtype(dtype).name} with {ndim} dims, "
+    if arr.dtype not in [np.dtype(d) for d in dtypes] or arr.ndim != ndim:
+        want = " or ".join(np.dtype(d).name for d in dtypes)
+        raise DataError(f"{path}: expected {want} with {ndim} dims, "
                         f"got {arr.dtype} with shape {arr.shape}")
     return arr
 
 
 def load_dataset(path: str | Path) -> Dataset:
-    """Read a dataset directory written by ``prepare`` and validate it."""
+    """Read a dataset directory written by ``prepare`` and validate it.
+
+    ``offsets.npy`` and ``items.npy`` are memory-mapped read-only and, with int32 ids, read in
+    place by the Rust store. ``prepare --overwrite`` replaces the directory by a rename, which a
+    loaded dataset survives; a tool that rewrote these files in place (same inode) while a
+    process has them loaded would change what that process reads."""
     from h2rec._core import SequenceStore
 
     path = Path(path)
@@ -372,8 +390,10 @@ def load_dataset(path: str | Path) -> Dataset:
         raise DataError(f"{meta_path}: format={meta.get('format')!r}, expected {DATASET_FORMAT!r}")
     if meta.get("version") != DATASET_VERSION:
         raise DataError(f"{meta_path}: version={meta.get('version')!r}, expected {DATASET_VERSION}")
-    offsets = _load_npy(path / "offsets.npy", np.int64, 1)
-    items = _load_npy(path / "items.npy", np.int64, 1)
+    # memory-mapped: the Rust store reads int64 offsets and int32 items in place, so the
+    # sequences are in memory once (as the page cache's), not twice
+    offsets = _load_npy(path / "offsets.npy", (np.int64,), 1)
+    items = _load_npy(path / "items.npy", (np.int32, np.int64), 1)
     try:
         users = pl.read_parquet(path / "users.parquet")
         item_table = pl.read_parquet(path / "items.parquet")

@@ -103,7 +103,7 @@ def _evaluate_all(
     rank: int,
 ) -> EvalResult:
     """Evaluate on this process's share of users; gather the ranks of every process."""
-    users = eval_users(store)
+    users = eval_users(store, cfg.eval.sample_users, cfg.eval.seed)
     if world == 1:
         return evaluate(model, store, split, cfg.eval, cfg.model.max_len, users=users)  # type: ignore[arg-type]
     # whole batches of one plan, batch i to rank i % world: each batch is cut and computed as
