@@ -5,7 +5,8 @@ For each size N (interactions) a log is generated (``generate``: power-law item 
 catalogue), then run through the pipeline as a user runs it, each stage its own ``h2rec``
 process:
 
-    prepare -> embed (TF-IDF) -> build-sid (3 x 256) -> train (SASRec, one epoch)
+    prepare -> embed (TF-IDF) -> build-sid (3 x 256) -> train (SASRec, one epoch, the sampled
+            softmax that ``train.loss=auto`` uses past ``full_softmax_max_items``)
             -> full-ranking evaluation of a fixed sample of users (``eval.sample_users``)
 
 For each stage: wall time and peak resident memory (the process's ``ru_maxrss``, from
@@ -45,7 +46,8 @@ def generate(n: int, out: Path, seed: int = 0, chunk: int = 5_000_000) -> dict:
     """``interactions.csv`` (user_id,item_id,timestamp) and ``items.csv`` of about ``n`` rows.
 
     Users (``n / 20``) have 3 + geometric lengths (mean 20) and one favourite product type of
-    the built-in catalogue each; an interaction is, with probability 0.6, an item of that type
+    the built-in catalogue each (titles get two more words from a vocabulary that grows with the
+    catalogue, see ``_titles``); an interaction is, with probability 0.6, an item of that type
     by popularity within it, else an item by global popularity (Zipf exponent 1.05). Rows are
     written user by user with increasing timestamps, in chunks, so memory stays bounded."""
     import polars as pl
@@ -101,12 +103,33 @@ def generate(n: int, out: Path, seed: int = 0, chunk: int = 5_000_000) -> dict:
             u0 = u1
     os.replace(tmp, out / "interactions.csv")
     pl.DataFrame(
-        {"item_id": item_ids.astype(str), "title": cat.titles, "category": cat.categories,
-         "brand": cat.brands}
+        {"item_id": item_ids.astype(str), "title": _titles(cat.titles, rng),
+         "category": cat.categories, "brand": cat.brands}
     ).write_csv(out / "items.csv")
     info = {"interactions": rows, "users": n_users, "items": n_items}
     done.write_text(json.dumps(info))
     return info
+
+
+_SYLLABLES = ("ka", "lo", "mi", "ne", "ru", "sa", "te", "vo", "zi", "po", "da", "fe", "gu", "ha",
+              "ji", "ko", "la", "mu", "ni", "or", "pe", "qu", "ri", "so", "tu", "va", "we", "xi",
+              "yo", "ze", "bra", "cle", "dro", "fli", "gra", "ple", "sto", "tri", "vel", "wix")
+
+
+def _titles(base: list[str], rng: np.random.Generator) -> list[str]:
+    """The catalogue's titles with two descriptive words each, drawn (Zipf) from a vocabulary
+    that grows with the catalogue (``n / 10`` words, at least 500), as real catalogues' does:
+    the built-in titles alone have a few hundred words whatever the size."""
+    n = len(base)
+    n_words = max(500, n // 10)
+    syl = np.array(_SYLLABLES)
+    parts = rng.integers(0, len(syl), size=(n_words, 4))
+    words = np.unique(np.char.add(np.char.add(syl[parts[:, 0]], syl[parts[:, 1]]),
+                                  np.char.add(syl[parts[:, 2]], syl[parts[:, 3]])))
+    weight = 1.0 / np.arange(1, words.size + 1)
+    pick = rng.choice(words.size, size=(n, 2), p=weight / weight.sum())
+    extra = np.char.add(np.char.add(words[pick[:, 0]], " "), words[pick[:, 1]])
+    return [f"{t} {e}" for t, e in zip(base, extra.tolist())]
 
 
 # --------------------------------------------------------------------------- the stages
@@ -153,7 +176,10 @@ def run_size(n: int, work: Path, records: dict, save, eval_users: int, threads: 
         "build-sid": [*h2rec, "build-sid", str(ds), str(sid), "--overwrite"],
         "train": [*h2rec, "train", str(ds), "--sids", str(sid), "--name", "sasrec",
                   "--output-dir", str(runs), "--overwrite", "--set", "model.kind=sasrec",
-                  "--set", "train.epochs=1", "--set", f"eval.sample_users={eval_users}", *th],
+                  "--set", "train.epochs=1", "--set", f"eval.sample_users={eval_users}",
+                  # the loss "auto" picks for large catalogues (4,096 shared popularity
+                  # negatives, logQ-corrected) at every size, so sizes compare like for like
+                  "--set", "train.full_softmax_max_items=1", *th],
     }
     for name, cmd in stages.items():
         done = rec["stages"]

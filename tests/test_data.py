@@ -622,3 +622,101 @@ def test_the_sequences_are_int32_on_disk_and_read_in_place(tmp_path: Path) -> No
     prepare(write(tmp_path / "t.txt", "v a b c\n"), out, overwrite=True)
     assert [ds.store.sequence(u).tolist() for u in range(ds.n_users)] == want
     assert load_dataset(out).store.sequence(0).tolist() == [1, 2, 3]
+
+
+# ---------------------------------------------------------------------------------------------
+# large logs read in chunks (h2rec.data.stream)
+# ---------------------------------------------------------------------------------------------
+
+
+def _log_csv(path: Path, n: int, seed: int, sep: str = ",", float_ts: bool = False) -> Path:
+    rng = np.random.default_rng(seed)
+    users = rng.integers(0, n // 6, n)
+    items = rng.integers(0, n // 4, n)
+    ts = rng.integers(0, n // 3, n)  # coarse: many ties
+    lines = [sep.join(["user_id", "item_id", "timestamp"])]
+    for u, i, t in zip(users, items, ts):
+        stamp = f"{t}.5" if float_ts else str(t)
+        lines.append(sep.join([f" u{u} ", f"item-{i}", stamp]))  # ids with spaces to strip
+    lines += lines[5:8]  # rows repeated exactly
+    return write(path, "\n".join(lines) + "\n")
+
+
+def _dataset_files(path: Path) -> dict[str, object]:
+    meta = json.loads((path / "meta.json").read_text())
+    meta["read"].pop("chunk_rows")
+    meta.pop("sources")
+    meta.pop("name")
+    out: dict[str, object] = {"meta": meta, "stats": json.loads((path / "stats.json").read_text())}
+    for name in ("offsets.npy", "items.npy"):
+        out[name] = np.load(path / name).tolist()
+    for name in ("users.parquet", "items.parquet"):
+        out[name] = pl.read_parquet(path / name).rows()
+    skipped = path / "skipped_rows.csv"
+    out["skipped"] = skipped.read_text() if skipped.exists() else None
+    return out
+
+
+@pytest.mark.parametrize(("sep", "float_ts"), [(",", False), ("\t", True)])
+def test_a_log_read_in_chunks_prepares_as_the_whole_file(
+    tmp_path: Path, sep: str, float_ts: bool
+) -> None:
+    from h2rec.data.ids import encode_ids
+    from h2rec.data.stream import read_coded
+
+    log = _log_csv(tmp_path / ("log.csv" if sep == "," else "log.tsv"), 600, 1, sep, float_ts)
+    chunked = ReadOptions(chunk_rows=37)
+    coded = read_coded(log, chunked)
+    assert coded is not None  # read in chunks, not sent down the whole-file path
+    whole = read_interactions(log, ReadOptions(chunk_rows=0))
+    frame, users, items = encode_ids(whole.frame)
+    assert coded.frame.equals(frame)
+    assert coded.user_names.to_list() == users.to_list()
+    assert coded.item_names.to_list() == items.to_list()
+    a = prepare(log, tmp_path / "a", read=chunked, filter=FilterOptions("kcore", 2, 2))
+    b = prepare(log, tmp_path / "b", read=ReadOptions(chunk_rows=0),
+                filter=FilterOptions("kcore", 2, 2))
+    assert _dataset_files(a) == _dataset_files(b)
+
+
+def test_bad_rows_of_a_chunked_log_are_skipped_or_reported_as_the_whole_file_does(
+    tmp_path: Path,
+) -> None:
+    from h2rec.data.stream import read_coded
+
+    text = _log_csv(tmp_path / "ok.csv", 300, 2, float_ts=True).read_text().splitlines()
+    text[40] = "u1,item-1,NaN"  # parses as a number: a bad timestamp
+    text[200] = "u\x002,item-2,3.0"  # a NUL byte in an id
+    log = write(tmp_path / "log.csv", "\n".join(text) + "\n")
+    skip = ReadOptions(chunk_rows=29, on_bad_line="skip")
+    coded = read_coded(log, skip)
+    assert coded is not None
+    assert coded.skipped.get_column("line").to_list() == [41, 201]
+    assert coded.skipped.get_column("reason").to_list() == ["bad timestamp", "NUL byte in the user id"]
+    a = prepare(log, tmp_path / "a", read=skip, filter=FilterOptions("none"))
+    b = prepare(log, tmp_path / "b", read=ReadOptions(chunk_rows=0, on_bad_line="skip"),
+                filter=FilterOptions("none"))
+    assert _dataset_files(a) == _dataset_files(b)
+    # under on_bad_line="error" the message is the whole-file reader's, line and all
+    with pytest.raises(DataError, match=r"log.csv:41: bad timestamp: 'u1 item-1 NaN' \(1 more"):
+        prepare(log, tmp_path / "c", read=ReadOptions(chunk_rows=29))
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("u1,item-1", r"log.csv:\d+: wrong number of fields"),  # a short row
+        ("u1,item-1,5,extra", r"log.csv:\d+: wrong number of fields"),  # a long one
+        ("u1,,5", r"log.csv:\d+: missing item id"),
+        ("u1,item-1,yesterday", r"log.csv:\d+: bad timestamp"),  # the column is not numeric
+    ],
+)
+def test_a_chunked_log_the_whole_reader_refuses_gets_its_message(
+    tmp_path: Path, line: str, message: str
+) -> None:
+    text = _log_csv(tmp_path / "ok.csv", 300, 3).read_text().splitlines()
+    text[150] = line
+    log = write(tmp_path / "log.csv", "\n".join(text) + "\n")
+    for rows in (23, 0):
+        with pytest.raises(DataError, match=message):
+            prepare(log, tmp_path / f"out{rows}", read=ReadOptions(chunk_rows=rows))

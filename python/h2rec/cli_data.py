@@ -18,14 +18,22 @@ from h2rec.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 
-def _positive_int(text: str) -> int:
+def _int_at_least(text: str, low: int) -> int:
     try:
         value = int(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from exc
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    if value < low:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    return _int_at_least(text, 1)
+
+
+def _non_negative_int(text: str) -> int:
+    return _int_at_least(text, 0)
 
 
 def _codebook_size(text: str) -> int:
@@ -60,6 +68,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--encoding", choices=("utf8", "latin-1"), default="utf8")
     p.add_argument("--on-bad-line", choices=("error", "skip"), default="error",
                    help="stop at an unparsable row, or skip it (rows go to skipped_rows.csv)")
+    p.add_argument("--chunk-rows", type=_non_negative_int, default=2_000_000,
+                   help="csv/tsv logs larger than this many rows are read and their ids coded "
+                        "this many rows at a time (bounds memory); 0 reads them whole")
     p.add_argument("--items", type=Path, default=None, help="item table with text columns")
     p.add_argument("--item-format", choices=ITEM_FORMATS, default="auto")
     p.add_argument("--item-id-col", default=None, help="id column of the item table")
@@ -149,6 +160,7 @@ def run_prepare(args: argparse.Namespace) -> int:
         separator=args.separator,
         encoding=args.encoding,
         on_bad_line=args.on_bad_line,
+        chunk_rows=args.chunk_rows,
     )
     table = ItemTableOptions(
         format=args.item_format,

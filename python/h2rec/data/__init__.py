@@ -10,6 +10,7 @@ One module per idea, each importing only the ones above it in this list:
   the text templates;
 - ``filters``: k-core and minimum-count filters;
 - ``ids``: id strings -> integer codes;
+- ``stream``: large CSV/TSV logs read in chunks and coded chunk by chunk (bounded memory);
 - ``stats``: the content of ``stats.json``;
 - ``dataset``: ``prepare`` (read, filter, order, remap, write the dataset directory) and
   ``load_dataset`` / ``Dataset``.

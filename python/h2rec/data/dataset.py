@@ -33,6 +33,7 @@ from h2rec.data.ids import encode_ids
 from h2rec.data.items import ItemTableOptions, apply_template, read_item_table
 from h2rec.data.readers import ReadOptions, read_interactions
 from h2rec.data.stats import compute_stats
+from h2rec.data.stream import Coded, read_coded
 from h2rec.errors import DataError, quote
 from h2rec.outputs import (
     check_output_dir,
@@ -89,6 +90,36 @@ def prepare(
                         short_users, name)
 
 
+def _repeated_rows(frame: pl.DataFrame, key: list[str]) -> int:
+    """Rows equal on ``key`` (integer codes and a numeric timestamp) to an earlier row.
+
+    Exact, in about 25 bytes a row (``n_unique`` over the frame's rows took over 100): only rows
+    whose 64-bit mix of ``key`` occurs twice can repeat one, and those few are compared in
+    full."""
+    mixed = np.zeros(frame.height, dtype=np.uint64)
+    for j, col in enumerate(key):
+        v = frame.get_column(col).to_numpy()
+        if v.dtype.kind == "f":
+            v = v + 0.0  # -0.0 -> 0.0: equal values, equal bits
+        bits = v.view(np.uint64) if v.dtype.itemsize == 8 else v.astype(np.uint64)
+        mixed ^= bits * np.uint64(_MIX[j])
+        mixed ^= mixed >> np.uint64(31)
+        mixed *= np.uint64(_MIX[-1])
+        del v, bits
+    ordered = np.sort(mixed)
+    repeated = np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
+    del ordered
+    if repeated.size == 0:
+        return 0
+    at = np.minimum(np.searchsorted(repeated, mixed), repeated.size - 1)
+    maybe = frame.filter(pl.Series(repeated[at] == mixed))
+    return maybe.height - maybe.n_unique(subset=key)
+
+
+# odd 64-bit constants (splitmix64's and xxhash's) of _repeated_rows' mix
+_MIX = (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xBF58476D1CE4E5B9)
+
+
 def _prepare(
     interactions: str | Path,
     out: Path,
@@ -100,23 +131,29 @@ def _prepare(
     short_users: str,
     name: str | None,
 ) -> Path:
-    data = read_interactions(interactions, read)
-    src, has_ts, n_bad = data.path, data.has_timestamp, data.skipped.height
+    # from here on users and items are integer codes; the strings live once, in two Series
+    coded = read_coded(interactions, read)  # large csv/tsv logs: in chunks
+    if coded is None:
+        data = read_interactions(interactions, read)
+        frame, user_names, item_names = encode_ids(data.frame)
+        coded = Coded(frame, user_names, item_names, data.path, data.format,
+                      data.has_timestamp, data.skipped)
+        del data, frame
+    src, has_ts, n_bad = coded.path, coded.has_timestamp, coded.skipped.height
+    frame, user_names, item_names = coded.frame, coded.user_names, coded.item_names
     n_dup = 0
-    if data.format != "sequences":  # a sequence line may repeat an item on purpose
+    if coded.format != "sequences":  # a sequence line may repeat an item on purpose
         key = ["user", "item", "timestamp"] if has_ts else ["user", "item"]
-        n_dup = data.frame.height - data.frame.n_unique(subset=key)
+        n_dup = _repeated_rows(frame, key)  # codes: as many as of the ids
         if n_dup:
             logger.warning(
                 "%s: %d rows repeat an earlier row exactly (same %s); they are kept as repeated "
                 "interactions (remove them from the file if they are copies)",
                 src, n_dup, ", ".join(key),
             )
-    skipped_parts = [data.skipped]
-    meta_read = asdict(read) | {"format": data.format}
-    # from here on users and items are integer codes; the strings live once, in two Series
-    frame, user_names, item_names = encode_ids(data.frame)
-    del data
+    skipped_parts = [coded.skipped]
+    meta_read = asdict(read) | {"format": coded.format}
+    del coded
 
     table: pl.DataFrame | None = None
     extra: dict[str, Any] = {}
@@ -178,25 +215,28 @@ def _prepare(
                 }
             )
         )
-        frame = frame.join(short.select("user"), on="user", how="anti")
+        # a filter, not an anti join: the rows stay in file order, which the sort below keeps
+        frame = frame.filter(~pl.col("user").is_in(short.get_column("user").implode()))
         lengths = lengths.filter(pl.col("len") >= min_length)
     if frame.height == 0:
         raise DataError(f"{src}: no user has at least min_length={min_length} interactions")
 
     # users numbered by first appearance in the file, events by (time, file line)
-    first = lengths.sort("first").with_row_index("uid").select(
-        pl.col("user"), pl.col("uid").cast(pl.Int64)
-    )
-    # _pos (the row's place in the file, tokens of one line included) breaks the remaining ties:
-    # neither the join nor the sort keeps the order of a line's items by itself
-    frame = frame.with_row_index("_pos").join(first, on="user", how="left").drop("user")
-    keys = ["uid", "timestamp", "line", "_pos"] if has_ts else ["uid", "line", "_pos"]
-    frame = frame.sort(keys).drop("_pos")
+    first = lengths.sort("first").select(pl.col("user"))
+    uid_of = np.zeros(user_names.len(), dtype=np.uint32)  # user code -> uid (a gather, no join)
+    uid_of[first.get_column("user").to_numpy()] = np.arange(first.height, dtype=np.uint32)
+    frame = frame.with_columns(
+        pl.Series("uid", uid_of[frame.get_column("user").to_numpy()])
+    ).drop("user")
+    del uid_of
+    # the rows are in file order (reading and every filter keep it), so a stable sort by user
+    # and time leaves ties in file order (a line's tokens included), with two sort keys at most
+    frame = frame.sort(["uid", "timestamp"] if has_ts else ["uid"], maintain_order=True)
     # items numbered by first appearance in the sorted sequences
     item_codes = frame.get_column("item").to_numpy()
     order = frame.get_column("item").unique(maintain_order=True).to_numpy()
-    new_id = np.zeros(item_names.len(), dtype=np.int64)
-    new_id[order] = np.arange(1, order.size + 1, dtype=np.int64)
+    new_id = np.zeros(item_names.len(), dtype=_item_dtype(order.size))
+    new_id[order] = np.arange(1, order.size + 1)
     items_np = new_id[item_codes]
     del item_codes
     n_users = first.height

@@ -56,6 +56,10 @@ class ReadOptions:
     separator: str | None = None  # csv/tsv field separator; None: "," for csv, "\t" for tsv
     encoding: Literal["utf8", "latin-1"] = "utf8"  # text encoding of the file
     on_bad_line: Literal["error", "skip"] = "error"  # unparsable rows: stop, or skip and record
+    # csv/tsv logs larger than a chunk are read this many rows at a time, their ids coded chunk
+    # by chunk (h2rec.data.stream), so the whole log's id strings are never in memory at once;
+    # 0 = always read whole
+    chunk_rows: int = 2_000_000
 
 
 @dataclass(frozen=True)
