@@ -126,7 +126,11 @@ def _read(path: Path, fmt: str, options: ReadOptions) -> Coded:
     users, items = _Codes("user"), _Codes("item")
     parts: list[pl.DataFrame] = []
     skipped_parts = [_empty_skipped()]
-    for chunk in scan.select(cols).collect_batches(chunk_size=options.chunk_rows):
+    lazy = scan.select(cols)
+    if not hasattr(lazy, "collect_batches"):  # polars before 1.3x: read whole
+        raise _Fallback("this polars has no LazyFrame.collect_batches")
+    # in file order (the ids' codes and the later stable sort depend on it)
+    for chunk in lazy.collect_batches(chunk_size=options.chunk_rows, maintain_order=True):
         if chunk.null_count().sum_horizontal().item() > 0:
             # a short row, or an empty field: the whole-file reader tells which, with its line
             raise _Fallback("a null field")
