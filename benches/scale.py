@@ -147,7 +147,7 @@ def _run(cmd: list[str], log: Path, env: dict[str, str]) -> tuple[float, float]:
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         tail = log.read_text(errors="replace")[-3000:]
-        raise RuntimeError(f"{cmd[2]} failed (exit {proc.returncode}); {log}:\n{tail}")
+        raise RuntimeError(f"{cmd[3]} failed (exit {proc.returncode}); {log}:\n{tail}")
     return wall, usage.ru_maxrss / 1024
 
 

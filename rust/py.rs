@@ -136,9 +136,13 @@ impl<T> Backing<T> for NumpyBuf<T> {
     }
 }
 
-/// The buffer of a 1-D array of exactly `T` that is read-only, C-contiguous and aligned (what
-/// `np.load(path, mmap_mode="r")` returns), to read in place; None for anything else, which the
-/// caller copies instead.
+/// The buffer of a 1-D array of exactly `T` that is C-contiguous, aligned and whose memory
+/// nothing can write (what `np.load(path, mmap_mode="r")` returns), to read in place; None for
+/// anything else, which the caller copies instead.
+///
+/// A cleared `writeable` flag is not enough: an array that owns its memory, or a view of a
+/// writable base, can be made writable again. So the chain of `.base`s must end in an object
+/// that is not an array and whose buffer is read-only (a read-only `mmap`, `bytes`).
 fn read_only<T: numpy::Element + 'static>(obj: &Bound<'_, PyAny>) -> PyResult<Option<Arc<dyn Backing<T>>>> {
     let Ok(arr) = obj.extract::<Bound<'_, PyArray1<T>>>() else {
         return Ok(None);
@@ -148,6 +152,22 @@ fn read_only<T: numpy::Element + 'static>(obj: &Bound<'_, PyAny>) -> PyResult<Op
         if flags.getattr(flag)?.extract::<bool>()? != want {
             return Ok(None);
         }
+    }
+    let py = obj.py();
+    let ndarray = py.import("numpy")?.getattr("ndarray")?;
+    let mut root = arr.getattr("base")?;
+    while root.is_instance(&ndarray)? {
+        root = root.getattr("base")?;
+    }
+    if root.is_none() {
+        return Ok(None); // the array owns its memory: its flag can be set back
+    }
+    let readonly = match py.import("builtins")?.getattr("memoryview")?.call1((&root,)) {
+        Ok(view) => view.getattr("readonly")?.extract::<bool>()?,
+        Err(_) => false, // no buffer protocol: cannot tell
+    };
+    if !readonly {
+        return Ok(None);
     }
     let buf = NumpyBuf { _owner: arr.clone().into_any().unbind(), ptr: arr.data() as *const T, len: arr.len() };
     Ok(Some(Arc::new(buf)))

@@ -67,9 +67,8 @@ def test_histories_csr():
 
 
 def _read_only(a: np.ndarray) -> np.ndarray:
-    a = np.ascontiguousarray(a)
-    a.flags.writeable = False
-    return a
+    """An array over memory nothing can write (immutable bytes), as a read-only mmap is."""
+    return np.frombuffer(np.ascontiguousarray(a).tobytes(), dtype=a.dtype)
 
 
 @given(st.lists(st.lists(st.integers(1, 25), min_size=0, max_size=10), min_size=1, max_size=15))
@@ -98,9 +97,27 @@ def test_a_store_read_in_place_answers_as_a_copied_one(seqs):
         )
 
 
-def test_only_read_only_exact_arrays_are_borrowed():
+def test_only_read_only_exact_arrays_are_borrowed(tmp_path):
     offsets, items = np.array([0, 3, 5]), np.array([1, 2, 3, 2, 2])
     assert not SequenceStore(offsets, items.astype(np.int32)).borrowed  # writable: copied
+    # a cleared flag is not enough when the memory can be made writable again
+    owned = items.astype(np.int32)
+    owned.flags.writeable = False
+    s = SequenceStore(_read_only(offsets), owned)
+    assert not s.borrowed
+    owned.flags.writeable = True
+    owned[0] = 3  # the store holds its own copy
+    np.testing.assert_array_equal(s.sequence(0), [1, 2, 3])
+    base = items.astype(np.int32)
+    view = base[:]
+    view.flags.writeable = False
+    assert not SequenceStore(_read_only(offsets), view).borrowed
+    # a read-only memory map is the case this is for
+    np.save(tmp_path / "o.npy", offsets)
+    np.save(tmp_path / "i.npy", items.astype(np.int32))
+    mapped = SequenceStore(np.load(tmp_path / "o.npy", mmap_mode="r"),
+                           np.load(tmp_path / "i.npy", mmap_mode="r"))
+    assert mapped.borrowed
     assert not SequenceStore(_read_only(offsets), _read_only(items)).borrowed  # int64 items
     assert not SequenceStore(_read_only(offsets), _read_only(items.astype(np.int16))).borrowed
     strided = _read_only(np.repeat(items.astype(np.int32), 2))[::2]

@@ -634,10 +634,11 @@ def _log_csv(path: Path, n: int, seed: int, sep: str = ",", float_ts: bool = Fal
     users = rng.integers(0, n // 6, n)
     items = rng.integers(0, n // 4, n)
     ts = rng.integers(0, n // 3, n)  # coarse: many ties
-    lines = [sep.join(["user_id", "item_id", "timestamp"])]
+    lines = [sep.join(["user_id", "item_id", "timestamp", "rating"])]  # a column not read
     for u, i, t in zip(users, items, ts):
         stamp = f"{t}.5" if float_ts else str(t)
-        lines.append(sep.join([f" u{u} ", f"item-{i}", stamp]))  # ids with spaces to strip
+        # ids with spaces to strip
+        lines.append(sep.join([f" u{u} ", f"item-{i}", stamp, str(int(t) % 5 + 1)]))
     lines += lines[5:8]  # rows repeated exactly
     return write(path, "\n".join(lines) + "\n")
 
@@ -685,8 +686,8 @@ def test_bad_rows_of_a_chunked_log_are_skipped_or_reported_as_the_whole_file_doe
     from h2rec.data.stream import read_coded
 
     text = _log_csv(tmp_path / "ok.csv", 300, 2, float_ts=True).read_text().splitlines()
-    text[40] = "u1,item-1,NaN"  # parses as a number: a bad timestamp
-    text[200] = "u\x002,item-2,3.0"  # a NUL byte in an id
+    text[40] = "u1,item-1,NaN,3"  # parses as a number: a bad timestamp
+    text[200] = "u\x002,item-2,3.0,3"  # a NUL byte in an id
     log = write(tmp_path / "log.csv", "\n".join(text) + "\n")
     skip = ReadOptions(chunk_rows=29, on_bad_line="skip")
     coded = read_coded(log, skip)
@@ -705,10 +706,11 @@ def test_bad_rows_of_a_chunked_log_are_skipped_or_reported_as_the_whole_file_doe
 @pytest.mark.parametrize(
     ("line", "message"),
     [
-        ("u1,item-1", r"log.csv:\d+: wrong number of fields"),  # a short row
-        ("u1,item-1,5,extra", r"log.csv:\d+: wrong number of fields"),  # a long one
-        ("u1,,5", r"log.csv:\d+: missing item id"),
-        ("u1,item-1,yesterday", r"log.csv:\d+: bad timestamp"),  # the column is not numeric
+        ("u1,item-1,5", r"log.csv:\d+: wrong number of fields"),  # short: an unused field
+        ("u1,item-1", r"log.csv:\d+: wrong number of fields"),
+        ("u1,item-1,5,3,extra", r"log.csv:\d+: wrong number of fields"),  # a long one
+        ("u1,,5,3", r"log.csv:\d+: missing item id"),
+        ("u1,item-1,yesterday,3", r"log.csv:\d+: bad timestamp"),  # the column is not numeric
     ],
 )
 def test_a_chunked_log_the_whole_reader_refuses_gets_its_message(
@@ -719,4 +721,15 @@ def test_a_chunked_log_the_whole_reader_refuses_gets_its_message(
     log = write(tmp_path / "log.csv", "\n".join(text) + "\n")
     for rows in (23, 0):
         with pytest.raises(DataError, match=message):
+            prepare(log, tmp_path / f"out{rows}", read=ReadOptions(chunk_rows=rows))
+
+
+def test_a_bad_value_in_a_column_not_used_stops_a_chunked_read_as_a_whole_one(
+    tmp_path: Path,
+) -> None:
+    text = _log_csv(tmp_path / "ok.csv", 10_400, 4).read_text().splitlines()
+    text[10_300] = "u1,item-1,5,abc"  # past the 10,000 rows the column's type is inferred from
+    log = write(tmp_path / "log.csv", "\n".join(text) + "\n")
+    for rows in (997, 0):
+        with pytest.raises(DataError, match=r"log.csv: cannot parse"):
             prepare(log, tmp_path / f"out{rows}", read=ReadOptions(chunk_rows=rows))

@@ -211,6 +211,7 @@ class EvalConfig:
     def __post_init__(self) -> None:
         _check(self.n_negatives >= 1, "eval.n_negatives", self.n_negatives, "must be >= 1")
         _check(self.sample_users >= 0, "eval.sample_users", self.sample_users, "must be >= 0")
+        _check(self.seed >= 0, "eval.seed", self.seed, "must be >= 0")
         _check(
             len(self.ks) > 0 and all(k >= 1 for k in self.ks) and 10 in self.ks,
             "eval.ks",

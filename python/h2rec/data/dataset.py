@@ -410,7 +410,8 @@ def load_dataset(path: str | Path) -> Dataset:
     ``offsets.npy`` and ``items.npy`` are memory-mapped read-only and, with int32 ids, read in
     place by the Rust store. ``prepare --overwrite`` replaces the directory by a rename, which a
     loaded dataset survives; a tool that rewrote these files in place (same inode) while a
-    process has them loaded would change what that process reads."""
+    process has them loaded would change what that process reads, and one that truncated them
+    would crash it (SIGBUS), as with any memory-mapped file."""
     from h2rec._core import SequenceStore
 
     path = Path(path)

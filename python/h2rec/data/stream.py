@@ -89,7 +89,9 @@ def read_coded(path: str | Path, options: ReadOptions = ReadOptions()) -> Coded 
             return None
         return _read(path, fmt, options)
     except (_Fallback, pl.exceptions.PolarsError, OSError, UnicodeDecodeError) as exc:
-        logger.debug("%s: read whole (%s)", path, exc)
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        logger.info("%s: read whole, not in chunks of %d rows (%s)", path, options.chunk_rows,
+                    reason)
         return None
 
 
@@ -126,14 +128,17 @@ def _read(path: Path, fmt: str, options: ReadOptions) -> Coded:
     users, items = _Codes("user"), _Codes("item")
     parts: list[pl.DataFrame] = []
     skipped_parts = [_empty_skipped()]
-    lazy = scan.select(cols)
-    if not hasattr(lazy, "collect_batches"):  # polars before 1.3x: read whole
+    if not hasattr(scan, "collect_batches"):  # polars before 1.3x: read whole
         raise _Fallback("this polars has no LazyFrame.collect_batches")
-    # in file order (the ids' codes and the later stable sort depend on it)
-    for chunk in lazy.collect_batches(chunk_size=options.chunk_rows, maintain_order=True):
-        if chunk.null_count().sum_horizontal().item() > 0:
+    # every column is parsed, the unused ones too, as the whole-file reader parses them (a bad
+    # value or a missing field there is its error); chunks come in file order (the ids' codes
+    # and the later stable sort depend on it)
+    for whole in scan.collect_batches(chunk_size=options.chunk_rows, maintain_order=True):
+        if whole.null_count().sum_horizontal().item() > 0:
             # a short row, or an empty field: the whole-file reader tells which, with its line
             raise _Fallback("a null field")
+        chunk = whole.select(cols)
+        del whole
         keep, skipped = _validate_rows(path, chunk, content_cols=chunk.columns[1:])
         if skipped.height:
             if options.on_bad_line == "error":
