@@ -54,9 +54,11 @@ class SequenceStore:
     """Users' chronological item sequences in CSR form, validated once at construction.
 
     Array arguments may be any integer array-like; they are copied in, and anything else is a
-    TypeError. Read-only, C-contiguous int64 ``offsets`` with int32 ``items`` (what
-    ``np.load(path, mmap_mode="r")`` gives for a dataset directory) are read in place instead:
-    the store keeps the arrays alive and never writes to them (``borrowed``)."""
+    TypeError. C-contiguous int64 ``offsets`` with int32 ``items`` over memory nothing can
+    write (what ``np.load(path, mmap_mode="r")`` gives for a dataset directory: the chain of
+    ``.base`` ends in a read-only buffer) are read in place instead: the store keeps the arrays
+    alive and never writes to them (``borrowed``). An array merely flagged read-only is
+    copied, since its flag can be set back."""
 
     def __new__(
         cls, offsets: ArrayLike, items: ArrayLike, n_items: int | None = None
