@@ -13,8 +13,8 @@ from conftest import QUICK_TRAIN, small_builtin
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _example(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
+def _example(name: str, folder: str = "examples"):
+    spec = importlib.util.spec_from_file_location(name, ROOT / folder / f"{name}.py")
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -140,18 +140,10 @@ def test_blend_any_model_chooses_on_validation_and_leaves_the_run_alone(tmp_path
     assert "| sasrec | 1 |" in ex.summary(tmp_path / "out")
 
 
-def _bench(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benches" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_the_scale_log_is_per_user_chronological_and_joins_its_items(tmp_path: Path) -> None:
     import polars as pl
 
-    scale = _bench("scale")
+    scale = _example("scale", "benches")
     info = scale.generate(30_000, tmp_path / "log", chunk=7_000)  # several chunks
     log = pl.read_csv(tmp_path / "log" / "interactions.csv")
     items = pl.read_csv(tmp_path / "log" / "items.csv")
@@ -173,7 +165,7 @@ def test_the_scale_log_is_per_user_chronological_and_joins_its_items(tmp_path: P
 
 
 def test_the_scale_table_reports_time_per_interaction_and_the_slope() -> None:
-    scale = _bench("scale")
+    scale = _example("scale", "benches")
 
     def size(n: int, seconds: float) -> dict:
         return {"n": n, "dataset": {"interactions": n},
