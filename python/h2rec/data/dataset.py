@@ -317,9 +317,9 @@ def _prepare(
     tmp = new_dir_beside(out, "dataset")
     try:
         np.save(tmp / "offsets.npy", offsets)
-        # int32 ids whenever the catalogue allows: half the bytes, and the store reads the
-        # memory-mapped file in place (load_dataset)
-        np.save(tmp / "items.npy", items_np.astype(_item_dtype(n_items), copy=False))
+        # int32 ids whenever the catalogue allows (new_id's dtype): half the bytes, and the
+        # store reads the memory-mapped file in place (load_dataset)
+        np.save(tmp / "items.npy", items_np)
         users.write_parquet(tmp / "users.parquet")
         item_frame.write_parquet(tmp / "items.parquet")
         if skipped.height:
