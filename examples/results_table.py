@@ -77,7 +77,8 @@ def prepared(name: str, shared: Path, work: Path) -> Path:
     spec = DATASETS[name]
     data = work / "data" / name
     data.parent.mkdir(parents=True, exist_ok=True)
-    with open(work / "data" / f".{name}.lock", "w") as lock:
+    # not ".<name>.lock": that is the lock h2rec itself holds beside a folder it writes
+    with open(work / "data" / f".{name}.prepare-turn", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         return _prepare_locked(spec, data, shared / str(spec["folder"]))
 

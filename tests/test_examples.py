@@ -177,3 +177,25 @@ def test_the_scale_table_reports_time_per_interaction_and_the_slope() -> None:
     assert "2.0 s, 2.00 µs/int., 100 MB" in row and "400.0 s, 4.00 µs/int." in row
     assert row.endswith("| 1.15 |")
     assert "| train-epoch | — | — | — |" in text
+
+
+def test_results_table_prepares_a_dataset_once(tmp_path: Path, monkeypatch) -> None:
+    """prepare -> embed -> build-sid through the CLI, the first time only; the turn-taking lock
+    of the workers must not be the lock h2rec holds beside the folder it writes."""
+    from h2rec.synthetic import SyntheticConfig, generate
+
+    rt = _results_table()
+    src = tmp_path / "shared" / "tiny"
+    generate(src, SyntheticConfig(n_users=300, n_items=300, seed=3))
+    monkeypatch.setitem(rt.DATASETS, "tiny", {
+        "folder": "tiny", "prepare": ["interactions.csv", "--items", "items.csv"]})
+    calls: list[tuple[str, ...]] = []
+    real = rt._h2rec
+    monkeypatch.setattr(rt, "_h2rec", lambda *a, **k: (calls.append(a), real(*a, **k)))
+    data = rt.prepared("tiny", tmp_path / "shared", tmp_path / "work")
+    assert data == tmp_path / "work" / "data" / "tiny"
+    assert (data / "meta.json").exists() and (data / "embeddings.npy").exists()
+    assert (data / "sid" / "codes.npy").exists()
+    assert [c[0] for c in calls] == ["prepare", "embed", "build-sid"]
+    assert rt.prepared("tiny", tmp_path / "shared", tmp_path / "work") == data
+    assert len(calls) == 3  # reused, nothing made again
