@@ -569,3 +569,37 @@ def test_item_alignment_runs_in_float32_under_autocast() -> None:
         got = item_alignment_loss_pairs(sid, hid, rows, cols, torch.ones(30), 0.5)
     assert got.dtype == torch.float32
     assert float(got) == float(want)
+
+
+def _shared_softmax_oracle(user, pos, neg, targets, negatives, lq_pos=None, lq_neg=None):
+    """The plain autograd form: logits concatenated, hits masked, torch.logsumexp."""
+    p = (user * pos).sum(-1)
+    n = user @ neg.T
+    if lq_pos is not None:
+        p, n = p - lq_pos, n - lq_neg[None, :]
+    n = n.masked_fill(negatives[None, :] == targets[:, None], float("-inf"))
+    return (torch.logsumexp(torch.cat([p[:, None], n], dim=1), dim=1) - p).mean()
+
+
+@pytest.mark.parametrize("max_logits", [64 * 2**20, 7 * 13, 13])  # one block; chunks; one row
+@pytest.mark.parametrize("corrected", [False, True])
+def test_shared_sampled_softmax_matches_plain_autograd(max_logits: int, corrected: bool) -> None:
+    g = torch.Generator().manual_seed(11)
+    v, s, e, n_items = 37, 13, 6, 20
+    targets = torch.randint(1, n_items, (v,), generator=g)
+    negatives = torch.randint(1, n_items, (s,), generator=g)
+    negatives[:3] = targets[:3]  # accidental hits, one negative repeated in a row too
+    negatives[3] = targets[0]
+    table = torch.randn(n_items, e, generator=g)
+    lq = torch.log(torch.rand(n_items, generator=g) + 0.05)
+    lq_pos, lq_neg = (lq[targets], lq[negatives]) if corrected else (None, None)
+    out = []
+    for fn in (shared_sampled_softmax, _shared_softmax_oracle):
+        user = torch.randn(v, e, generator=torch.Generator().manual_seed(3)).requires_grad_()
+        items = table.clone().requires_grad_()
+        args = (user, items[targets], items[negatives], targets, negatives, lq_pos, lq_neg)
+        loss = fn(*args, max_logits=max_logits) if fn is shared_sampled_softmax else fn(*args)
+        loss.backward()
+        out.append((loss.detach(), user.grad, items.grad))
+    for got, want in zip(out[0], out[1]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -211,15 +211,104 @@ def fused_full_softmax(
     return per_row.mean()
 
 
+def _accidental_hits(targets: Tensor, negatives: Tensor) -> tuple[Tensor, Tensor]:
+    """(rows, cols) of every negative equal to its row's target: targets (V,), negatives (S,).
+
+    Found by binary search in the sorted negatives, without a (V, S) comparison."""
+    sorted_neg, order = torch.sort(negatives)
+    lo = torch.searchsorted(sorted_neg, targets)  # (V,)
+    hi = torch.searchsorted(sorted_neg, targets, right=True)
+    count = hi - lo
+    rows = torch.repeat_interleave(torch.arange(targets.shape[0], device=targets.device), count)
+    if rows.numel() == 0:
+        return rows, rows
+    # the j-th hit of a row sits at lo[row] + j in the sorted negatives
+    starts = torch.cumsum(count, 0) - count  # (V,) first hit of each row in ``rows``
+    j = torch.arange(rows.shape[0], device=rows.device) - starts[rows]
+    return rows, order[lo[rows] + j]
+
+
+class _SharedSoftmaxCE(torch.autograd.Function):
+    """Per-row sampled softmax of one positive against negatives shared by every row, fused.
+
+    The (V, S) negative logits become probabilities in place (no concatenated copy, no
+    masked copy): forward keeps them, or, past ``chunk_rows`` rows, only each row's
+    log-sum-exp, and backward recomputes a chunk's logits from it.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, user: Tensor, pos: Tensor, neg: Tensor, p_bias: Tensor | None,
+        n_bias: Tensor | None, hit_rows: Tensor, hit_cols: Tensor, chunk_rows: int,
+    ) -> Tensor:
+        """user (V, E), pos (V, E), neg (S, E); biases added to the logits, (V,) and (S,) or
+        None; (hit_rows, hit_cols): negatives left out of their row -> per-row losses (V,)."""
+        v = user.shape[0]
+        p = (user * pos).sum(-1)  # (V,)
+        if p_bias is not None:
+            p = p + p_bias
+        whole = v <= chunk_rows
+        lse = torch.empty_like(p)
+        probs = None
+        for a in range(0, v, chunk_rows):
+            z = min(a + chunk_rows, v)
+            n = _SharedSoftmaxCE._logits(user[a:z], neg, n_bias, hit_rows, hit_cols, a, z)
+            top = torch.maximum(n.amax(dim=1), p[a:z])  # (c,)
+            total = n.sub_(top[:, None]).exp_().sum(dim=1) + torch.exp(p[a:z] - top)
+            lse[a:z] = total.log() + top
+            if whole:
+                probs = n.div_(total[:, None])  # (V, S) softmax of the negatives
+        ctx.chunk = chunk_rows
+        ctx.n_bias = n_bias
+        ctx.save_for_backward(user, pos, neg, p, lse, hit_rows, hit_cols,
+                              probs if probs is not None else lse.new_empty(0))
+        ctx.whole = whole
+        return lse - p
+
+    @staticmethod
+    def _logits(user: Tensor, neg: Tensor, n_bias: Tensor | None, hit_rows: Tensor,
+                hit_cols: Tensor, a: int, z: int) -> Tensor:
+        """The negative logits of rows a..z (c, S), accidental hits at -inf."""
+        n = user @ neg.T
+        if n_bias is not None:
+            n.add_(n_bias)
+        if hit_rows.numel():
+            keep = (hit_rows >= a) & (hit_rows < z)
+            n[hit_rows[keep] - a, hit_cols[keep]] = float("-inf")
+        return n
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        user, pos, neg, p, lse, hit_rows, hit_cols, probs = ctx.saved_tensors
+        v = user.shape[0]
+        gp = (torch.exp(p - lse) - 1.0) * grad  # (V,): d loss / d positive logit
+        grad_user = gp[:, None] * pos
+        grad_pos = gp[:, None] * user
+        grad_neg = torch.zeros_like(neg)
+        for a in range(0, v, ctx.chunk):
+            z = min(a + ctx.chunk, v)
+            if ctx.whole:
+                g = probs
+            else:
+                g = _SharedSoftmaxCE._logits(user[a:z], neg, ctx.n_bias, hit_rows, hit_cols, a, z)
+                g = g.sub_(lse[a:z, None]).exp_()
+            g = g.mul_(grad[a:z, None])  # (c, S): d loss / d negative logits
+            grad_user[a:z] += g @ neg
+            grad_neg.addmm_(g.T, user[a:z])
+        return grad_user, grad_pos, grad_neg, None, None, None, None, None
+
+
 def shared_sampled_softmax(
     user: Tensor, pos: Tensor, neg: Tensor, targets: Tensor, negatives: Tensor,
     log_q_pos: Tensor | None = None, log_q_neg: Tensor | None = None,
+    max_logits: int = 64 * 2**20,
 ) -> Tensor:
     """Sampled softmax with one set of negatives shared by every position, logQ-corrected.
 
     Per row: -log( e^(p - log q_t) / (e^(p - log q_t) + sum_j e^(n_j - log q_j)) ), where a
     negative equal to the row's target is left out (an accidental hit). Without ``log_q_*`` the
-    negatives are taken as uniform draws (no correction).
+    negatives are taken as uniform draws (no correction). Computed in float32 by one fused
+    function, holding at most ``max_logits`` negative logits at once.
 
     Args:
         user: (V, E) user states.
@@ -227,18 +316,19 @@ def shared_sampled_softmax(
         neg: (S, E) vectors of the shared negatives.
         targets: (V,) target ids; negatives: (S,) negative ids.
         log_q_pos: (V,) log sampling probability of each target; log_q_neg: (S,) of each negative.
+        max_logits: most (row, negative) logits held in memory at once.
     """
     if user.shape[0] == 0:
         return (user.sum() + pos.sum() + neg.sum()) * 0.0
-    user = user.float()
-    p = (user * pos.float()).sum(-1)  # (V,)
-    n = user @ neg.float().T  # (V, S)
+    p_bias = n_bias = None
     if log_q_pos is not None and log_q_neg is not None:
-        p = p - log_q_pos
-        n = n - log_q_neg[None, :]
-    n = n.masked_fill(negatives[None, :] == targets[:, None], float("-inf"))
-    logits = torch.cat([p[:, None], n], dim=1)  # (V, 1 + S)
-    return (torch.logsumexp(logits, dim=1) - p).mean()
+        p_bias, n_bias = -log_q_pos.float(), -log_q_neg.float()
+    hit_rows, hit_cols = _accidental_hits(targets, negatives)
+    chunk_rows = max(1, max_logits // max(neg.shape[0], 1))
+    per_row = _SharedSoftmaxCE.apply(
+        user.float(), pos.float(), neg.float(), p_bias, n_bias, hit_rows, hit_cols, chunk_rows
+    )
+    return per_row.mean()
 
 
 def recommendation_loss(
@@ -296,7 +386,7 @@ def recommendation_loss(
             lq_neg = (zero if lq_neg is None else lq_neg) - logit_bias[negatives]
         return shared_sampled_softmax(
             states[valid], model.item_vectors(tgt), model.item_vectors(negatives), tgt, negatives,
-            lq_pos, lq_neg,
+            lq_pos, lq_neg, max_logits,
         )
     negatives = _last(negatives, last_only)  # (B, T', n)
     pos_logits = (states * model.item_vectors(targets)).sum(-1)  # (B, T')
