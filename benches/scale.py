@@ -6,7 +6,8 @@ catalogue), then run through the pipeline as a user runs it, each stage its own 
 process:
 
     prepare -> embed (TF-IDF) -> build-sid (3 x 256) -> train (SASRec, one epoch, the sampled
-            softmax that ``train.loss=auto`` uses past ``full_softmax_max_items``)
+            softmax that ``train.loss=auto`` uses past ``full_softmax_max_items``, batches of
+            ``--batch-size`` users, 1,024 by default)
             -> full-ranking evaluation of a fixed sample of users (``eval.sample_users``)
 
 For each stage: wall time and peak resident memory (the process's ``ru_maxrss``, from
@@ -151,10 +152,15 @@ def _run(cmd: list[str], log: Path, env: dict[str, str]) -> tuple[float, float]:
     return wall, usage.ru_maxrss / 1024
 
 
-def run_size(n: int, work: Path, records: dict, save, eval_users: int, threads: int) -> None:
+def run_size(n: int, work: Path, records: dict, save, eval_users: int, threads: int,
+             batch_size: int = 1024, only: tuple[str, ...] = ()) -> None:
     key = str(n)
     rec = records.setdefault(key, {"n": n, "stages": {}})
-    rec.update(cpus=os.cpu_count(), threads=threads or "default", eval_users=eval_users)
+    if rec.get("train_batch_size", 128) != batch_size:  # trained with another batch: again
+        for stage in ("train-epoch", "evaluate"):
+            rec["stages"].pop(stage, None)
+    rec.update(cpus=os.cpu_count(), threads=threads or "default", eval_users=eval_users,
+               train_batch_size=batch_size)
     root = work / f"n{n}"
     h2rec = [sys.executable, "-m", "h2rec.cli"]
     log = root / "stages.log"
@@ -177,6 +183,7 @@ def run_size(n: int, work: Path, records: dict, save, eval_users: int, threads: 
         "train": [*h2rec, "train", str(ds), "--sids", str(sid), "--name", "sasrec",
                   "--output-dir", str(runs), "--overwrite", "--set", "model.kind=sasrec",
                   "--set", "train.epochs=1", "--set", f"eval.sample_users={eval_users}",
+                  "--set", f"train.batch_size={batch_size}",
                   # the loss "auto" picks for large catalogues (4,096 shared popularity
                   # negatives, logQ-corrected) at every size, so sizes compare like for like
                   "--set", "train.full_softmax_max_items=1", *th],
@@ -184,6 +191,8 @@ def run_size(n: int, work: Path, records: dict, save, eval_users: int, threads: 
     for name, cmd in stages.items():
         done = rec["stages"]
         if name in done or (name == "train" and "train-epoch" in done):
+            continue
+        if only and name not in only:
             continue
         wall, rss = _run(cmd, log, env)
         if name == "train":
@@ -274,6 +283,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plot", default="", help="write the log-log plot here")
     p.add_argument("--table", action="store_true", help="print the Markdown table")
     p.add_argument("--eval-users", type=int, default=100_000)
+    p.add_argument("--stages", default="",
+                   help="run only these of prepare,embed,build-sid,train (default: all)")
+    p.add_argument("--batch-size", type=int, default=1024,
+                   help="users per training batch (a 1M-item table's optimiser step is paid per "
+                        "batch; a size whose epoch ran with another batch size trains again)")
     p.add_argument("--threads", type=int, default=0,
                    help="threads of every stage (polars, the Rust core, torch); 0: their defaults")
     args = p.parse_args(argv)
@@ -287,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
         os.replace(tmp, out)
 
     for size in (s for s in args.sizes.split(",") if s.strip()):
-        run_size(int(float(size)), Path(args.work), records, save, args.eval_users, args.threads)
+        run_size(int(float(size)), Path(args.work), records, save, args.eval_users, args.threads,
+                 args.batch_size, tuple(x for x in args.stages.split(",") if x))
     if args.table:
         print(table(records))
     if args.plot:

@@ -643,3 +643,99 @@ def test_learning_rate_decays_on_plateaus_and_resumes_with_it(
         assert torch.equal(a[k], b[k]), k
     with pytest.raises(ConfigError, match="train.lr_decay_factor"):
         _cfg("train.lr_decay_factor=0")
+
+
+SPARSE = ("model.kind=sasrec", "train.loss=sampled_softmax", "train.shared_negatives=64",
+          "train.sparse_items=true")
+
+
+def test_sparse_items_step_is_adams_on_the_touched_rows_and_leaves_the_others(
+    data: dict[str, Any],
+) -> None:
+    """Step 1 from zero moments equals dense Adam everywhere; after it, a row the batch does not
+    touch keeps its weights under the lazy update (dense Adam's momentum moves it), and a row it
+    touches follows Adam's formulas with the row's own moments (a numpy oracle)."""
+    from h2rec.train.loop import _setup
+
+    store = data["store"]
+    runs = {}
+    for sparse in (True, False):
+        cfg = _cfg(*SPARSE[:-1], f"train.sparse_items={str(sparse).lower()}", "model.dropout=0")
+        runs[sparse] = _setup(cfg, store, None, None, None, 0, 1, 0)
+    batches = list(runs[True].sampler.epoch(1, 0, 1))
+    lr, (b1, b2), eps = 1e-3, (0.9, 0.999), 1e-8
+    m = v = None
+    for step, (inputs, targets, _) in enumerate(batches[:2]):
+        grads = {}
+        for sparse, run in runs.items():
+            negatives = torch.from_numpy(run.shared.draw(1, step, 0))
+            loss, _ = run.step(torch.from_numpy(inputs), torch.from_numpy(targets), negatives)
+            run.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            table = run.model.hid.table.weight
+            grads[sparse] = table.grad.to_dense() if sparse else table.grad.clone()
+            before = table.detach().clone()
+            run.optimizer.step()
+            if sparse:
+                assert runs[True].model.hid.table.weight.grad.is_sparse
+                g = grads[True].double().numpy()
+                if m is None:
+                    m, v = np.zeros_like(g), np.zeros_like(g)
+                touched = np.abs(g).sum(axis=1) > 0
+                m[touched] = b1 * m[touched] + (1 - b1) * g[touched]
+                v[touched] = b2 * v[touched] + (1 - b2) * g[touched] ** 2
+                t = step + 1
+                want = before.double().numpy()
+                want[touched] -= lr * (m[touched] / (1 - b1**t)) / (
+                    np.sqrt(v[touched] / (1 - b2**t)) + eps)
+                np.testing.assert_allclose(table.detach().double().numpy(), want, rtol=0,
+                                           atol=1e-7)
+                untouched = ~touched
+                assert torch.equal(table.detach()[untouched], before[untouched])
+        torch.testing.assert_close(grads[True], grads[False])
+        a, b = (runs[s].model.state_dict() for s in (True, False))
+        if step == 0:  # zero moments: the lazy and the dense update agree everywhere
+            for k in a:
+                torch.testing.assert_close(a[k], b[k]), k
+        else:  # rows of step 1 that step 2 does not touch moved under dense Adam only
+            assert m is not None
+            moved = (grads[True].abs().sum(1) == 0) & torch.from_numpy(np.abs(m).sum(axis=1) > 0)
+            assert bool(moved.any())
+            diff = (a["hid.table.weight"] - b["hid.table.weight"]).abs().sum(1)
+            assert bool((diff[moved] > 0).all())
+
+
+def test_sparse_items_resume_and_thread_count_are_exact(
+    data: dict[str, Any], tmp_path: Path,
+) -> None:
+    cfg = _cfg(*SPARSE, "train.epochs=2")
+    full = train(cfg, data["store"], None, run_dir=tmp_path / "full")
+    assert full.model.hid.table.sparse
+    two = train(_cfg(*SPARSE, "train.epochs=2", "train.num_threads=2"), data["store"], None)
+
+    def stop_after_first(epoch: int, record: dict[str, Any]) -> None:
+        if epoch == 1:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        train(cfg, data["store"], None, run_dir=tmp_path / "cut", on_epoch_end=stop_after_first)
+    torch.manual_seed(999)
+    resumed = train(cfg, data["store"], None, run_dir=tmp_path / "cut", resume=True)
+    a = full.model.state_dict()
+    for other in (resumed.model.state_dict(), two.model.state_dict()):
+        for k in a:
+            assert torch.equal(a[k], other[k]), k
+    assert [h["loss"] for h in full.history] == [h["loss"] for h in resumed.history]
+    torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("train.loss=full_softmax",), "needs a sampled loss"),
+    (("train.weight_decay=0.01",), "train.weight_decay=0.01: not available"),
+    (("train.grad_clip=1.0",), "train.grad_clip=1.0: not available"),
+])
+def test_sparse_items_refuses_what_it_cannot_do(
+    data: dict[str, Any], extra: tuple[str, ...], message: str,
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        train(_cfg(*SPARSE, "train.epochs=1", *extra), data["store"], None)

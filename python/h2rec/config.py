@@ -151,6 +151,10 @@ class TrainConfig:
     loss_scale: Literal["epoch", "batch"] = "epoch"
     last_only: bool = False  # train on the last position of each sequence only
     grad_clip: float = 0.0  # max gradient norm; 0 = no clipping
+    # sparse gradients and a lazy Adam (SparseAdam) for the item (HID) table: each step updates
+    # only the rows the batch touched, not the whole table, for catalogues of millions of items
+    # (h2rec.train.optim); needs a sampled loss; rows not in a batch keep their moments
+    sparse_items: bool = False
     seed: int = 0  # the one seed of the run (sampler, init, dropout)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when available
     amp: bool = True  # bf16 autocast when training on CUDA (ignored on CPU)

@@ -28,6 +28,7 @@ from h2rec.train.build import build_for, check_codes, seed_everything
 
 if TYPE_CHECKING:
     from h2rec.models import Recommender
+    from h2rec.train.optim import SplitAdam
 
 
 CHECKPOINT_FORMAT = "h2rec-checkpoint"
@@ -115,7 +116,7 @@ def checkpoint_payload(
     provenance: Provenance,
     epoch: int,
     state: dict[str, torch.Tensor],
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | SplitAdam,
     progress: Progress,
 ) -> dict[str, Any]:
     """What ``torch.save`` writes: the model ``state`` after ``epoch``, the optimiser's state,
@@ -140,7 +141,7 @@ def checkpoint_payload(
 
 
 def restore(
-    ckpt: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer
+    ckpt: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer | SplitAdam
 ) -> tuple[int, Progress]:
     """Load a ``last.pt`` into the model and the optimiser and set the RNGs to its states;
     return the first epoch still to run and the progress so far."""

@@ -51,6 +51,7 @@ from h2rec.train.checkpoint import (
     set_checkpoint_blend,
 )
 from h2rec.train.distributed import _dist_env, _evaluate_all, setup_device, wrap_ddp
+from h2rec.train.optim import SplitAdam, check_sparse_items, make_optimizer
 from h2rec.train.step import SharedNegatives, TrainStep, loss_plan, positions_per_batch
 
 if TYPE_CHECKING:
@@ -85,7 +86,7 @@ class _Run:
     world: int
     model: Recommender  # the model itself
     step: nn.Module  # what a batch goes through: the TrainStep, compiled and/or in DDP
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer | SplitAdam
     sampler: _core.TrainSampler
     shared: SharedNegatives | None  # negatives shared by each batch, when the loss plan has them
     out: Path | None  # the run directory (None: no files)
@@ -278,13 +279,8 @@ def _setup(
         if shared
         else "",
     )
-    opt_cls = torch.optim.AdamW if cfg.train.optimizer == "adamw" else torch.optim.Adam
-    # the fused kernel updates every parameter in one pass (a quarter of the per-tensor loop's
-    # time on CPU); it runs on CPU and CUDA, for the float32 parameters models have
-    optimizer = opt_cls(
-        model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-        fused=device.type in ("cpu", "cuda"),
-    )
+    check_sparse_items(cfg, plan.kind, world)
+    optimizer = make_optimizer(cfg, model, device)
     try:
         sampler = _core.TrainSampler(
             store,
