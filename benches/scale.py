@@ -6,8 +6,8 @@ catalogue), then run through the pipeline as a user runs it, each stage its own 
 process:
 
     prepare -> embed (TF-IDF) -> build-sid (3 x 256) -> train (SASRec, one epoch, the sampled
-            softmax that ``train.loss=auto`` uses past ``full_softmax_max_items``, batches of
-            ``--batch-size`` users, 1,024 by default)
+            softmax that ``train.loss=auto`` uses past ``full_softmax_max_items``, the lazy Adam of
+            ``train.sparse_items`` for the item table, batches of ``--batch-size`` users)
             -> full-ranking evaluation of a fixed sample of users (``eval.sample_users``)
 
 For each stage: wall time and peak resident memory (the process's ``ru_maxrss``, from
@@ -153,14 +153,22 @@ def _run(cmd: list[str], log: Path, env: dict[str, str]) -> tuple[float, float]:
 
 
 def run_size(n: int, work: Path, records: dict, save, eval_users: int, threads: int,
-             batch_size: int = 1024, only: tuple[str, ...] = ()) -> None:
+             batch_size: int = 128, only: tuple[str, ...] = ()) -> None:
     key = str(n)
     rec = records.setdefault(key, {"n": n, "stages": {}})
-    if rec.get("train_batch_size", 128) != batch_size:  # trained with another batch: again
+    train_sets = [
+        "model.kind=sasrec", "train.epochs=1", f"eval.sample_users={eval_users}",
+        f"train.batch_size={batch_size}",
+        # the loss "auto" picks for large catalogues (4,096 shared popularity negatives,
+        # logQ-corrected) at every size, so sizes compare like for like, and the item table's
+        # lazy Adam (a dense Adam step over a 1M-item table costs more than the batch)
+        "train.full_softmax_max_items=1", "train.sparse_items=true",
+    ]
+    if rec.get("train_sets") != train_sets:  # trained with other settings: train again
         for stage in ("train-epoch", "evaluate"):
             rec["stages"].pop(stage, None)
     rec.update(cpus=os.cpu_count(), threads=threads or "default", eval_users=eval_users,
-               train_batch_size=batch_size)
+               train_sets=train_sets)
     root = work / f"n{n}"
     h2rec = [sys.executable, "-m", "h2rec.cli"]
     log = root / "stages.log"
@@ -181,12 +189,8 @@ def run_size(n: int, work: Path, records: dict, save, eval_users: int, threads: 
         "embed": [*h2rec, "embed", str(ds), "--backend", "tfidf", "--overwrite"],
         "build-sid": [*h2rec, "build-sid", str(ds), str(sid), "--overwrite"],
         "train": [*h2rec, "train", str(ds), "--sids", str(sid), "--name", "sasrec",
-                  "--output-dir", str(runs), "--overwrite", "--set", "model.kind=sasrec",
-                  "--set", "train.epochs=1", "--set", f"eval.sample_users={eval_users}",
-                  "--set", f"train.batch_size={batch_size}",
-                  # the loss "auto" picks for large catalogues (4,096 shared popularity
-                  # negatives, logQ-corrected) at every size, so sizes compare like for like
-                  "--set", "train.full_softmax_max_items=1", *th],
+                  "--output-dir", str(runs), "--overwrite",
+                  *[a for kv in train_sets for a in ("--set", kv)], *th],
     }
     for name, cmd in stages.items():
         done = rec["stages"]
@@ -285,9 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-users", type=int, default=100_000)
     p.add_argument("--stages", default="",
                    help="run only these of prepare,embed,build-sid,train (default: all)")
-    p.add_argument("--batch-size", type=int, default=1024,
-                   help="users per training batch (a 1M-item table's optimiser step is paid per "
-                        "batch; a size whose epoch ran with another batch size trains again)")
+    p.add_argument("--batch-size", type=int, default=128,
+                   help="users per training batch (a size whose epoch ran with other training "
+                        "settings trains again)")
     p.add_argument("--threads", type=int, default=0,
                    help="threads of every stage (polars, the Rust core, torch); 0: their defaults")
     args = p.parse_args(argv)
