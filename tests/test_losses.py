@@ -603,3 +603,34 @@ def test_shared_sampled_softmax_matches_plain_autograd(max_logits: int, correcte
         out.append((loss.detach(), user.grad, items.grad))
     for got, want in zip(out[0], out[1]):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss", ["shared", "full"])
+@pytest.mark.parametrize("max_logits", [64 * 2**20, 40])  # one block; chunks recomputed
+def test_fused_softmaxes_compute_in_float32_under_autocast(loss: str, max_logits: int) -> None:
+    """Training on CUDA runs the step under bf16 autocast: the fused losses must still do
+    float32 math, forward and backward, and give the float32 loss and gradients exactly."""
+    from h2rec.losses import fused_full_softmax
+
+    g = torch.Generator().manual_seed(5)
+    v, s, e, n_items = 23, 9, 8, 30
+    targets = torch.randint(1, n_items, (v,), generator=g)
+    negatives = torch.randint(1, n_items, (s,), generator=g)
+    negatives[0] = targets[0]
+    table = torch.randn(n_items, e, generator=g)
+    lq = torch.log(torch.rand(n_items, generator=g) + 0.05)
+    out = []
+    for amp in (False, True):
+        user = torch.randn(v, e, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        items = table.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            if loss == "shared":
+                value = shared_sampled_softmax(user, items[targets], items[negatives], targets,
+                                               negatives, lq[targets], lq[negatives], max_logits)
+            else:
+                value = fused_full_softmax(user, items[1:], targets - 1, max_logits)
+        value.backward()
+        out.append((value.detach(), user.grad, items.grad))
+    for got, want in zip(out[1], out[0]):
+        assert got.dtype == torch.float32
+        assert torch.equal(got, want)

@@ -124,6 +124,14 @@ class _FullSoftmaxCE(torch.autograd.Function):
         ctx: Any, user: Tensor, items: Tensor, targets: Tensor, chunk_rows: int,
         bias: Tensor | None = None, frozen: int = 0,
     ) -> Tensor:
+        with torch.autocast(user.device.type, enabled=False):  # float32 math under autocast
+            return _FullSoftmaxCE._forward(ctx, user, items, targets, chunk_rows, bias, frozen)
+
+    @staticmethod
+    def _forward(
+        ctx: Any, user: Tensor, items: Tensor, targets: Tensor, chunk_rows: int,
+        bias: Tensor | None = None, frozen: int = 0,
+    ) -> Tensor:
         """user (V, E), items (N, E), targets (V,) in 0..N-1, bias (N,) or None (a constant
         added to every row's logits), frozen: how many trailing columns of ``items`` need no
         gradient (their gradient is returned as zero, uncomputed) -> per-row losses (V,)."""
@@ -153,6 +161,11 @@ class _FullSoftmaxCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        with torch.autocast(grad.device.type, enabled=False):
+            return _FullSoftmaxCE._backward(ctx, grad.float())
+
+    @staticmethod
+    def _backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         user, items, targets, saved = ctx.saved_tensors
         v = user.shape[0]
         grad_user = torch.empty_like(user) if ctx.needs_input_grad[0] else None
@@ -241,6 +254,16 @@ class _SharedSoftmaxCE(torch.autograd.Function):
         ctx: Any, user: Tensor, pos: Tensor, neg: Tensor, p_bias: Tensor | None,
         n_bias: Tensor | None, hit_rows: Tensor, hit_cols: Tensor, chunk_rows: int,
     ) -> Tensor:
+        with torch.autocast(user.device.type, enabled=False):  # float32 math under autocast
+            return _SharedSoftmaxCE._forward(
+                ctx, user, pos, neg, p_bias, n_bias, hit_rows, hit_cols, chunk_rows
+            )
+
+    @staticmethod
+    def _forward(
+        ctx: Any, user: Tensor, pos: Tensor, neg: Tensor, p_bias: Tensor | None,
+        n_bias: Tensor | None, hit_rows: Tensor, hit_cols: Tensor, chunk_rows: int,
+    ) -> Tensor:
         """user (V, E), pos (V, E), neg (S, E); biases added to the logits, (V,) and (S,) or
         None; (hit_rows, hit_cols): negatives left out of their row -> per-row losses (V,)."""
         v = user.shape[0]
@@ -279,6 +302,11 @@ class _SharedSoftmaxCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        with torch.autocast(grad.device.type, enabled=False):
+            return _SharedSoftmaxCE._backward(ctx, grad.float())
+
+    @staticmethod
+    def _backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         user, pos, neg, p, lse, hit_rows, hit_cols, probs = ctx.saved_tensors
         v = user.shape[0]
         gp = (torch.exp(p - lse) - 1.0) * grad  # (V,): d loss / d positive logit
