@@ -12,6 +12,7 @@ pub mod candidates;
 pub mod kmeans;
 pub mod cooccur;
 pub mod dropout;
+pub mod spmm;
 
 #[cfg(feature = "python")]
 mod py;

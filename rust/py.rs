@@ -675,6 +675,24 @@ fn dropout_mask<'py>(py: Python<'py>, n: i64, p: f64, seed: u64) -> PyResult<Bou
 /// The instruction set of the vector kernels (k-means distances and norms, centroid sums):
 /// "avx2" or "scalar", decided at import from the CPU and H2REC_SIMD.
 #[pyfunction]
+#[pyo3(signature = (indptr, indices, data, dense, n_threads=None))]
+fn csr_matmul<'py>(
+    py: Python<'py>,
+    indptr: PyReadonlyArray1<'py, i64>,
+    indices: PyReadonlyArray1<'py, i64>,
+    data: PyReadonlyArray1<'py, f64>,
+    dense: PyReadonlyArray2<'py, f64>,
+    n_threads: Option<i64>,
+) -> PyResult<Bound<'py, PyArray2<f64>>> {
+    let (m, k) = (dense.shape()[0], dense.shape()[1]);
+    let n = indptr.len().saturating_sub(1);
+    let t = threads(n_threads)?;
+    let (p, i, d, x) = (slice(&indptr)?, slice(&indices)?, slice(&data)?, slice(&dense)?);
+    let out = py.detach(|| crate::spmm::csr_matmul(p, i, d, x, m, k, t))?;
+    Ok(numpy::ndarray::Array2::from_shape_vec((n, k), out).map_err(invariant)?.into_pyarray(py))
+}
+
+#[pyfunction]
 fn simd_level() -> &'static str {
     crate::simd::level().name()
 }
@@ -707,5 +725,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(code_report, m)?)?;
     m.add_function(wrap_pyfunction!(cooccurrence, m)?)?;
     m.add_function(wrap_pyfunction!(dropout_mask, m)?)?;
+    m.add_function(wrap_pyfunction!(csr_matmul, m)?)?;
     Ok(())
 }

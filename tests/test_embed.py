@@ -60,14 +60,59 @@ def test_tfidf_max_features_and_min_df() -> None:
     assert vocab == ["a", "b"] and m.shape == (3, 2)
 
 
-def test_csr_matmul_and_transpose_match_dense() -> None:
-    rng = np.random.default_rng(1)
-    x = rng.standard_normal((37, 23)) * (rng.random((37, 23)) < 0.2)
+def _reduceat_matmul(a, dense: np.ndarray) -> np.ndarray:
+    """The numpy form: every entry's product, then summed per row by ``np.add.reduceat``."""
+    out = np.zeros((a.shape[0], dense.shape[1]))
+    lengths = np.diff(a.indptr)
+    rows = lengths > 0
+    if rows.any():
+        prod = a.data[:, None] * dense[a.indices]
+        out[rows] = np.add.reduceat(prod, a.indptr[:-1][rows], axis=0)
+    return out
+
+
+@pytest.mark.parametrize("shape, density", [((37, 23), 0.2), ((300, 50), 0.05), ((1000, 7), 0.9)])
+def test_csr_matmul_is_numpys_reduceat_to_the_bit_for_any_thread_count(shape, density) -> None:
+    from h2rec import _core
+
+    rng = np.random.default_rng(shape[0])
+    x = rng.standard_normal(shape) * (rng.random(shape) < density)
     x[5] = 0.0  # an empty row
     a = dense_to_csr(x)
-    d = rng.standard_normal((23, 4))
-    np.testing.assert_allclose(a.matmul(d), x @ d, atol=1e-12)
-    np.testing.assert_allclose(a.matmul(d, chunk_elements=3), x @ d, atol=1e-12)
+    d = rng.standard_normal((shape[1], 9))
+    want = _reduceat_matmul(a, d)
+    np.testing.assert_allclose(want, x @ d, atol=1e-12)
+    for threads in (None, 1, 2, 3):
+        got = _core.csr_matmul(a.indptr, a.indices.astype(np.int64), a.data, d, n_threads=threads)
+        assert got.dtype == np.float64 and got.shape == want.shape
+        assert got.tobytes() == want.tobytes()
+    assert a.matmul(d).tobytes() == want.tobytes()
+
+
+def test_csr_matmul_refuses_malformed_input() -> None:
+    from h2rec import _core
+
+    d = np.ones((3, 2))
+    ok = (np.array([0, 2, 3]), np.array([0, 2, 1]), np.array([1.0, 2.0, 3.0]))
+    assert _core.csr_matmul(*ok, d).tolist() == [[3.0, 3.0], [3.0, 3.0]]
+    cases = [
+        ((np.array([1, 2, 3]), ok[1], ok[2]), "indptr\\[0\\]=1"),
+        ((np.array([0, 3, 2]), ok[1], ok[2]), "decreases at row 1"),
+        ((np.array([0, 2, 2]), ok[1], ok[2]), "must be nnz=3"),
+        ((ok[0], np.array([0, 5, 1]), ok[2]), "indices\\[1\\]=5 is outside the 3 rows"),
+        ((ok[0], ok[1], np.array([1.0, 2.0])), "data has 2 values"),
+    ]
+    for args, message in cases:
+        with pytest.raises(ValueError, match=message):
+            _core.csr_matmul(*args, d)
+    with pytest.raises(DataError, match="dense has shape"):
+        dense_to_csr(np.eye(3)).matmul(np.ones((4, 2)))
+
+
+def test_csr_transpose_matches_dense() -> None:
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((37, 23)) * (rng.random((37, 23)) < 0.2)
+    a = dense_to_csr(x)
     np.testing.assert_allclose(a.transpose().toarray(), x.T)
     np.testing.assert_allclose(a.transpose().matmul(rng.standard_normal((37, 2))).shape, (23, 2))
 

@@ -215,6 +215,23 @@ def cooccurrence(
     pairs are items within ``window`` positions of each other in the training prefixes
     (all but the last ``holdout`` items); each row keeps its ``top_k`` by PPMI > 0."""
 
+def csr_matmul(
+    indptr: NDArray[np.int64],
+    indices: NDArray[np.int64],
+    data: NDArray[np.float64],
+    dense: NDArray[np.float64],
+    n_threads: int | None = None,
+) -> NDArray[np.float64]:
+    """``A @ dense`` (n, k) for ``A`` (n x m) in CSR form (``indptr`` (n + 1,), ``indices``
+    and ``data`` (nnz,)) and ``dense`` (m, k), C-contiguous, in float64.
+
+    Row r sums ``data[j] * dense[indices[j]]`` over its entries in index order, each product
+    rounded before it is added: numpy's ``np.add.reduceat`` of those products, to the bit; a
+    row without entries is zero. Rows are shared among ``n_threads`` threads (None: all),
+    each row computed by one, so the result does not depend on the thread count. The GIL is
+    released. Raises ValueError on malformed CSR arrays (offsets not starting at 0, decreasing
+    or not ending at nnz; an index outside dense's rows) or a dense of the wrong size."""
+
 def dropout_mask(n: int, p: float, seed: int) -> NDArray[np.float32]:
     """Inverted-dropout keep mask (n,): 65536 / (65536 - t) where kept, 0 where dropped, for
     the threshold t = round(p * 65536) (so about 1 / (1 - p), and exactly the inverse of the

@@ -156,13 +156,24 @@ class Csr:
     data: np.ndarray  # (nnz,) float64
     shape: tuple[int, int]
 
-    def matmul(self, dense: np.ndarray, chunk_elements: int = 1 << 19) -> np.ndarray:
-        """``self @ dense``: (n_rows, n_cols) x (n_cols, k) -> (n_rows, k).
+    def matmul(self, dense: np.ndarray) -> np.ndarray:
+        """``self @ dense``: (n_rows, n_cols) x (n_cols, k) -> (n_rows, k), float64.
 
-        Works through the rows in chunks of about ``chunk_elements / k`` non-zeros, so the
-        gathered rows of ``dense`` stay small (and in cache)."""
-        chunk = max(1, chunk_elements // max(1, dense.shape[1]))
-        return _csr_matmul(self.indptr, self.indices, self.data, dense, self.shape[0], chunk)
+        The Rust core's kernel (``_core.csr_matmul``): each output row sums its entries'
+        products in index order, the same bits as numpy's
+        ``np.add.reduceat(data[:, None] * dense[indices], row starts)``, for any thread count."""
+        from h2rec import _core
+
+        dense = np.ascontiguousarray(dense, dtype=np.float64)
+        if dense.ndim != 2 or dense.shape[0] != self.shape[1]:
+            raise DataError(f"csr matmul: dense has shape {dense.shape}, expected "
+                            f"({self.shape[1]}, k)")
+        return _core.csr_matmul(
+            np.ascontiguousarray(self.indptr, dtype=np.int64),
+            np.ascontiguousarray(self.indices, dtype=np.int64),
+            np.ascontiguousarray(self.data, dtype=np.float64),
+            dense,
+        )
 
     def transpose(self) -> Csr:
         """The CSR of the transpose (a stable counting sort of the column ids)."""
@@ -180,32 +191,6 @@ class Csr:
         rows = np.repeat(np.arange(self.shape[0]), np.diff(self.indptr))
         np.add.at(out, (rows, self.indices), self.data)
         return out
-
-
-def _csr_matmul(
-    indptr: np.ndarray,
-    indices: np.ndarray,
-    data: np.ndarray,
-    dense: np.ndarray,
-    n_rows: int,
-    chunk: int,
-) -> np.ndarray:
-    out = np.zeros((n_rows, dense.shape[1]), dtype=np.float64)
-    row = 0
-    while row < n_rows:
-        # take rows until about `chunk` non-zeros, so memory stays at chunk x k
-        stop = int(np.searchsorted(indptr, indptr[row] + chunk, side="right")) - 1
-        stop = min(max(stop, row + 1), n_rows)
-        lo, hi = int(indptr[row]), int(indptr[stop])
-        if hi > lo:
-            prod = data[lo:hi, None] * dense[indices[lo:hi]]
-            starts = indptr[row:stop] - lo
-            lengths = np.diff(indptr[row : stop + 1])
-            nonempty = lengths > 0
-            sums = np.add.reduceat(prod, starts[nonempty], axis=0)
-            out[row:stop][nonempty] = sums
-        row = stop
-    return out
 
 
 def tfidf_matrix(
