@@ -22,6 +22,7 @@ __all__ = [
     "build_profile",
     "code_report",
     "cooccurrence",
+    "csr_matmul",
     "dropout_mask",
     "gemm_simd_level",
     "kmeans",
