@@ -304,9 +304,14 @@ def main(argv: list[str] | None = None) -> int:
         tmp.write_text(json.dumps(records, indent=2) + "\n")
         os.replace(tmp, out)
 
+    only = tuple(x for x in args.stages.split(",") if x)
+    unknown = sorted(set(only) - {"prepare", "embed", "build-sid", "train"})
+    if unknown:
+        p.error(f"--stages: unknown stage(s) {', '.join(unknown)}; choose from "
+                "prepare, embed, build-sid, train")
     for size in (s for s in args.sizes.split(",") if s.strip()):
         run_size(int(float(size)), Path(args.work), records, save, args.eval_users, args.threads,
-                 args.batch_size, tuple(x for x in args.stages.split(",") if x))
+                 args.batch_size, only)
     if args.table:
         print(table(records))
     if args.plot:

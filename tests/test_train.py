@@ -711,7 +711,10 @@ def test_sparse_items_resume_and_thread_count_are_exact(
     cfg = _cfg(*SPARSE, "train.epochs=2")
     full = train(cfg, data["store"], None, run_dir=tmp_path / "full")
     assert full.model.hid.table.sparse
-    two = train(_cfg(*SPARSE, "train.epochs=2", "train.num_threads=2"), data["store"], None)
+    try:
+        two = train(_cfg(*SPARSE, "train.epochs=2", "train.num_threads=2"), data["store"], None)
+    finally:
+        torch.set_num_threads(1)
 
     def stop_after_first(epoch: int, record: dict[str, Any]) -> None:
         if epoch == 1:
@@ -726,7 +729,6 @@ def test_sparse_items_resume_and_thread_count_are_exact(
         for k in a:
             assert torch.equal(a[k], other[k]), k
     assert [h["loss"] for h in full.history] == [h["loss"] for h in resumed.history]
-    torch.set_num_threads(1)
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -142,7 +142,8 @@ class TrainConfig:
     negative_sampling: Literal["uniform", "popularity"] = "uniform"  # negative distribution
     shared_negatives: int = 0  # sampled_softmax: this many negatives shared by the batch (0: per position)
     full_softmax_max_items: int = 200_000  # loss="auto": largest catalogue trained with full softmax
-    loss_memory_mb: int = 512  # full softmax: memory for one chunk of logits (rows are chunked)
+    # full softmax and shared sampled softmax: memory for one chunk of logits (rows are chunked)
+    loss_memory_mb: int = 512
     length_buckets: int = 16  # sort users by length within windows of this many batches; 0 = off
     # "epoch": a batch's recommendation loss is its sum over positions divided by the epoch's mean
     # positions per batch, so every position weighs the same whichever batch holds it (length
@@ -151,9 +152,10 @@ class TrainConfig:
     loss_scale: Literal["epoch", "batch"] = "epoch"
     last_only: bool = False  # train on the last position of each sequence only
     grad_clip: float = 0.0  # max gradient norm; 0 = no clipping
-    # sparse gradients and a lazy Adam (SparseAdam) for the item (HID) table: each step updates
-    # only the rows the batch touched, not the whole table, for catalogues of millions of items
-    # (h2rec.train.optim); needs a sampled loss; rows not in a batch keep their moments
+    # sparse gradients and a lazy Adam for the item (HID) table: each step updates only the
+    # rows the batch touched (Adam's formulas on them), not the whole table, for catalogues of
+    # millions of items (h2rec.train.optim); needs a sampled loss; rows not in a batch keep
+    # their moments; no effect on SID-only, which has no such table
     sparse_items: bool = False
     seed: int = 0  # the one seed of the run (sampler, init, dropout)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when available

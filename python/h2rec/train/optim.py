@@ -3,7 +3,7 @@
 
 A table of a million items is 256 MB at width 64. Dense Adam pays for all of it every step: the
 table's gradient is materialised (a 256 MB zeroed buffer, then the batch's rows added) and every
-row's moments and weights are read and written, about 0.16 s a step on one core here against a
+row's moments and weights are read and written, about 0.15 s a step on one core here against a
 batch's 0.08 s of model and loss. With ``sparse_items`` the table's gradient is sparse (the rows
 the batch looked up) and only those rows' moments and weights are updated (:class:`LazyAdam`,
 the lazy Adam of large-vocabulary embedding tables, with ``torch.optim.Adam``'s formulas; torch's
