@@ -15,6 +15,8 @@ Alignment losses:
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any, Literal, Protocol
 
 import torch
@@ -109,6 +111,22 @@ def full_softmax_loss(logits: Tensor, targets: Tensor, last_only: bool = False) 
     return _masked_mean(per_position, tgt > 0)
 
 
+def _float32(method: Callable[..., Any]) -> Callable[..., Any]:
+    """A custom autograd function's ``forward`` or ``backward`` with autocast off and its
+    floating-point tensor arguments cast to float32: float32 math whatever the caller's autocast
+    (training on CUDA runs under bf16 autocast; backward runs outside it)."""
+
+    @functools.wraps(method)
+    def run(ctx: Any, *args: Any) -> Any:
+        device = next((a.device.type for a in args if isinstance(a, Tensor)), "cpu")
+        args = tuple(a.float() if isinstance(a, Tensor) and a.is_floating_point() else a
+                     for a in args)
+        with torch.autocast(device, enabled=False):
+            return method(ctx, *args)
+
+    return run
+
+
 class _FullSoftmaxCE(torch.autograd.Function):
     """Per-row softmax cross-entropy of ``user @ items.T`` against ``targets``, fused.
 
@@ -120,15 +138,8 @@ class _FullSoftmaxCE(torch.autograd.Function):
     """
 
     @staticmethod
+    @_float32
     def forward(  # type: ignore[override]
-        ctx: Any, user: Tensor, items: Tensor, targets: Tensor, chunk_rows: int,
-        bias: Tensor | None = None, frozen: int = 0,
-    ) -> Tensor:
-        with torch.autocast(user.device.type, enabled=False):  # float32 math under autocast
-            return _FullSoftmaxCE._forward(ctx, user, items, targets, chunk_rows, bias, frozen)
-
-    @staticmethod
-    def _forward(
         ctx: Any, user: Tensor, items: Tensor, targets: Tensor, chunk_rows: int,
         bias: Tensor | None = None, frozen: int = 0,
     ) -> Tensor:
@@ -160,12 +171,8 @@ class _FullSoftmaxCE(torch.autograd.Function):
         return lse - target_logits
 
     @staticmethod
+    @_float32
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        with torch.autocast(grad.device.type, enabled=False):
-            return _FullSoftmaxCE._backward(ctx, grad.float())
-
-    @staticmethod
-    def _backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         user, items, targets, saved = ctx.saved_tensors
         v = user.shape[0]
         grad_user = torch.empty_like(user) if ctx.needs_input_grad[0] else None
@@ -250,17 +257,8 @@ class _SharedSoftmaxCE(torch.autograd.Function):
     """
 
     @staticmethod
+    @_float32
     def forward(  # type: ignore[override]
-        ctx: Any, user: Tensor, pos: Tensor, neg: Tensor, p_bias: Tensor | None,
-        n_bias: Tensor | None, hit_rows: Tensor, hit_cols: Tensor, chunk_rows: int,
-    ) -> Tensor:
-        with torch.autocast(user.device.type, enabled=False):  # float32 math under autocast
-            return _SharedSoftmaxCE._forward(
-                ctx, user, pos, neg, p_bias, n_bias, hit_rows, hit_cols, chunk_rows
-            )
-
-    @staticmethod
-    def _forward(
         ctx: Any, user: Tensor, pos: Tensor, neg: Tensor, p_bias: Tensor | None,
         n_bias: Tensor | None, hit_rows: Tensor, hit_cols: Tensor, chunk_rows: int,
     ) -> Tensor:
@@ -301,12 +299,8 @@ class _SharedSoftmaxCE(torch.autograd.Function):
         return n
 
     @staticmethod
+    @_float32
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        with torch.autocast(grad.device.type, enabled=False):
-            return _SharedSoftmaxCE._backward(ctx, grad.float())
-
-    @staticmethod
-    def _backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         user, pos, neg, p, lse, hit_rows, hit_cols, probs = ctx.saved_tensors
         v = user.shape[0]
         gp = (torch.exp(p - lse) - 1.0) * grad  # (V,): d loss / d positive logit
@@ -460,14 +454,8 @@ class _TwoWayMultiPositiveNCE(torch.autograd.Function):
     """
 
     @staticmethod
+    @_float32
     def forward(  # type: ignore[override]
-        ctx: Any, a: Tensor, b: Tensor, rows: Tensor, cols: Tensor, vals: Tensor, tau: float
-    ) -> Tensor:
-        with torch.autocast(a.device.type, enabled=False):  # float32 inputs, float32 math
-            return _TwoWayMultiPositiveNCE._forward(ctx, a.float(), b.float(), rows, cols, vals.float(), tau)
-
-    @staticmethod
-    def _forward(
         ctx: Any, a: Tensor, b: Tensor, rows: Tensor, cols: Tensor, vals: Tensor, tau: float
     ) -> Tensor:
         """a, b (M, D) unit rows; positives w[rows, cols] = vals (P,) ->
@@ -493,12 +481,8 @@ class _TwoWayMultiPositiveNCE(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @_float32
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        with torch.autocast(grad.device.type, enabled=False):
-            return _TwoWayMultiPositiveNCE._backward(ctx, grad.float())
-
-    @staticmethod
-    def _backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         a, b, rows, cols, e_row, e_col, den_row, den_col, q_row, q_col = ctx.saved_tensors
         # d loss / d logits = 0.5 / M * (softmax over rows + softmax over columns
         #                                - each direction's posterior over its positives)
