@@ -56,8 +56,12 @@ DATASETS: dict[str, dict[str, object]] = {
         "prepare": ["ml-1m.txt", "--items", "movies.dat", "--item-id-map",
                     "sas_to_original_items.txt", "--template", "{title}. Genres: {genres}"],
         # SASRec's protocol for MovieLens-1M: its histories average 165 items, and the default
-        # 50 would train on under a third of them
-        "sets": ["model.max_len=200"],
+        # 50 would train on under a third of them. Dropout 0.2 (SASRec's for this dense set)
+        # with the rate halved after 4 flat validations and a patience of 10: on validation
+        # SASRec reached NDCG@10 0.1487 by epoch 17 against 0.1344 at best with the defaults
+        # (dropout 0.5), H2Rec 0.1468 by epoch 16 against 0.1357 (examples/results/ml-1m-valid)
+        "sets": ["model.max_len=200", "model.dropout=0.2", "train.lr_decay_patience=4",
+                 "train.epochs=150", "train.patience=10"],
     },
 }
 MODELS = ("sasrec", "sid", "fusion", "h2rec")
