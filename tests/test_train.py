@@ -735,9 +735,19 @@ def test_sparse_items_resume_and_thread_count_are_exact(
     (("train.loss=full_softmax",), "needs a sampled loss"),
     (("train.weight_decay=0.01",), "train.weight_decay=0.01: not available"),
     (("train.grad_clip=1.0",), "train.grad_clip=1.0: not available"),
+    (("train.hid_decay=1.0",), "train.hid_decay=1.0: not available"),
 ])
 def test_sparse_items_refuses_what_it_cannot_do(
     data: dict[str, Any], extra: tuple[str, ...], message: str,
 ) -> None:
     with pytest.raises(ConfigError, match=message):
         train(_cfg(*SPARSE, "train.epochs=1", *extra), data["store"], None)
+
+
+def test_sparse_items_refuses_torchrun() -> None:
+    from h2rec.train.optim import check_sparse_items
+
+    cfg = _cfg(*SPARSE)
+    check_sparse_items(cfg, "sampled_softmax", world=1)
+    with pytest.raises(ConfigError, match="not available under torchrun \\(world size 2\\)"):
+        check_sparse_items(cfg, "sampled_softmax", world=2)
