@@ -11,11 +11,12 @@ const ROWS_PER_TASK: usize = 128;
 /// `A @ X` for `A` (n × m) in CSR form (`indptr` (n + 1), `indices` (nnz), `data` (nnz)) and
 /// `X` (m × k) row-major; returns the (n × k) product, row-major.
 ///
-/// Output row r is `sum_j data[j] * X[indices[j]]` over j in `indptr[r]..indptr[r + 1]`, in j
-/// order, each product rounded before it is added (no fused multiply-add), starting from the
-/// first product: the bits of numpy's `np.add.reduceat(data[:, None] * X[indices], starts)`.
-/// A row without entries is zero. Each row is computed by one thread, so the result does not
-/// depend on `n_threads` (`None`: the global pool).
+/// Output row r is `sum_j data[j] * X[indices[j]]` over j in `indptr[r]..indptr[r + 1]`, added
+/// one after another in j order, each product rounded before it is added (no fused
+/// multiply-add): the bits of the plain loop from zero (and of scipy.sparse's CSR product). A
+/// row without entries is zero. Each row is computed by one thread, so the result does not
+/// depend on `n_threads` (`None`: the global pool); the AVX2 body (when the CPU has it) computes
+/// the same products and sums lane by lane, so the bits do not depend on it either.
 pub fn csr_matmul(
     indptr: &[i64],
     indices: &[i64],
@@ -42,31 +43,40 @@ pub fn csr_matmul(
     if k == 0 {
         return Ok(out);
     }
+    let avx2 = cfg!(target_arch = "x86_64") && crate::simd::level() == crate::simd::Level::Avx2;
     crate::pool::run(n_threads, || {
         out.par_chunks_mut(ROWS_PER_TASK * k).enumerate().for_each(|(t, block)| {
             let first = t * ROWS_PER_TASK;
-            for (i, row) in block.chunks_exact_mut(k).enumerate() {
-                let r = first + i;
-                let (lo, hi) = (indptr[r] as usize, indptr[r + 1] as usize);
-                if lo == hi {
-                    continue;
-                }
-                let c0 = indices[lo] as usize;
-                let a0 = data[lo];
-                for (o, &v) in row.iter_mut().zip(&x[c0 * k..(c0 + 1) * k]) {
-                    *o = a0 * v;
-                }
-                for j in lo + 1..hi {
-                    let c = indices[j] as usize;
-                    let a = data[j];
-                    for (o, &v) in row.iter_mut().zip(&x[c * k..(c + 1) * k]) {
-                        *o += a * v;
-                    }
-                }
+            #[cfg(target_arch = "x86_64")]
+            if avx2 {
+                // SAFETY: the CPU has AVX2 (`simd::level` never exceeds what it detects).
+                return unsafe { rows_avx2(block, first, k, indptr, indices, data, x) };
             }
+            rows(block, first, k, indptr, indices, data, x);
         });
     })?;
     Ok(out)
+}
+
+/// The output rows `first..` of `block` (whole rows of k values), from zero.
+#[inline(always)]
+fn rows(block: &mut [f64], first: usize, k: usize, indptr: &[i64], indices: &[i64], data: &[f64], x: &[f64]) {
+    for (i, row) in block.chunks_exact_mut(k).enumerate() {
+        let r = first + i;
+        for j in indptr[r] as usize..indptr[r + 1] as usize {
+            let c = indices[j] as usize;
+            let a = data[j];
+            for (o, &v) in row.iter_mut().zip(&x[c * k..(c + 1) * k]) {
+                *o += a * v;
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn rows_avx2(block: &mut [f64], first: usize, k: usize, indptr: &[i64], indices: &[i64], data: &[f64], x: &[f64]) {
+    rows(block, first, k, indptr, indices, data, x)
 }
 
 #[cfg(test)]

@@ -226,9 +226,9 @@ def csr_matmul(
     """``A @ dense`` (n, k) for ``A`` (n x m) in CSR form (``indptr`` (n + 1,), ``indices``
     and ``data`` (nnz,)) and ``dense`` (m, k), C-contiguous, in float64.
 
-    Row r sums ``data[j] * dense[indices[j]]`` over its entries in index order, each product
-    rounded before it is added: numpy's ``np.add.reduceat`` of those products, to the bit; a
-    row without entries is zero. Rows are shared among ``n_threads`` threads (None: all),
+    Row r adds ``data[j] * dense[indices[j]]`` over its entries one after another in index
+    order, from zero, each product rounded before it is added (no fused multiply-add): the bits
+    of that plain loop and of scipy.sparse's CSR product; a row without entries is zero. Rows are shared among ``n_threads`` threads (None: all),
     each row computed by one, so the result does not depend on the thread count. The GIL is
     released. Raises ValueError on malformed CSR arrays (offsets not starting at 0, decreasing
     or not ending at nnz; an index outside dense's rows) or a dense of the wrong size."""

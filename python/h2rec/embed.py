@@ -159,9 +159,9 @@ class Csr:
     def matmul(self, dense: np.ndarray) -> np.ndarray:
         """``self @ dense``: (n_rows, n_cols) x (n_cols, k) -> (n_rows, k), float64.
 
-        The Rust core's kernel (``_core.csr_matmul``): each output row sums its entries'
-        products in index order, the same bits as numpy's
-        ``np.add.reduceat(data[:, None] * dense[indices], row starts)``, for any thread count."""
+        The Rust core's kernel (``_core.csr_matmul``): each output row adds its entries'
+        products one after another in index order (the bits of scipy.sparse's CSR product),
+        for any thread count."""
         from h2rec import _core
 
         dense = np.ascontiguousarray(dense, dtype=np.float64)
