@@ -167,6 +167,7 @@ def run_size(n: int, work: Path, records: dict, save, eval_users: int, threads: 
     if rec.get("train_sets") != train_sets:  # trained with other settings: train again
         for stage in ("train-epoch", "evaluate"):
             rec["stages"].pop(stage, None)
+    rec.pop("train_batch_size", None)  # the key of earlier versions (train_sets has it)
     rec.update(cpus=os.cpu_count(), threads=threads or "default", eval_users=eval_users,
                train_sets=train_sets)
     root = work / f"n{n}"

@@ -32,6 +32,7 @@ fn invariant(m: impl std::fmt::Display) -> PyErr {
 enum Kind {
     Int,
     Float,
+    F64,
 }
 
 /// `np.ascontiguousarray(obj, dtype)` after checking the dtype family and the number of
@@ -45,12 +46,13 @@ fn coerce<'py>(py: Python<'py>, obj: &Bound<'py, PyAny>, name: &str, kind: Kind,
     let k: String = dtype.getattr("kind")?.extract()?;
     let ok = match kind {
         Kind::Int => k == "i" || k == "u",
-        Kind::Float => k == "f" || k == "i" || k == "u",
+        Kind::Float | Kind::F64 => k == "f" || k == "i" || k == "u",
     };
     if !ok {
         let want = match kind {
             Kind::Int => "integers (int64)",
             Kind::Float => "real numbers (float32)",
+            Kind::F64 => "real numbers (float64)",
         };
         return Err(PyTypeError::new_err(format!("{name} must be an array of {want}, got dtype {}", dtype.str()?)));
     }
@@ -62,6 +64,7 @@ fn coerce<'py>(py: Python<'py>, obj: &Bound<'py, PyAny>, name: &str, kind: Kind,
     let target = match kind {
         Kind::Int => "int64",
         Kind::Float => "float32",
+        Kind::F64 => "float64",
     };
     let kwargs = PyDict::new(py);
     kwargs.set_item("dtype", target)?;
@@ -672,18 +675,22 @@ fn dropout_mask<'py>(py: Python<'py>, n: i64, p: f64, seed: u64) -> PyResult<Bou
     Ok(out.into_pyarray(py))
 }
 
-/// The instruction set of the vector kernels (k-means distances and norms, centroid sums):
-/// "avx2" or "scalar", decided at import from the CPU and H2REC_SIMD.
+/// `A @ dense` for a CSR matrix A, in float64 (see `crate::spmm::csr_matmul`); every argument
+/// goes through `coerce`, so any array-like of the right kind and dimensions is accepted.
 #[pyfunction]
 #[pyo3(signature = (indptr, indices, data, dense, n_threads=None))]
 fn csr_matmul<'py>(
     py: Python<'py>,
-    indptr: PyReadonlyArray1<'py, i64>,
-    indices: PyReadonlyArray1<'py, i64>,
-    data: PyReadonlyArray1<'py, f64>,
-    dense: PyReadonlyArray2<'py, f64>,
+    indptr: &Bound<'py, PyAny>,
+    indices: &Bound<'py, PyAny>,
+    data: &Bound<'py, PyAny>,
+    dense: &Bound<'py, PyAny>,
     n_threads: Option<i64>,
 ) -> PyResult<Bound<'py, PyArray2<f64>>> {
+    let indptr = int1(py, indptr, "indptr")?;
+    let indices = int1(py, indices, "indices")?;
+    let data: PyReadonlyArray1<'py, f64> = coerce(py, data, "data", Kind::F64, 1)?.extract()?;
+    let dense: PyReadonlyArray2<'py, f64> = coerce(py, dense, "dense", Kind::F64, 2)?.extract()?;
     let (m, k) = (dense.shape()[0], dense.shape()[1]);
     let n = indptr.len().saturating_sub(1);
     let t = threads(n_threads)?;
@@ -692,6 +699,8 @@ fn csr_matmul<'py>(
     Ok(numpy::ndarray::Array2::from_shape_vec((n, k), out).map_err(invariant)?.into_pyarray(py))
 }
 
+/// The instruction set of the vector kernels (k-means distances and norms, centroid sums):
+/// "avx2" or "scalar", decided at import from the CPU and H2REC_SIMD.
 #[pyfunction]
 fn simd_level() -> &'static str {
     crate::simd::level().name()

@@ -35,17 +35,23 @@ pub fn csr_matmul(
     if let Some(r) = (0..n).find(|&r| indptr[r + 1] < indptr[r]) {
         return Err(crate::invalid!("indptr decreases at row {r}: {} then {}", indptr[r], indptr[r + 1]));
     }
-    ensure!(x.len() == m * k, "dense has {} values, expected {m} x {k}", x.len());
+    let size = m.checked_mul(k).ok_or_else(|| crate::invalid!("dense of {m} x {k} is too large"))?;
+    ensure!(x.len() == size, "dense has {} values, expected {m} x {k}", x.len());
     if let Some(j) = indices.iter().position(|&c| c < 0 || c as usize >= m) {
         return Err(crate::invalid!("indices[{j}]={} is outside the {m} rows of dense", indices[j]));
     }
-    let mut out = vec![0.0f64; n * k];
-    if k == 0 {
+    let total = n.checked_mul(k).ok_or_else(|| crate::invalid!("output of {n} x {k} is too large"))?;
+    let mut out: Vec<f64> = Vec::new();
+    out.try_reserve_exact(total)
+        .map_err(|_| crate::invalid!("no memory for the {n} x {k} output ({} bytes)", total.saturating_mul(8)))?;
+    out.resize(total, 0.0);
+    if k == 0 || n == 0 {
         return Ok(out);
     }
-    let avx2 = cfg!(target_arch = "x86_64") && crate::simd::level() == crate::simd::Level::Avx2;
+    #[cfg(target_arch = "x86_64")]
+    let avx2 = crate::simd::level() == crate::simd::Level::Avx2;
     crate::pool::run(n_threads, || {
-        out.par_chunks_mut(ROWS_PER_TASK * k).enumerate().for_each(|(t, block)| {
+        out.par_chunks_mut(ROWS_PER_TASK.saturating_mul(k)).enumerate().for_each(|(t, block)| {
             let first = t * ROWS_PER_TASK;
             #[cfg(target_arch = "x86_64")]
             if avx2 {

@@ -70,7 +70,7 @@ def _loop_matmul(a, dense: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("shape, density", [((37, 23), 0.2), ((300, 50), 0.05), ((200, 7), 0.9)])
-@pytest.mark.parametrize("k", [9, 266])  # the SIMD body alone; with a scalar tail
+@pytest.mark.parametrize("k", [8, 266])  # whole 4-lane AVX2 steps only; with a scalar tail
 def test_csr_matmul_is_the_plain_loop_to_the_bit_for_any_thread_count(shape, density, k) -> None:
     from h2rec import _core
 
@@ -86,6 +86,27 @@ def test_csr_matmul_is_the_plain_loop_to_the_bit_for_any_thread_count(shape, den
         assert got.dtype == np.float64 and got.shape == want.shape
         assert got.tobytes() == want.tobytes()
     assert a.matmul(d).tobytes() == want.tobytes()
+
+
+def test_csr_matmul_reads_any_array_layout_and_dtype() -> None:
+    """Fortran order, slices, other integer and float dtypes and lists: the same product."""
+    from h2rec import _core
+
+    x = np.arange(6.0).reshape(3, 2)
+    indptr, indices, data = np.array([0, 2, 3]), np.array([0, 2, 1]), np.array([1.0, 2.0, 3.0])
+    want = np.array([[8.0, 11.0], [6.0, 9.0]])
+    assert _core.csr_matmul(indptr, indices, data, x).tolist() == want.tolist()
+    assert _core.csr_matmul(indptr, indices, data, np.asfortranarray(x)).tolist() == want.tolist()
+    wide = np.zeros((3, 4))
+    wide[:, ::2] = x
+    assert _core.csr_matmul(indptr, indices, data, wide[:, ::2]).tolist() == want.tolist()
+    got = _core.csr_matmul(indptr.astype(np.int32), indices.astype(np.int32),
+                           data.astype(np.float32), x.tolist())
+    assert got.dtype == np.float64 and got.tolist() == want.tolist()
+    with pytest.raises(TypeError, match="data must be an array of real numbers"):
+        _core.csr_matmul(indptr, indices, np.array(["a", "b", "c"]), x)
+    with pytest.raises(ValueError, match="dense must be 2-D"):
+        _core.csr_matmul(indptr, indices, data, np.ones(3))
 
 
 def test_csr_matmul_refuses_malformed_input() -> None:

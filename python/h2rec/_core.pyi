@@ -224,7 +224,8 @@ def csr_matmul(
     n_threads: int | None = None,
 ) -> NDArray[np.float64]:
     """``A @ dense`` (n, k) for ``A`` (n x m) in CSR form (``indptr`` (n + 1,), ``indices``
-    and ``data`` (nnz,)) and ``dense`` (m, k), C-contiguous, in float64.
+    and ``data`` (nnz,)) and ``dense`` (m, k), in float64 (any array-like of integers or real
+    numbers and any memory layout is converted first).
 
     Row r adds ``data[j] * dense[indices[j]]`` over its entries one after another in index
     order, from zero, each product rounded before it is added (no fused multiply-add): the bits

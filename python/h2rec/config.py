@@ -155,7 +155,7 @@ class TrainConfig:
     # sparse gradients and a lazy Adam for the item (HID) table: each step updates only the
     # rows the batch touched (Adam's formulas on them), not the whole table, for catalogues of
     # millions of items (h2rec.train.optim); needs a sampled loss; rows not in a batch keep
-    # their moments; no effect on SID-only, which has no such table
+    # their moments; SID-only has no such table (nothing changes, the checks still apply)
     sparse_items: bool = False
     seed: int = 0  # the one seed of the run (sampler, init, dropout)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when available
