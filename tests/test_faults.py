@@ -449,3 +449,24 @@ def test_sigint_exits_130_without_a_traceback(base: dict[str, Path], tmp_path: P
                                  "--name", "c", "--set", "train.epochs=2", "--resume", *TINY],
                                 tmp_path)
     assert code == 0 or "train.epochs" in err2
+
+
+def test_ctrl_c_inside_an_atomic_write_is_raised_once_the_file_is_in_place(tmp_path: Path) -> None:
+    """A SIGINT in the middle of a checkpoint write (torch.save turned the KeyboardInterrupt
+    into "RuntimeError: unexpected pos ...") waits until the file is whole and renamed."""
+    import torch
+    from h2rec.report import atomic_writer
+
+    path = tmp_path / "ckpt.pt"
+    state = {"w": torch.arange(100_000, dtype=torch.float32)}
+
+    def write(f) -> None:
+        f.write(b"")  # the writer is open: Ctrl-C now
+        os.kill(os.getpid(), signal.SIGINT)
+        torch.save(state, f)
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_writer(path, write)
+    assert torch.equal(torch.load(path, weights_only=True)["w"], state["w"])
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

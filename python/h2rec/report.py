@@ -9,8 +9,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import tempfile
-from collections.abc import Callable, Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -25,33 +28,64 @@ __all__ = [
 ]
 
 
+@contextmanager
+def _ctrl_c_after() -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT) that arrives inside the block until the block ends, then raise
+    KeyboardInterrupt. Inside ``torch.save``, a KeyboardInterrupt raised in the middle of its
+    zip writer came out as "RuntimeError: unexpected pos ..."; held, the file is written whole
+    (and renamed into place) first. Only in the main thread with Python's default handler."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    caught: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    except BaseException:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if caught:
+            raise KeyboardInterrupt from None
+        raise
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    if caught:
+        raise KeyboardInterrupt
+
+
 def atomic_writer(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Call ``write`` on a temporary file beside ``path``, fsync it, then rename it to ``path``."""
+    """Call ``write`` on a temporary file beside ``path``, fsync it, then rename it to ``path``.
+    A Ctrl-C meanwhile is raised once the file is in place (``_ctrl_c_after``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        try:
-            with os.fdopen(fd, "wb") as f:
-                write(f)
-                f.flush()
-                os.fsync(f.fileno())
-        except OSError as err:
-            from h2rec.outputs import named
-
-            raise named(err, path) from err
-        except Exception as err:  # torch reports a full disk as "unexpected pos ..."
-            from h2rec.outputs import check_free_space
-
-            check_free_space(path, err)
-            raise
-        os.replace(tmp, path)
+        with _ctrl_c_after():
+            _write_and_replace(fd, tmp, path, write)
     except BaseException:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
         raise
+
+
+def _write_and_replace(fd: int, tmp: str, path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write through ``write`` into the open ``fd``, fsync, then rename ``tmp`` to ``path``."""
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        from h2rec.outputs import named
+
+        raise named(err, path) from err
+    except Exception as err:  # torch reports a full disk as "unexpected pos ..."
+        from h2rec.outputs import check_free_space
+
+        check_free_space(path, err)
+        raise
+    os.replace(tmp, path)
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
