@@ -51,7 +51,7 @@ from h2rec.train.checkpoint import (
     set_checkpoint_blend,
 )
 from h2rec.train.distributed import _dist_env, _evaluate_all, setup_device, wrap_ddp
-from h2rec.train.optim import SplitAdam, check_sparse_items, make_optimizer
+from h2rec.train.optim import SplitAdam, check_sparse_items, item_table, make_optimizer
 from h2rec.train.step import SharedNegatives, TrainStep, loss_plan, positions_per_batch
 
 if TYPE_CHECKING:
@@ -322,12 +322,12 @@ def _setup(
 
 def _hid_table(model: nn.Module, kind: str) -> torch.Tensor:
     """The model's hash-ID table (``model.hid``), for ``train.hid_decay``."""
-    hid = getattr(model, "hid", None)
-    if hid is None:
+    table = item_table(model)
+    if table is None:
         raise ConfigError(
             f"train.hid_decay: model.kind={kind!r} has no hash-ID table; set it to 0"
         )
-    return hid.weight
+    return table.weight
 
 
 def _prepare_run_dir(out: Path, cfg: RunConfig, resumed: bool) -> None:
