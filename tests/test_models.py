@@ -358,6 +358,8 @@ def test_build_model_rejects_bad_inputs(sids: FakeSids) -> None:
         ("align_seq_target", "both", "model.align_seq_target='both'"),
         ("sid_pooling", "max", "model.sid_pooling='max'"),
         ("causal", 1, "model.causal=1: expected bool"),
+        ("branch_loss", -0.5, "model.branch_loss=-0.5: must be a finite number >= 0"),
+        ("branch_loss", float("nan"), "model.branch_loss=nan"),
     ],
 )
 def test_model_config_rejects_bad_values(field: str, value: object, match: str) -> None:
@@ -787,3 +789,50 @@ def test_softmax_of_short_and_long_rows_against_numpy(n: int) -> None:
     x64t = x.double().requires_grad_(True)
     (g64,) = torch.autograd.grad((torch.softmax(x64t, -1) * w.double()).sum(), x64t)
     np.testing.assert_allclose(g.numpy(), g64.numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_branch_loss_scores_each_branch_alone(shared: bool, sids: FakeSids) -> None:
+    # model.branch_loss: weight x (CE of the SID branch's state + CE of the HID branch's state),
+    # each scored alone against the fused item vectors; the oracle is the cross-entropy by hand
+    from h2rec.config import RunConfig
+    from h2rec.train import TrainStep
+
+    weight = 0.7
+    cfg = RunConfig()
+    cfg = replace(cfg, model=_cfg("h2rec", dropout=0.0, branch_loss=weight, shared_backbone=shared),
+                  train=replace(cfg.train, loss="full_softmax"))
+    model = _model(cfg.model, sids)
+    model.train()  # dropout 0: the states are a function of the batch only
+    seq = _batch()
+    targets = torch.where(seq > 0, seq % N_ITEMS + 1, seq)
+    step = TrainStep(model, cfg)
+    _, parts = step(seq, targets, torch.zeros(4, T, 1, dtype=torch.long))
+    assert set(parts) == {"rec", "branch", "align_item", "align_seq"}
+    assert model.take_branch_states() is None  # taken by the step
+    with torch.no_grad():
+        s_sid, s_hid, _, _ = model._branches(seq)
+        items = model.all_item_vectors()[1:]
+        valid = targets > 0
+
+        def ce(states: torch.Tensor) -> float:
+            logp = torch.log_softmax(states[valid] @ items.T, dim=-1)
+            return float(-logp[torch.arange(int(valid.sum())), targets[valid] - 1].mean())
+
+        assert float(parts["rec"]) == pytest.approx(ce(s_sid + s_hid), rel=1e-5)
+        assert float(parts["branch"]) == pytest.approx(weight * (ce(s_sid) + ce(s_hid)), rel=1e-5)
+    # off: no part, nothing kept
+    off = replace(cfg, model=replace(cfg.model, branch_loss=0.0))
+    model0 = _model(off.model, sids)
+    model0.train()
+    _, parts0 = TrainStep(model0, off)(seq, targets, torch.zeros(4, T, 1, dtype=torch.long))
+    assert "branch" not in parts0 and model0.take_branch_states() is None
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [dict(branches="hid", shared_backbone=False), dict(item_score="paired"), dict(text_match=True)],
+)
+def test_branch_loss_needs_both_branches_and_fused_scores(kw: dict) -> None:
+    with pytest.raises(ConfigError, match="model.branch_loss=0.5 scores each branch's state alone"):
+        _cfg("h2rec", branch_loss=0.5, **kw)

@@ -73,6 +73,10 @@ class ModelConfig:
     # HID branch against SID vectors. Beauty validation NDCG@10, one seed: 0.0734 against 0.0695,
     # tail items 0.0408 against 0.0341 (SASRec: 0.0697, tail 0.0365)
     item_score: str = "fused"
+    # H2Rec: weight of each branch's own recommendation loss (deep supervision): the SID and the
+    # HID branch's states are also scored alone against the item vectors, so that neither
+    # branch only completes the other on the training data. 0 = off (the sum alone is trained)
+    branch_loss: float = 0.0
     hid_pop_gate: bool = False  # H2Rec: scale items' HID vectors in the score by a learned
     # sigmoid of their log training popularity, so rare items lean on their SID vectors
     # train with w_t * <q_t, e_i> added to each score, q_t the decayed sum of the text embeddings
@@ -93,6 +97,17 @@ class ModelConfig:
         _choice("align_seq_target", self.align_seq_target, ALIGN_SEQ_TARGETS)
         _choice("branches", self.branches, BRANCHES)
         _choice("item_score", self.item_score, ITEM_SCORES)
+        if not math.isfinite(self.branch_loss) or self.branch_loss < 0:
+            raise ConfigError(f"model.branch_loss={self.branch_loss}: must be a finite number >= 0")
+        if self.branch_loss > 0 and (
+            self.branches != "both" or self.item_score != "fused" or self.text_match
+        ):
+            raise ConfigError(
+                f"model.branch_loss={self.branch_loss} scores each branch's state alone against "
+                "the fused item vectors: it needs model.branches='both', "
+                "model.item_score='fused' and model.text_match=false (got "
+                f"{self.branches!r}, {self.item_score!r}, {self.text_match})"
+            )
         needs = {"hid": "hid"}.get(self.align_seq_target)  # "branch": the model's own state
         if self.align_seq and needs and self.branches not in ("both", needs):
             raise ConfigError(

@@ -146,6 +146,7 @@ class H2Rec(nn.Module):
             self.pop_shift = nn.Parameter(torch.tensor(0.0))
         # what the last training forward computed, for the sequence-level loss to reuse
         self._cache: dict[str, Tensor] | None = None
+        self._branch_pair: Tensor | None = None  # model.branch_loss: see take_branch_states
         self._uses_seq_loss = cfg.align_seq and cfg.align_seq_weight > 0 and n_levels >= 2
         self.register_load_state_dict_pre_hook(_stack_level_attention)
 
@@ -165,7 +166,7 @@ class H2Rec(nn.Module):
         fused = self.input(self.sid.pool(levels), real)  # (B, T, D)
         gate = self.gate(hid)  # (B, T, L)
         cross = self.cfg.cross_attention
-        sid_state = hid_state = None
+        sid_state = hid_state = both = None
         if self.use_sid_branch:
             outs = self.level_attn(level_streams, hid, real, allowed) if cross else level_streams
             sid_in = (gate[..., None] * outs).sum(dim=2)  # (B, T, D); one call for all levels
@@ -182,6 +183,11 @@ class H2Rec(nn.Module):
             if self.use_hid_branch:
                 backbone = self.backbone if self.cfg.shared_backbone else self.backbone_hid
                 hid_state = backbone(hid_in, real, allowed, last_only)  # (B, T, D)
+        if self.training and not last_only and self.cfg.branch_loss > 0:
+            # for the branch losses of this step (TrainStep takes them: take_branch_states)
+            self._branch_pair = (
+                both if both is not None else torch.cat([sid_state, hid_state])  # type: ignore[list-item]
+            )
         if self.training and not last_only and self._uses_seq_loss:
             # for the sequence-level loss of this step, which consumes (and clears) it
             self._cache = {
@@ -192,6 +198,12 @@ class H2Rec(nn.Module):
             if hid_state is not None:
                 self._cache["hid_state"] = hid_state
         return sid_state, hid_state, gate, hid
+
+    def take_branch_states(self) -> Tensor | None:
+        """The branch states of the last training forward, [SID branch ; HID branch] along the
+        batch (2B, T, D), for ``model.branch_loss`` (cleared once taken); None when off."""
+        pair, self._branch_pair = self._branch_pair, None
+        return pair
 
     @staticmethod
     def _twice(

@@ -144,6 +144,25 @@ class TrainStep(nn.Module):
             real = targets[:, -1:] if self.last_only else targets
             rec = rec * ((real > 0).sum().to(rec.dtype) / self.position_scale)
         parts = {"rec": rec}
+        take = getattr(self.model, "take_branch_states", None)
+        pair = take() if take is not None else None  # (2B, T, E): model.branch_loss
+        if pair is not None:
+            weight = self.model.cfg.branch_loss  # type: ignore[union-attr]
+            branch = recommendation_loss(
+                self.model,
+                pair,
+                torch.cat([targets, targets]),
+                torch.cat([negatives, negatives]) if negatives.dim() == 3 else negatives,
+                kind=self.plan.kind,
+                last_only=self.last_only,
+                max_logits=self.max_logits,
+                log_q=log_q,
+                logit_bias=bias,
+            )  # the mean over both branches' positions
+            if self.position_scale is not None:
+                real = targets[:, -1:] if self.last_only else targets
+                branch = branch * ((real > 0).sum().to(branch.dtype) / self.position_scale)
+            parts["branch"] = 2.0 * weight * branch  # weight x (SID branch's + HID branch's)
         for name, value in self.model.aux_losses(inputs, states, targets).items():
             parts[name] = value
         total = sum(parts.values(), torch.zeros((), device=rec.device))
