@@ -99,6 +99,9 @@ VARIANTS: dict[str, list[str]] = {
                     "model.text_match=true"],
     "sasrec-text": ["model.kind=sasrec", "train.loss_scale=epoch", "train.lr_decay_patience=2",
                     "model.text_match=true"],
+    # deep supervision: each branch's state also trained alone against the fused item vectors
+    # (model.branch_loss), against the sum's drag on popular items seen on MovieLens-1M
+    "h2rec-fused-branch05": [*FUSED, "train.lr_decay_patience=2", "model.branch_loss=0.5"],
 }
 
 

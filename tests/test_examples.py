@@ -199,3 +199,49 @@ def test_results_table_prepares_a_dataset_once(tmp_path: Path, monkeypatch) -> N
     assert [c[0] for c in calls] == ["prepare", "embed", "build-sid"]
     assert rt.prepared("tiny", tmp_path / "shared", tmp_path / "work") == data
     assert len(calls) == 3  # reused, nothing made again
+
+
+def test_branch_states_takes_a_trained_h2rec_apart_on_validation(tmp_path: Path) -> None:
+    """alpha = 1 is the run as trained (its own validation figure, to the bit); the HID branch
+    alone (alpha = 0) is scored by hand with numpy; a SASRec run is refused."""
+    import numpy as np
+    import pytest
+    import torch
+
+    from h2rec.cli import main
+    from h2rec.evaluate import eval_users, evaluate
+    from h2rec.runs import load_run
+
+    data = small_builtin(tmp_path / "d", n_users=150, n_items=100, seed=2, emb_dim=24, levels=2,
+                         codebook=8, n_iter=8, save=True)
+    runs = tmp_path / "runs"
+    for kind in ("h2rec", "sasrec"):
+        args = ["train", str(data["path"]), "--name", kind, "--output-dir", str(runs),
+                "--set", f"model.kind={kind}", "--set", "train.text_blend=off"]
+        for s in ["model.hidden=16", "model.max_len=12", *QUICK_TRAIN, "train.epochs=2"]:
+            args += ["--set", s]
+        assert main(args) == 0
+    ex = _example("branch_states")
+    assert ex.main([str(runs / "h2rec"), "--out", str(tmp_path / "out")]) == 0
+    views = json.loads((tmp_path / "out" / "h2rec.json").read_text())["views"]
+    model, cfg, ds = load_run(runs / "h2rec", apply_blend=False)
+    want = evaluate(model, ds.store, "valid", cfg.eval, cfg.model.max_len)
+    assert views["alpha=1"]["NDCG@10"] == want.metrics["NDCG@10"]
+    # the HID branch alone, by hand: NDCG@10 of s_hid . (HID + SID), history excluded
+    users = eval_users(ds.store)
+    inputs, targets = ds.store.eval_inputs(users, cfg.model.max_len, "valid")
+    with torch.no_grad():
+        _, s_hid, _, _ = model.eval()._branches(torch.from_numpy(inputs), last_only=True)
+        items = model.base_item_vectors(torch.arange(ds.store.n_items + 1))
+        scores = (s_hid @ items.T).double().numpy()
+    h_off, h_items = ds.store.histories(users, 2)
+    gains = []
+    for b in range(users.size):
+        hist = set(h_items[h_off[b] : h_off[b + 1]].tolist()) - {int(targets[b])}
+        comp = [i for i in range(1, ds.store.n_items + 1) if i not in hist and i != targets[b]]
+        rank = int((scores[b, comp] >= scores[b, targets[b]]).sum())
+        gains.append(1.0 / np.log2(rank + 2) if rank < 10 else 0.0)
+    assert views["alpha=0"]["NDCG@10"] == pytest.approx(np.mean(gains), abs=1e-6)
+    assert "| alpha=0.5 |" in ex.summary(tmp_path / "out")
+    with pytest.raises(SystemExit, match="an H2Rec run with fused scores is needed"):
+        ex.main([str(runs / "sasrec"), "--out", str(tmp_path / "out")])
