@@ -360,6 +360,7 @@ def test_build_model_rejects_bad_inputs(sids: FakeSids) -> None:
         ("causal", 1, "model.causal=1: expected bool"),
         ("branch_loss", -0.5, "model.branch_loss=-0.5: must be a finite number >= 0"),
         ("branch_loss", float("nan"), "model.branch_loss=nan"),
+        ("branch_dropout", 1.0, r"model.branch_dropout=1.0: must be in \[0, 1\)"),
     ],
 )
 def test_model_config_rejects_bad_values(field: str, value: object, match: str) -> None:
@@ -836,3 +837,26 @@ def test_branch_loss_scores_each_branch_alone(shared: bool, sids: FakeSids) -> N
 def test_branch_loss_needs_both_branches_and_fused_scores(kw: dict) -> None:
     with pytest.raises(ConfigError, match="model.branch_loss=0.5 scores each branch's state alone"):
         _cfg("h2rec", branch_loss=0.5, **kw)
+
+
+def test_branch_dropout_leaves_the_sid_state_out_for_some_sequences(sids: FakeSids) -> None:
+    # training: each sequence's user vector is s_hid alone or s_hid + s_sid / (1 - p), about a
+    # share p of them the first; evaluation: always the sum; seeded: the same draws again
+    p = 0.25
+    model = _model(_cfg("h2rec", dropout=0.0, branch_dropout=p), sids)
+    g = torch.Generator().manual_seed(3)
+    seq = torch.randint(1, N_ITEMS + 1, (400, T), generator=g)
+    with torch.no_grad():
+        s_sid, s_hid, _, _ = model._branches(seq)
+        torch.testing.assert_close(model(seq), s_sid + s_hid)  # eval mode: the sum
+        model.train()
+        torch.manual_seed(0)
+        out = model(seq)
+        dropped = torch.isclose(out, s_hid, atol=1e-6, rtol=0).flatten(1).all(1)
+        kept = torch.isclose(out, s_hid + s_sid / (1 - p), atol=1e-5, rtol=1e-5).flatten(1).all(1)
+        assert bool((dropped ^ kept).all())  # every sequence is one or the other
+        assert 0.18 < float(dropped.float().mean()) < 0.32  # 400 draws of p = 0.25
+        torch.manual_seed(0)
+        torch.testing.assert_close(model(seq), out, atol=0, rtol=0)
+    with pytest.raises(ConfigError, match="model.branch_dropout=0.5 leaves the SID branch"):
+        _cfg("h2rec", branch_dropout=0.5, item_score="paired")

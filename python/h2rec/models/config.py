@@ -77,6 +77,11 @@ class ModelConfig:
     # HID branch's states are also scored alone against the item vectors, so that neither
     # branch only completes the other on the training data. 0 = off (the sum alone is trained)
     branch_loss: float = 0.0
+    # H2Rec: while training, the SID branch's state is left out of the user vector for this
+    # share of the sequences (drawn per sequence, the rest scaled by 1 / (1 - p)), so that the
+    # HID branch learns to stand alone and the SID branch to add to it rather than complete it.
+    # 0 = off. Needs both branches and fused scores
+    branch_dropout: float = 0.0
     hid_pop_gate: bool = False  # H2Rec: scale items' HID vectors in the score by a learned
     # sigmoid of their log training popularity, so rare items lean on their SID vectors
     # train with w_t * <q_t, e_i> added to each score, q_t the decayed sum of the text embeddings
@@ -99,6 +104,14 @@ class ModelConfig:
         _choice("item_score", self.item_score, ITEM_SCORES)
         if not math.isfinite(self.branch_loss) or self.branch_loss < 0:
             raise ConfigError(f"model.branch_loss={self.branch_loss}: must be a finite number >= 0")
+        if not 0.0 <= self.branch_dropout < 1.0:
+            raise ConfigError(f"model.branch_dropout={self.branch_dropout}: must be in [0, 1)")
+        if self.branch_dropout > 0 and (self.branches != "both" or self.item_score != "fused"):
+            raise ConfigError(
+                f"model.branch_dropout={self.branch_dropout} leaves the SID branch's state out of "
+                "the sum of the branches: it needs model.branches='both' and "
+                f"model.item_score='fused' (got {self.branches!r}, {self.item_score!r})"
+            )
         if self.branch_loss > 0 and (
             self.branches != "both" or self.item_score != "fused" or self.text_match
         ):

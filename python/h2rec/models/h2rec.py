@@ -32,6 +32,7 @@ from h2rec.losses import item_alignment_loss_pairs, mask_lowest_levels, symmetri
 from h2rec.models.backbone import (
     Backbone,
     CrossAttention,
+    Dropout,
     LevelCrossAttention,
     SequenceInput,
     attention_mask,
@@ -120,6 +121,8 @@ class H2Rec(nn.Module):
         # the sequence-level loss then reads to pick the levels it masks)
         self.gate = LevelGate(d, n_levels, cfg.gate_prior, learned=cfg.gate and self.use_sid_branch)
         self.backbone = Backbone(d, cfg.n_layers, cfg.n_heads, cfg.dropout, cfg.ffn_mult)
+        if cfg.branch_dropout > 0:
+            self.branch_drop = Dropout(cfg.branch_dropout)  # per sequence, on the SID state
         if not cfg.shared_backbone and self.use_hid_branch:
             self.backbone_hid = Backbone(d, cfg.n_layers, cfg.n_heads, cfg.dropout, cfg.ffn_mult)
         if cfg.align_seq and n_levels >= 2:
@@ -221,8 +224,13 @@ class H2Rec(nn.Module):
 
     def forward(self, seq: Tensor) -> Tensor:
         """seq (B, T) left-padded item ids -> user states: the sum of the two branches' states
-        (B, T, D) with fused scores, else [SID branch ; HID branch] (B, T, 2D)."""
+        (B, T, D) with fused scores, else [SID branch ; HID branch] (B, T, 2D). While training
+        with ``model.branch_dropout``, the SID branch's state is dropped for a share of the
+        sequences (the alignment losses still read it whole)."""
         sid_state, hid_state, _, _ = self._branches(seq)
+        if self.training and self.cfg.branch_dropout > 0 and sid_state is not None:
+            keep = self.branch_drop(sid_state.new_ones(sid_state.shape[0], 1, 1))  # (B, 1, 1)
+            sid_state = sid_state * keep
         return self._with_text(self._join(sid_state, hid_state), seq)
 
     def _with_text(self, states: Tensor, seq: Tensor) -> Tensor:
