@@ -84,14 +84,16 @@ def branch_states(run: Path, threads: int = 1) -> dict:
     finally:
         torch.set_num_threads(before)
     return {"run": str(run), "dataset": Path(cfg.data.path).name, "split": "valid",
-            "branch_loss": cfg.model.branch_loss, "views": out}
+            "branch_loss": cfg.model.branch_loss, "branch_dropout": cfg.model.branch_dropout,
+            "views": out}
 
 
 def summary(folder: Path) -> str:
     lines = []
     for f in sorted(folder.glob("*.json")):
         r = json.loads(f.read_text())
-        lines += [f"### {f.stem} (validation NDCG@10; model.branch_loss={r['branch_loss']:g})", "",
+        lines += [f"### {f.stem} (validation NDCG@10; model.branch_loss={r['branch_loss']:g}, "
+                  f"model.branch_dropout={r.get('branch_dropout', 0.0):g})", "",
                   "| user vector x item vector | NDCG@10 | HR@10 | head | tail |",
                   "|---|---:|---:|---:|---:|"]
         for name, m in r["views"].items():
