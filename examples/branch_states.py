@@ -42,14 +42,14 @@ def _scorer(model, alpha: float, beta: float, items: str):  # type: ignore[no-un
             return alpha * s_sid + beta * s_hid
 
         def item_vectors(self, ids: torch.Tensor) -> torch.Tensor:
-            if items == "hid":
-                return self.model.hid(ids)
+            if items == "hid":  # the HID half of base_item_vectors (popularity gate included)
+                return self.model.hid(ids) * self.model.hid_weight(ids)[..., None]
             if items == "sid":
                 return self.model.sid(ids)
             return self.model.base_item_vectors(ids)
 
         def all_item_vectors(self) -> torch.Tensor:
-            return self.item_vectors(torch.arange(self.n_items + 1))
+            return self.item_vectors(torch.arange(self.n_items + 1, device=next(self.model.parameters()).device))
 
     return Scorer()
 
@@ -66,9 +66,11 @@ def branch_states(run: Path, threads: int = 1) -> dict:
     torch.set_num_threads(threads)
     try:
         model, cfg, ds = load_run(run, apply_blend=False)
-        if cfg.model.kind != "h2rec" or cfg.model.item_score != "fused":
-            raise SystemExit(f"{run}: an H2Rec run with fused scores is needed "
-                             f"(model.kind={cfg.model.kind!r}, item_score={cfg.model.item_score!r})")
+        m = cfg.model
+        if m.kind != "h2rec" or m.item_score != "fused" or m.branches != "both":
+            raise SystemExit(f"{run}: an H2Rec run with fused scores and both branches is needed "
+                             f"(model.kind={m.kind!r}, item_score={m.item_score!r}, "
+                             f"branches={m.branches!r})")
         if model.text_match is not None:
             raise SystemExit(f"{run}: trained with model.text_match, whose columns this leaves out")
         views = {f"alpha={a:g}": (a, 1.0, "fused") for a in ALPHAS}

@@ -243,5 +243,5 @@ def test_branch_states_takes_a_trained_h2rec_apart_on_validation(tmp_path: Path)
         gains.append(1.0 / np.log2(rank + 2) if rank < 10 else 0.0)
     assert views["alpha=0"]["NDCG@10"] == pytest.approx(np.mean(gains), abs=1e-6)
     assert "| alpha=0.5 |" in ex.summary(tmp_path / "out")
-    with pytest.raises(SystemExit, match="an H2Rec run with fused scores is needed"):
+    with pytest.raises(SystemExit, match="an H2Rec run with fused scores and both branches is needed"):
         ex.main([str(runs / "sasrec"), "--out", str(tmp_path / "out")])

@@ -795,7 +795,8 @@ def test_softmax_of_short_and_long_rows_against_numpy(n: int) -> None:
 @pytest.mark.parametrize("shared", [True, False])
 def test_branch_loss_scores_each_branch_alone(shared: bool, sids: FakeSids) -> None:
     # model.branch_loss: weight x (CE of the SID branch's state + CE of the HID branch's state),
-    # each scored alone against the fused item vectors; the oracle is the cross-entropy by hand
+    # each scored alone against the fused item vectors; the oracle is the cross-entropy by hand,
+    # values and gradients
     from h2rec.config import RunConfig
     from h2rec.train import TrainStep
 
@@ -810,24 +811,99 @@ def test_branch_loss_scores_each_branch_alone(shared: bool, sids: FakeSids) -> N
     step = TrainStep(model, cfg)
     _, parts = step(seq, targets, torch.zeros(4, T, 1, dtype=torch.long))
     assert set(parts) == {"rec", "branch", "align_item", "align_seq"}
-    assert model.take_branch_states() is None  # taken by the step
-    with torch.no_grad():
-        s_sid, s_hid, _, _ = model._branches(seq)
-        items = model.all_item_vectors()[1:]
-        valid = targets > 0
+    assert model.take_branch_states(seq) is None  # taken by the step
+    params = [p for p in model.parameters() if p.requires_grad]
+    got = torch.autograd.grad(parts["branch"], params, allow_unused=True)
+    s_sid, s_hid, _, _ = model._branches(seq)
+    model.take_branch_states(seq)  # not wanted here
+    items = model.all_item_vectors()[1:]
+    valid = targets > 0
 
-        def ce(states: torch.Tensor) -> float:
-            logp = torch.log_softmax(states[valid] @ items.T, dim=-1)
-            return float(-logp[torch.arange(int(valid.sum())), targets[valid] - 1].mean())
+    def ce(states: torch.Tensor) -> torch.Tensor:
+        logp = torch.log_softmax(states[valid] @ items.T, dim=-1)
+        return -logp[torch.arange(int(valid.sum())), targets[valid] - 1].mean()
 
-        assert float(parts["rec"]) == pytest.approx(ce(s_sid + s_hid), rel=1e-5)
-        assert float(parts["branch"]) == pytest.approx(weight * (ce(s_sid) + ce(s_hid)), rel=1e-5)
+    want = weight * (ce(s_sid) + ce(s_hid))
+    assert float(parts["rec"].detach()) == pytest.approx(float(ce(s_sid + s_hid).detach()), rel=1e-5)
+    assert float(parts["branch"].detach()) == pytest.approx(float(want.detach()), rel=1e-5)
+    want_grads = torch.autograd.grad(want, params, allow_unused=True)
+    n_checked = 0
+    for g, w in zip(got, want_grads):
+        assert (g is None) == (w is None)
+        if g is not None:
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+            n_checked += int(bool(w.abs().sum() > 0))
+    assert n_checked > 10  # both branches' paths, the tables and the backbone get gradients
     # off: no part, nothing kept
     off = replace(cfg, model=replace(cfg.model, branch_loss=0.0))
     model0 = _model(off.model, sids)
     model0.train()
     _, parts0 = TrainStep(model0, off)(seq, targets, torch.zeros(4, T, 1, dtype=torch.long))
-    assert "branch" not in parts0 and model0.take_branch_states() is None
+    assert "branch" not in parts0 and model0.take_branch_states(seq) is None
+
+
+@pytest.mark.parametrize(
+    ("loss", "negatives", "last_only"),
+    [("bce", "per-position", False), ("sampled_softmax", "per-position", True),
+     ("sampled_softmax", "shared", False), ("full_softmax", "per-position", True)],
+)
+def test_branch_loss_follows_every_loss_kind(
+    loss: str, negatives: str, last_only: bool, sids: FakeSids
+) -> None:
+    # the branch part is the run's own loss of each branch's state alone, scaled as the
+    # recommendation loss is (per position over the epoch), whatever the loss and negatives
+    from h2rec.config import RunConfig
+    from h2rec.train import TrainStep
+    from h2rec.train.step import LossPlan
+
+    cfg = RunConfig()
+    cfg = replace(cfg, model=_cfg("h2rec", dropout=0.0, branch_loss=0.5),
+                  train=replace(cfg.train, loss=loss, last_only=last_only))
+    model = _model(cfg.model, sids)
+    model.train()
+    seq = _batch()
+    targets = torch.where(seq > 0, seq % N_ITEMS + 1, seq)
+    g = torch.Generator().manual_seed(4)
+    if negatives == "shared":
+        neg = torch.randint(1, N_ITEMS + 1, (7,), generator=g)
+        plan = LossPlan("sampled_softmax", 7, True)
+        log_q = torch.log(torch.full((N_ITEMS + 1,), 1.0 / N_ITEMS))
+    else:
+        neg = torch.randint(1, N_ITEMS + 1, (4, T, 3), generator=g)
+        plan, log_q = None, None
+    step = TrainStep(model, cfg, plan, log_q)
+    step.position_scale = 5.0
+    with torch.no_grad():
+        _, parts = step(seq, targets, neg)
+        s_sid, s_hid, _, _ = model._branches(seq)
+        kind = step.plan.kind
+        real = (targets[:, -1:] if last_only else targets) > 0
+        scale = float(real.sum()) / 5.0
+        lq = step.log_q
+
+        def one(states: torch.Tensor) -> float:
+            return float(recommendation_loss(model, states, targets, neg, kind=kind,
+                                             last_only=last_only, log_q=lq)) * scale
+
+        assert float(parts["branch"]) == pytest.approx(0.5 * (one(s_sid) + one(s_hid)), rel=1e-5)
+        assert float(parts["rec"]) == pytest.approx(one(s_sid + s_hid), rel=1e-5)
+
+
+def test_branch_states_are_kept_for_their_own_batch_only(sids: FakeSids) -> None:
+    model = _model(_cfg("h2rec", dropout=0.0, branch_loss=0.5), sids)
+    a, b = _batch(1), _batch(2)
+    model.train()
+    model(a)
+    assert model.take_branch_states(b) is None  # another batch's: never handed out
+    assert model.take_branch_states(a) is None  # and cleared
+    model(a)
+    model.eval()
+    model(b)  # an evaluation forward clears it
+    assert model.take_branch_states(a) is None
+    model.train()
+    model(a)
+    pair = model.take_branch_states(a)
+    assert pair is not None and pair.shape == (8, T, 16)
 
 
 @pytest.mark.parametrize(
@@ -860,3 +936,7 @@ def test_branch_dropout_leaves_the_sid_state_out_for_some_sequences(sids: FakeSi
         torch.testing.assert_close(model(seq), out, atol=0, rtol=0)
     with pytest.raises(ConfigError, match="model.branch_dropout=0.5 leaves the SID branch"):
         _cfg("h2rec", branch_dropout=0.5, item_score="paired")
+    for kind in ("sasrec", "sid", "fusion"):
+        for name in ("branch_dropout", "branch_loss"):
+            with pytest.raises(ConfigError, match=f"model.{name}=0.5 acts on H2Rec's two branches"):
+                _cfg(kind, **{name: 0.5})

@@ -104,6 +104,12 @@ class ModelConfig:
         _choice("item_score", self.item_score, ITEM_SCORES)
         if not math.isfinite(self.branch_loss) or self.branch_loss < 0:
             raise ConfigError(f"model.branch_loss={self.branch_loss}: must be a finite number >= 0")
+        for name in ("branch_loss", "branch_dropout"):
+            if getattr(self, name) > 0 and self.kind != "h2rec":
+                raise ConfigError(
+                    f"model.{name}={getattr(self, name)} acts on H2Rec's two branches; "
+                    f"model.kind={self.kind!r} has one stream (set it to 0)"
+                )
         if not 0.0 <= self.branch_dropout < 1.0:
             raise ConfigError(f"model.branch_dropout={self.branch_dropout}: must be in [0, 1)")
         if self.branch_dropout > 0 and (self.branches != "both" or self.item_score != "fused"):

@@ -149,7 +149,8 @@ class H2Rec(nn.Module):
             self.pop_shift = nn.Parameter(torch.tensor(0.0))
         # what the last training forward computed, for the sequence-level loss to reuse
         self._cache: dict[str, Tensor] | None = None
-        self._branch_pair: Tensor | None = None  # model.branch_loss: see take_branch_states
+        # model.branch_loss: (the input, its branch states); see take_branch_states
+        self._branch_pair: tuple[Tensor, Tensor] | None = None
         self._uses_seq_loss = cfg.align_seq and cfg.align_seq_weight > 0 and n_levels >= 2
         self.register_load_state_dict_pre_hook(_stack_level_attention)
 
@@ -186,11 +187,11 @@ class H2Rec(nn.Module):
             if self.use_hid_branch:
                 backbone = self.backbone if self.cfg.shared_backbone else self.backbone_hid
                 hid_state = backbone(hid_in, real, allowed, last_only)  # (B, T, D)
+        self._branch_pair = None  # only ever the pair of the latest forward
         if self.training and not last_only and self.cfg.branch_loss > 0:
             # for the branch losses of this step (TrainStep takes them: take_branch_states)
-            self._branch_pair = (
-                both if both is not None else torch.cat([sid_state, hid_state])  # type: ignore[list-item]
-            )
+            pair = both if both is not None else torch.cat([sid_state, hid_state])  # type: ignore[list-item]
+            self._branch_pair = (seq, pair)
         if self.training and not last_only and self._uses_seq_loss:
             # for the sequence-level loss of this step, which consumes (and clears) it
             self._cache = {
@@ -202,11 +203,14 @@ class H2Rec(nn.Module):
                 self._cache["hid_state"] = hid_state
         return sid_state, hid_state, gate, hid
 
-    def take_branch_states(self) -> Tensor | None:
-        """The branch states of the last training forward, [SID branch ; HID branch] along the
-        batch (2B, T, D), for ``model.branch_loss`` (cleared once taken); None when off."""
-        pair, self._branch_pair = self._branch_pair, None
-        return pair
+    def take_branch_states(self, seq: Tensor) -> Tensor | None:
+        """The branch states of the latest forward when it was a training forward on ``seq``
+        itself, [SID branch ; HID branch] along the batch (2B, T, D), for
+        ``model.branch_loss`` (cleared once taken); None otherwise."""
+        kept, self._branch_pair = self._branch_pair, None
+        if kept is None or kept[0] is not seq:
+            return None
+        return kept[1]
 
     @staticmethod
     def _twice(

@@ -145,7 +145,7 @@ class TrainStep(nn.Module):
             rec = rec * ((real > 0).sum().to(rec.dtype) / self.position_scale)
         parts = {"rec": rec}
         take = getattr(self.model, "take_branch_states", None)
-        pair = take() if take is not None else None  # (2B, T, E): model.branch_loss
+        pair = take(inputs) if take is not None else None  # (2B, T, E): model.branch_loss
         if pair is not None:
             weight = self.model.cfg.branch_loss  # type: ignore[union-attr]
             branch = recommendation_loss(
