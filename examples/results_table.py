@@ -172,11 +172,13 @@ def _blend_is_current(record: dict | None) -> bool:
 
 
 def sets_for(name: str, model: str, seed: int, extra: list[str], threads: int = 0) -> list[str]:
-    """The overrides of one run of the table: COMMON, the dataset's own, the model, the seed,
-    the thread count and the command's ``--set``."""
+    """The overrides of one run of the table: COMMON, the dataset's own, the model, the
+    dataset's own for that model (``model_sets``), the seed, the thread count and the
+    command's ``--set``."""
     per_dataset: list[str] = DATASETS[name].get("sets", [])  # type: ignore[assignment]
-    return [*COMMON, *per_dataset, f"model.kind={model}", f"train.seed={seed}",
-            f"train.num_threads={threads}", *extra]
+    per_model: dict[str, list[str]] = DATASETS[name].get("model_sets", {})  # type: ignore[assignment]
+    return [*COMMON, *per_dataset, f"model.kind={model}", *per_model.get(model, []),
+            f"train.seed={seed}", f"train.num_threads={threads}", *extra]
 
 
 def is_current(result: dict, sets: list[str] | None = None) -> bool:

@@ -40,6 +40,16 @@ def test_a_result_is_current_only_with_todays_settings() -> None:
     ml = rt.sets_for("ml-1m", "sasrec", 1, ["train.epochs=3"])
     assert "model.max_len=200" in ml and rt.sets_for("beauty", "h2rec", 0, [])[-1] == \
         "train.num_threads=0"
+    # a dataset's sets for one model only: after the model's kind, before the seed and --set
+    saved_specs = dict(rt.DATASETS["ml-1m"])
+    try:
+        rt.DATASETS["ml-1m"]["model_sets"] = {"h2rec": ["model.align_seq=false"]}
+        got = rt.sets_for("ml-1m", "h2rec", 2, ["model.dropout=0.3"], 1)
+        assert got[got.index("model.kind=h2rec") + 1] == "model.align_seq=false"
+        assert got[-3:] == ["train.seed=2", "train.num_threads=1", "model.dropout=0.3"]
+        assert "model.align_seq=false" not in rt.sets_for("ml-1m", "sasrec", 2, [])
+    finally:
+        rt.DATASETS["ml-1m"] = saved_specs
     # a run saved before train.lr_decay_patience existed had a constant rate: not today's default
     old = json.loads(json.dumps(saved))
     del old["train"]["lr_decay_patience"]
