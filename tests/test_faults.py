@@ -465,8 +465,14 @@ def test_ctrl_c_inside_an_atomic_write_is_raised_once_the_file_is_in_place(tmp_p
         os.kill(os.getpid(), signal.SIGINT)
         torch.save(state, f)
 
-    with pytest.raises(KeyboardInterrupt):
-        atomic_writer(path, write)
+    # Python's own Ctrl-C handler, whatever this process inherited (a shell's background job
+    # starts with SIGINT ignored, and Python then keeps it ignored)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            atomic_writer(path, write)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)
     assert torch.equal(torch.load(path, weights_only=True)["w"], state["w"])
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
