@@ -129,43 +129,27 @@ class TrainStep(nn.Module):
         states = self.model(inputs)  # (B, T, E)
         log_q = self.log_q.to(states.device) if self.log_q is not None else None
         bias = self.logit_bias.to(states.device) if self.logit_bias is not None else None
-        rec = recommendation_loss(
-            self.model,
-            states,
-            targets,
-            negatives,
-            kind=self.plan.kind,
-            last_only=self.last_only,
-            max_logits=self.max_logits,
-            log_q=log_q,
-            logit_bias=bias,
-        )
-        if self.position_scale is not None:  # sum over positions / the epoch's mean per batch
-            real = targets[:, -1:] if self.last_only else targets
-            rec = rec * ((real > 0).sum().to(rec.dtype) / self.position_scale)
-        parts = {"rec": rec}
+        # with the per-epoch scale: the sum over positions / the epoch's mean per batch
+        real = targets[:, -1:] if self.last_only else targets
+        scale = None if self.position_scale is None else (real > 0).sum() / self.position_scale
+
+        def loss_of(user: torch.Tensor, tgt: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+            loss = recommendation_loss(
+                self.model, user, tgt, neg, kind=self.plan.kind, last_only=self.last_only,
+                max_logits=self.max_logits, log_q=log_q, logit_bias=bias,
+            )
+            return loss if scale is None else loss * scale.to(loss.dtype)
+
+        parts = {"rec": loss_of(states, targets, negatives)}
         take = getattr(self.model, "take_branch_states", None)
         pair = take(inputs) if take is not None else None  # (2B, T, E): model.branch_loss
-        if pair is not None:
-            weight = self.model.cfg.branch_loss  # type: ignore[union-attr]
-            branch = recommendation_loss(
-                self.model,
-                pair,
-                torch.cat([targets, targets]),
-                torch.cat([negatives, negatives]) if negatives.dim() == 3 else negatives,
-                kind=self.plan.kind,
-                last_only=self.last_only,
-                max_logits=self.max_logits,
-                log_q=log_q,
-                logit_bias=bias,
-            )  # the mean over both branches' positions
-            if self.position_scale is not None:
-                real = targets[:, -1:] if self.last_only else targets
-                branch = branch * ((real > 0).sum().to(branch.dtype) / self.position_scale)
-            parts["branch"] = 2.0 * weight * branch  # weight x (SID branch's + HID branch's)
+        if pair is not None:  # the mean over both branches' positions, twice: their sum
+            neg2 = torch.cat([negatives, negatives]) if negatives.dim() == 3 else negatives
+            branch = loss_of(pair, torch.cat([targets, targets]), neg2)
+            parts["branch"] = 2.0 * self.model.cfg.branch_loss * branch  # type: ignore[union-attr]
         for name, value in self.model.aux_losses(inputs, states, targets).items():
             parts[name] = value
-        total = sum(parts.values(), torch.zeros((), device=rec.device))
+        total = sum(parts.values(), torch.zeros((), device=states.device))
         return total, parts
 
 
