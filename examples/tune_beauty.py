@@ -102,6 +102,14 @@ VARIANTS: dict[str, list[str]] = {
     # deep supervision: each branch's state also trained alone against the fused item vectors
     # (model.branch_loss), against the sum's drag on popular items seen on MovieLens-1M
     "h2rec-fused-branch05": [*FUSED, "train.lr_decay_patience=2", "model.branch_loss=0.5"],
+    # SASRec tuned one setting at a time around today's defaults (sasrec-lrdecay2 is the
+    # default itself): width, dropout, depth, heads, learning rate, weight decay
+    "sasrec-h128": ["model.kind=sasrec", "model.hidden=128"],
+    "sasrec-d03": ["model.kind=sasrec", "model.dropout=0.3"],
+    "sasrec-l3": ["model.kind=sasrec", "model.n_layers=3"],
+    "sasrec-lr2e3": ["model.kind=sasrec", "train.lr=0.002"],
+    "sasrec-wd": ["model.kind=sasrec", "train.optimizer=adamw", "train.weight_decay=0.01"],
+    "sasrec-heads2": ["model.kind=sasrec", "model.n_heads=2"],
 }
 
 
