@@ -141,25 +141,3 @@ def test_the_papers_setting_ships_as_a_config_file() -> None:
     default = load_config()
     assert default.train.loss != cfg.train.loss  # the defaults use the loss that wins
 
-
-def test_the_dense_recipe_is_the_results_tables_movielens_one() -> None:
-    """configs/dense.toml gives the settings of the results table's MovieLens-1M runs
-    (examples/results_table.py): H2Rec's as shipped, the other models' with their kind set
-    (they do not read the alignment settings)."""
-    import importlib.util
-
-    root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("rt", root / "examples" / "results_table.py")
-    assert spec is not None and spec.loader is not None
-    rt = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(rt)
-    shipped = load_config(root / "configs" / "dense.toml")
-    assert (shipped.model.hidden, shipped.model.max_len, shipped.model.align_seq) == (128, 200, False)
-    for kind in ("h2rec", "sasrec", "fusion", "sid"):
-        mine = config_to_dict(apply_overrides(shipped, [f"model.kind={kind}"]))
-        sets = [s for s in rt.sets_for("ml-1m", kind, 0, []) if not s.startswith("train.num_threads")]
-        table = config_to_dict(apply_overrides(RunConfig(), sets))
-        if kind != "h2rec":
-            for d in (mine, table):
-                d["model"] = {k: v for k, v in d["model"].items() if not k.startswith("align_")}
-        assert mine == table, kind  # every section, not only model and train

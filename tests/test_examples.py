@@ -6,7 +6,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-from h2rec.config import RunConfig, apply_overrides, config_to_dict
+from h2rec.config import RunConfig, apply_overrides, config_to_dict, load_config
 
 from conftest import QUICK_TRAIN, small_builtin
 
@@ -23,6 +23,23 @@ def _example(name: str, folder: str = "examples"):
 
 def _results_table():
     return _example("results_table")
+
+
+def test_the_dense_recipe_is_the_results_tables_movielens_one() -> None:
+    """configs/dense.toml gives the settings of the results table's MovieLens-1M runs:
+    H2Rec's as shipped, the other models' with their kind set (they do not read the alignment
+    settings)."""
+    rt = _results_table()
+    shipped = load_config(ROOT / "configs" / "dense.toml")
+    assert (shipped.model.hidden, shipped.model.max_len, shipped.model.align_seq) == (128, 200, False)
+    for kind in ("h2rec", "sasrec", "fusion", "sid"):
+        mine = config_to_dict(apply_overrides(shipped, [f"model.kind={kind}"]))
+        sets = [s for s in rt.sets_for("ml-1m", kind, 0, []) if not s.startswith("train.num_threads")]
+        table = config_to_dict(apply_overrides(RunConfig(), sets))
+        if kind != "h2rec":
+            for d in (mine, table):
+                d["model"] = {k: v for k, v in d["model"].items() if not k.startswith("align_")}
+        assert mine == table, kind  # every section, not only model and train
 
 
 def test_a_result_is_current_only_with_todays_settings() -> None:
