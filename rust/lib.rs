@@ -13,6 +13,7 @@ pub mod kmeans;
 pub mod cooccur;
 pub mod dropout;
 pub mod spmm;
+pub mod score;
 
 #[cfg(feature = "python")]
 mod py;

@@ -675,10 +675,13 @@ fn dropout_mask<'py>(py: Python<'py>, n: i64, p: f64, seed: u64) -> PyResult<Bou
     Ok(out.into_pyarray(py))
 }
 
-/// `A @ dense` for a CSR matrix A, in float64 (see `crate::spmm::csr_matmul`); every argument
-/// goes through `coerce`, so any array-like of the right kind and dimensions is accepted.
+/// `A @ dense` for a CSR matrix A (see `crate::spmm::csr_matmul`): in float32 when `dense` is a
+/// float32 array, in float64 otherwise; every argument goes through `coerce`, so any
+/// array-like of the right kind and dimensions is accepted. With `out` (a writable, C-contiguous
+/// float32 (n, k) array; `dense` then float32 too) the product is added to it in place
+/// (`crate::spmm::csr_matmul_add`) and `out` is returned.
 #[pyfunction]
-#[pyo3(signature = (indptr, indices, data, dense, n_threads=None))]
+#[pyo3(signature = (indptr, indices, data, dense, n_threads=None, out=None))]
 fn csr_matmul<'py>(
     py: Python<'py>,
     indptr: &Bound<'py, PyAny>,
@@ -686,17 +689,214 @@ fn csr_matmul<'py>(
     data: &Bound<'py, PyAny>,
     dense: &Bound<'py, PyAny>,
     n_threads: Option<i64>,
-) -> PyResult<Bound<'py, PyArray2<f64>>> {
+    out: Option<Bound<'py, PyAny>>,
+) -> PyResult<Bound<'py, PyAny>> {
     let indptr = int1(py, indptr, "indptr")?;
     let indices = int1(py, indices, "indices")?;
+    let t = threads(n_threads)?;
+    let n = indptr.len().saturating_sub(1);
+    let single = dense.extract::<Bound<'_, PyArray2<f32>>>().is_ok();
+    if let Some(target) = out {
+        let Ok(arr) = target.extract::<Bound<'_, PyArray2<f32>>>() else {
+            return Err(PyTypeError::new_err("out must be a float32 2-D numpy array"));
+        };
+        if !single {
+            return Err(PyTypeError::new_err("with out, dense must be a float32 2-D numpy array"));
+        }
+        let data: PyReadonlyArray1<'py, f32> = coerce(py, data, "data", Kind::Float, 1)?.extract()?;
+        let dense: PyReadonlyArray2<'py, f32> = f32_2(py, dense, "dense")?;
+        let (m, k) = (dense.shape()[0], dense.shape()[1]);
+        if arr.shape() != [n, k] {
+            return Err(PyValueError::new_err(format!("out has shape {:?}, expected ({n}, {k})", arr.shape())));
+        }
+        if !arr.is_c_contiguous() {
+            return Err(PyValueError::new_err("out must be C-contiguous"));
+        }
+        {
+            let mut rw = arr.try_readwrite().map_err(|e| PyValueError::new_err(format!("out is not writable: {e}")))?;
+            let o = rw.as_slice_mut().map_err(|_| PyValueError::new_err("out must be C-contiguous"))?;
+            let (p, i, d, x) = (slice(&indptr)?, slice(&indices)?, slice(&data)?, slice(&dense)?);
+            py.detach(|| crate::spmm::csr_matmul_add(p, i, d, x, m, k, o, t))?;
+        }
+        return Ok(arr.into_any());
+    }
+    if single {
+        let data: PyReadonlyArray1<'py, f32> = coerce(py, data, "data", Kind::Float, 1)?.extract()?;
+        let dense: PyReadonlyArray2<'py, f32> = f32_2(py, dense, "dense")?;
+        let (m, k) = (dense.shape()[0], dense.shape()[1]);
+        let (p, i, d, x) = (slice(&indptr)?, slice(&indices)?, slice(&data)?, slice(&dense)?);
+        let out = py.detach(|| crate::spmm::csr_matmul(p, i, d, x, m, k, t))?;
+        let arr = numpy::ndarray::Array2::from_shape_vec((n, k), out).map_err(invariant)?;
+        return Ok(arr.into_pyarray(py).into_any());
+    }
     let data: PyReadonlyArray1<'py, f64> = coerce(py, data, "data", Kind::F64, 1)?.extract()?;
     let dense: PyReadonlyArray2<'py, f64> = coerce(py, dense, "dense", Kind::F64, 2)?.extract()?;
     let (m, k) = (dense.shape()[0], dense.shape()[1]);
-    let n = indptr.len().saturating_sub(1);
-    let t = threads(n_threads)?;
     let (p, i, d, x) = (slice(&indptr)?, slice(&indices)?, slice(&data)?, slice(&dense)?);
     let out = py.detach(|| crate::spmm::csr_matmul(p, i, d, x, m, k, t))?;
-    Ok(numpy::ndarray::Array2::from_shape_vec((n, k), out).map_err(invariant)?.into_pyarray(py))
+    Ok(numpy::ndarray::Array2::from_shape_vec((n, k), out).map_err(invariant)?.into_pyarray(py).into_any())
+}
+
+/// The text blend's scores (see `crate::spmm::text_scores`): CSR rows (`indptr`, `indices`,
+/// float32 `data`) of `n_terms` terms, `seq` (b, t) int64 item rows, `w` (t,) float32 position
+/// weights, `scale`. With `out` (a writable, C-contiguous float32 (rows, b) array) the scores
+/// are added to it and `out` is returned; without, a new (rows, b) array. The GIL is released.
+#[pyfunction]
+#[pyo3(signature = (indptr, indices, data, n_terms, seq, w, scale, out=None, n_threads=None))]
+#[allow(clippy::too_many_arguments)]
+fn text_scores<'py>(
+    py: Python<'py>,
+    indptr: &Bound<'py, PyAny>,
+    indices: &Bound<'py, PyAny>,
+    data: &Bound<'py, PyAny>,
+    n_terms: i64,
+    seq: &Bound<'py, PyAny>,
+    w: &Bound<'py, PyAny>,
+    scale: f32,
+    out: Option<Bound<'py, PyAny>>,
+    n_threads: Option<i64>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let indptr = int1(py, indptr, "indptr")?;
+    let indices = int1(py, indices, "indices")?;
+    let data: PyReadonlyArray1<'py, f32> = coerce(py, data, "data", Kind::Float, 1)?.extract()?;
+    let w: PyReadonlyArray1<'py, f32> = coerce(py, w, "w", Kind::Float, 1)?.extract()?;
+    let seq = int2(py, seq, "seq")?;
+    if n_terms < 0 {
+        return Err(PyValueError::new_err(format!("n_terms={n_terms} must be >= 0")));
+    }
+    let t = threads(n_threads)?;
+    let (b, len) = (seq.shape()[0], seq.shape()[1]);
+    let rows = indptr.len().saturating_sub(1);
+    let (p, i, d, s, wv) = (slice(&indptr)?, slice(&indices)?, slice(&data)?, slice(&seq)?, slice(&w)?);
+    let nt = n_terms as usize;
+    if let Some(target) = out {
+        let Ok(arr) = target.extract::<Bound<'_, PyArray2<f32>>>() else {
+            return Err(PyTypeError::new_err("out must be a float32 2-D numpy array"));
+        };
+        if arr.shape() != [rows, b] {
+            return Err(PyValueError::new_err(format!("out has shape {:?}, expected ({rows}, {b})", arr.shape())));
+        }
+        if !arr.is_c_contiguous() {
+            return Err(PyValueError::new_err("out must be C-contiguous"));
+        }
+        {
+            let mut rw = arr.try_readwrite().map_err(|e| PyValueError::new_err(format!("out is not writable: {e}")))?;
+            let o = rw.as_slice_mut().map_err(|_| PyValueError::new_err("out must be C-contiguous"))?;
+            py.detach(|| crate::spmm::text_scores(p, i, d, nt, s, b, len, wv, scale, o, true, t))?;
+        }
+        return Ok(arr.into_any());
+    }
+    let mut o = vec![0.0f32; rows.saturating_mul(b)];
+    py.detach(|| crate::spmm::text_scores(p, i, d, nt, s, b, len, wv, scale, &mut o, false, t))?;
+    Ok(numpy::ndarray::Array2::from_shape_vec((rows, b), o).map_err(invariant)?.into_pyarray(py).into_any())
+}
+
+/// `x @ w.T + bias` for g groups (see `crate::score::linear`): x (g, m, k), w (g, n, k) and
+/// bias (g, n) or None, float32 (any array-like is converted); returns a new (g, m, n) array.
+/// The GIL is released.
+#[pyfunction]
+#[pyo3(signature = (x, w, bias=None))]
+fn linear<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+    w: &Bound<'py, PyAny>,
+    bias: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Bound<'py, PyArray3<f32>>> {
+    let x = f32_3(py, x, "x")?;
+    let w = f32_3(py, w, "w")?;
+    let (g, m, k) = (x.shape()[0], x.shape()[1], x.shape()[2]);
+    let (g2, n, k2) = (w.shape()[0], w.shape()[1], w.shape()[2]);
+    if g2 != g || k2 != k {
+        return Err(PyValueError::new_err(format!("w has shape ({g2}, {n}, {k2}), x ({g}, {m}, {k})")));
+    }
+    let b = match bias {
+        Some(b) => Some(f32_2(py, b, "bias")?),
+        None => None,
+    };
+    if let Some(b) = &b {
+        if b.shape() != [g, n] {
+            return Err(PyValueError::new_err(format!("bias has shape {:?}, expected ({g}, {n})", b.shape())));
+        }
+    }
+    let total = g.checked_mul(m).and_then(|v| v.checked_mul(n)).ok_or_else(|| PyValueError::new_err("output too large"))?;
+    let mut out = vec![0.0f32; total];
+    let (xs, ws) = (slice(&x)?, slice(&w)?);
+    let bs = match &b {
+        Some(b) => Some(slice(b)?),
+        None => None,
+    };
+    py.detach(|| crate::score::linear(xs, g, m, k, ws, n, bs, &mut out))?;
+    Ok(Array3::from_shape_vec((g, m, n), out).map_err(invariant)?.into_pyarray(py))
+}
+
+/// LayerNorm of the rows of x (m, d) float32 (see `crate::score::layer_norm`), with the
+/// optional (d,) weight and bias; returns a new (m, d) array. The GIL is released.
+#[pyfunction]
+#[pyo3(signature = (x, weight=None, bias=None, eps=1e-5))]
+fn layer_norm<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+    weight: Option<&Bound<'py, PyAny>>,
+    bias: Option<&Bound<'py, PyAny>>,
+    eps: f32,
+) -> PyResult<Bound<'py, PyArray2<f32>>> {
+    let x = f32_2(py, x, "x")?;
+    let (m, d) = (x.shape()[0], x.shape()[1]);
+    let vec1 = |o: Option<&Bound<'py, PyAny>>, name: &str| -> PyResult<Option<PyReadonlyArray1<'py, f32>>> {
+        match o {
+            Some(v) => Ok(Some(coerce(py, v, name, Kind::Float, 1)?.extract()?)),
+            None => Ok(None),
+        }
+    };
+    let w = vec1(weight, "weight")?;
+    let b = vec1(bias, "bias")?;
+    let ws = match &w {
+        Some(a) => Some(slice(a)?),
+        None => None,
+    };
+    let bs = match &b {
+        Some(a) => Some(slice(a)?),
+        None => None,
+    };
+    let mut out = vec![0.0f32; m.saturating_mul(d)];
+    let xs = slice(&x)?;
+    py.detach(|| crate::score::layer_norm(xs, m, d, ws, bs, eps, &mut out))?;
+    Ok(Array2::from_shape_vec((m, d), out).map_err(invariant)?.into_pyarray(py))
+}
+
+/// `out[:] = items @ states.T` (see `crate::score::item_scores`): items (n, d) and states (b, d)
+/// float32 (any array-like is converted), out a writable C-contiguous float32 (n, b) array,
+/// returned. The GIL is released.
+#[pyfunction]
+fn item_scores<'py>(
+    py: Python<'py>,
+    items: &Bound<'py, PyAny>,
+    states: &Bound<'py, PyAny>,
+    out: Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let items = f32_2(py, items, "items")?;
+    let states = f32_2(py, states, "states")?;
+    let (n, d) = (items.shape()[0], items.shape()[1]);
+    let (b, d2) = (states.shape()[0], states.shape()[1]);
+    if d2 != d {
+        return Err(PyValueError::new_err(format!("states has {d2} columns, items {d}")));
+    }
+    let Ok(arr) = out.extract::<Bound<'_, PyArray2<f32>>>() else {
+        return Err(PyTypeError::new_err("out must be a float32 2-D numpy array"));
+    };
+    if arr.shape() != [n, b] {
+        return Err(PyValueError::new_err(format!("out has shape {:?}, expected ({n}, {b})", arr.shape())));
+    }
+    if !arr.is_c_contiguous() {
+        return Err(PyValueError::new_err("out must be C-contiguous"));
+    }
+    {
+        let mut rw = arr.try_readwrite().map_err(|e| PyValueError::new_err(format!("out is not writable: {e}")))?;
+        let o = rw.as_slice_mut().map_err(|_| PyValueError::new_err("out must be C-contiguous"))?;
+        let (x, s) = (slice(&items)?, slice(&states)?);
+        py.detach(|| crate::score::item_scores(x, n, s, b, d, o))?;
+    }
+    Ok(arr.into_any())
 }
 
 /// The instruction set of the vector kernels (k-means distances and norms, centroid sums):
@@ -735,5 +935,9 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cooccurrence, m)?)?;
     m.add_function(wrap_pyfunction!(dropout_mask, m)?)?;
     m.add_function(wrap_pyfunction!(csr_matmul, m)?)?;
+    m.add_function(wrap_pyfunction!(item_scores, m)?)?;
+    m.add_function(wrap_pyfunction!(linear, m)?)?;
+    m.add_function(wrap_pyfunction!(layer_norm, m)?)?;
+    m.add_function(wrap_pyfunction!(text_scores, m)?)?;
     Ok(())
 }

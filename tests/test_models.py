@@ -940,3 +940,26 @@ def test_branch_dropout_leaves_the_sid_state_out_for_some_sequences(sids: FakeSi
         for name in ("branch_dropout", "branch_loss"):
             with pytest.raises(ConfigError, match=f"model.{name}=0.5 acts on H2Rec's two branches"):
                 _cfg(kind, **{name: 0.5})
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_inference_forward_equals_the_training_computation(name: str, heads: int, sids: FakeSids) -> None:
+    # in eval mode the attentions run folded (no key or value projections: one head, or the
+    # last block's single query) and the linear layers and LayerNorms on the Rust core; the
+    # training computation (train mode, no dropout, autograd on: torch ops, unfolded) is the
+    # oracle, on the same weights
+    cfg = replace(CONFIGS[name], dropout=0.0, n_heads=heads)
+    model = _model(cfg, sids)
+    with torch.no_grad():  # weights away from their init, so that every term matters
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    seq = _batch()
+    with torch.inference_mode():
+        fast_all, fast_last = model(seq), model.user_states(seq)
+    model.train()
+    with torch.enable_grad():
+        ref_all = model(seq).detach()
+    model.eval()
+    torch.testing.assert_close(fast_all, ref_all, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(fast_last, ref_all[:, -1], atol=2e-5, rtol=2e-5)

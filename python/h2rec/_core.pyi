@@ -25,11 +25,15 @@ __all__ = [
     "csr_matmul",
     "dropout_mask",
     "gemm_simd_level",
+    "item_scores",
     "kmeans",
+    "layer_norm",
+    "linear",
     "reconstruction_errors",
     "residual_kmeans",
     "sample_candidates",
     "simd_level",
+    "text_scores",
 ]
 
 __version__: str
@@ -219,20 +223,68 @@ def cooccurrence(
 def csr_matmul(
     indptr: NDArray[np.int64],
     indices: NDArray[np.int64],
-    data: NDArray[np.float64],
-    dense: NDArray[np.float64],
+    data: ArrayLike,
+    dense: ArrayLike,
     n_threads: int | None = None,
-) -> NDArray[np.float64]:
+    out: NDArray[np.float32] | None = None,
+) -> NDArray[np.float64] | NDArray[np.float32]:
     """``A @ dense`` (n, k) for ``A`` (n x m) in CSR form (``indptr`` (n + 1,), ``indices``
-    and ``data`` (nnz,)) and ``dense`` (m, k), in float64 (any array-like of integers or real
-    numbers and any memory layout is converted first).
+    and ``data`` (nnz,)) and ``dense`` (m, k): in float32 when ``dense`` is a float32 numpy
+    array, else in float64 (any array-like of integers or real numbers and any memory layout is
+    converted first).
 
     Row r adds ``data[j] * dense[indices[j]]`` over its entries one after another in index
     order, from zero, each product rounded before it is added (no fused multiply-add): the bits
-    of that plain loop and of scipy.sparse's CSR product; a row without entries is zero. Rows are shared among ``n_threads`` threads (None: all),
-    each row computed by one, so the result does not depend on the thread count. The GIL is
-    released. Raises ValueError on malformed CSR arrays (offsets not starting at 0, decreasing
-    or not ending at nnz; an index outside dense's rows) or a dense of the wrong size."""
+    of that plain loop, of scipy.sparse's and of torch.sparse.mm's CSR product; a row without
+    entries is zero. Computed in column panels of 64 that stay in cache. Rows are shared among
+    ``n_threads`` threads (None: all; 1: the calling thread), each row computed by one, so the
+    result does not depend on the thread count. With ``out`` (a writable C-contiguous float32
+    (n, k) array, ``dense`` float32) each sum is added to ``out`` in place (the bits of
+    ``out + A @ dense``) and ``out`` is returned. The GIL is released. Raises ValueError on
+    malformed CSR arrays (offsets not starting at 0, decreasing or not ending at nnz; an index
+    outside dense's rows), a dense or out of the wrong size, or an out that is not writable or
+    not C-contiguous; TypeError on an out (or, with out, a dense) that is not float32."""
+
+def text_scores(
+    indptr: NDArray[np.int64],
+    indices: NDArray[np.int64],
+    data: NDArray[np.float32],
+    n_terms: int,
+    seq: NDArray[np.int64],
+    w: NDArray[np.float32],
+    scale: float,
+    out: NDArray[np.float32] | None = None,
+    n_threads: int | None = None,
+) -> NDArray[np.float32]:
+    """The text blend's scores ``scale * A @ q`` (rows, B) for the CSR rows ``A`` (rows x
+    n_terms) and the users' profiles ``q`` (n_terms, B), column u = ``sum_t w[t] *
+    A[seq[u, t]]`` for ``seq`` (B, T) item rows (0: padding, an empty row) and position weights
+    ``w`` (T,). Profiles add ``data[j] * w[t]`` in the order (u, t, j) from zero, then are
+    scaled; the product is :func:`csr_matmul`'s: the bits of h2rec.blend's scatter-add and
+    torch.sparse.mm. With ``out`` (writable C-contiguous float32 (rows, B)) the scores are added
+    to it and it is returned. Raises ValueError on malformed CSR arrays, a ``seq`` value
+    outside 0..rows-1, ``w`` of another length than T, or a wrong ``out``."""
+
+def item_scores(items: ArrayLike, states: ArrayLike, out: NDArray[np.float32]) -> NDArray[np.float32]:
+    """``out[:] = items @ states.T`` for items (n, d) and states (b, d), float32 (converted),
+    ``out`` a writable C-contiguous float32 (n, b) array, returned: every item's score for a
+    block of users, in the layout h2rec.evaluate ranks from. One ``gemm``-crate product on the
+    calling thread (AVX-512 kernels where the CPU has them); the bits depend on the CPU only.
+    The GIL is released. Raises ValueError on mismatched shapes or a wrong ``out``."""
+
+def linear(x: ArrayLike, w: ArrayLike, bias: ArrayLike | None = None) -> NDArray[np.float32]:
+    """``x @ w.T + bias`` for g groups: x (g, m, k), w (g, n, k), bias (g, n) or None,
+    float32 (converted); a new (g, m, n) array. Each group one ``gemm``-crate product on the
+    calling thread (the bias first, the product added). The GIL is released. Raises ValueError
+    on mismatched shapes."""
+
+def layer_norm(
+    x: ArrayLike, weight: ArrayLike | None = None, bias: ArrayLike | None = None, eps: float = 1e-5
+) -> NDArray[np.float32]:
+    """LayerNorm of each row of x (m, d) float32: ``(x - mean) / sqrt(var + eps)`` (biased
+    variance), times ``weight`` plus ``bias`` (each (d,)) when given; a new (m, d) array. Mean
+    and variance summed in 16 lanes, two passes over the row, on the calling thread. Raises
+    ValueError on a weight or bias of another length than d, or eps < 0."""
 
 def dropout_mask(n: int, p: float, seed: int) -> NDArray[np.float32]:
     """Inverted-dropout keep mask (n,): 65536 / (65536 - t) where kept, 0 where dropped, for

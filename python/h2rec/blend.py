@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from h2rec import _core
 from h2rec.errors import CheckpointError, ConfigError, DataError
 from h2rec.models.config import TEXT_KINDS
 
@@ -96,18 +96,13 @@ def text_rows(item_text: Sequence[str], min_df: int = TFIDF_MIN_DF) -> TextRows 
                     int(matrix.shape[1]))
 
 
-def _csr(indptr: Tensor, indices: Tensor, data: Tensor, size: tuple[int, int]) -> Tensor:
-    with warnings.catch_warnings():  # "sparse CSR support is in beta": matmul is all we use
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.sparse_csr_tensor(indptr, indices, data, size=size, check_invariants=True)
-
-
 class TextScores(nn.Module):
     """``beta * <q_u, t_i>`` for every item i, or for given candidates (see the module doc),
     from left-padded inputs.
 
     The profiles q^T (n_terms, B) gather the input items' rows (one scatter); all items are
-    then scored by one sparse product ``T q^T``, costing (non-zeros of T) x (users): on Beauty
+    then scored by one sparse product ``T q^T`` (the Rust core's ``csr_matmul``, in column
+    panels that stay in cache), costing (non-zeros of T) x (users): on Beauty
     (12k items, ten words an item) less than scoring the users against 64-wide item vectors.
     Nothing is trained and nothing is added to the model's ``state_dict``; every sum runs in a
     fixed order, whatever the thread count. The rows stay on the CPU; the scores go to the
@@ -122,7 +117,12 @@ class TextScores(nn.Module):
         self._indptr = torch.from_numpy(rows.indptr.copy())
         self._indices = torch.from_numpy(rows.indices.copy())
         self._data = torch.from_numpy(rows.data.copy())
-        self._t = _csr(self._indptr, self._indices, self._data, (rows.n_rows, rows.n_terms))
+        # the CSR arrays checked once here (offsets, term ids) by a product with no columns
+        try:
+            _core.csr_matmul(rows.indptr, rows.indices, rows.data,
+                             np.zeros((rows.n_terms, 0), dtype=np.float32), n_threads=1)
+        except ValueError as err:
+            raise DataError(f"text blend rows: {err}") from err
 
     def _entries(self, items: Tensor) -> tuple[Tensor, Tensor]:
         """For the flat item rows ``items`` (M,): (which of the M each stored entry of their
@@ -138,7 +138,7 @@ class TextScores(nn.Module):
         """seq (B, T) left-padded item rows (CPU) -> q^T (n_terms, B) float32: each column
         one user's decayed sum of the rows of their items."""
         b, t = seq.shape
-        w = torch.exp(-self.decay * torch.arange(t - 1, -1, -1, dtype=torch.float32))  # (T,)
+        w = self._weights(t)  # (T,)
         owner, pos = self._entries(seq.reshape(-1))  # padding (row 0) has no entries
         vals = self._data[pos] * w.repeat(b)[owner]
         qt = torch.zeros(self.rows.n_terms * b)
@@ -147,22 +147,45 @@ class TextScores(nn.Module):
         qt.index_add_(0, self._indices[pos] * b + owner // t, vals)
         return qt.view(self.rows.n_terms, b)
 
+    def _weights(self, t: int) -> Tensor:
+        """(T,) float32: exp(-decay k) for the item k steps before the last."""
+        return torch.exp(-self.decay * torch.arange(t - 1, -1, -1, dtype=torch.float32))
+
+    def _scores(self, seq: Tensor, out: np.ndarray | None = None) -> np.ndarray:
+        """The Rust core's ``text_scores``: ``weight * T q^T`` (n_items + 1, B) for CPU seq
+        (B, T), added into ``out`` when given."""
+        rows = self.rows
+        return _core.text_scores(  # type: ignore[no-any-return]
+            rows.indptr, rows.indices, rows.data, rows.n_terms, seq.numpy(),
+            self._weights(seq.shape[1]).numpy(), self.weight, out=out,
+            n_threads=torch.get_num_threads(),
+        )
+
+    def add_to(self, scores: Tensor, seq: Tensor) -> None:
+        """``scores += forward(seq)`` in place, to the bit, for scores (B, n_items + 1) of the
+        users of seq (B, T). When scores are the transpose of a contiguous float32 CPU matrix
+        (as h2rec.evaluate's score_matrix makes them), the Rust core adds the term straight
+        into them: no (B, n_items + 1) term is held in memory or read back."""
+        base = scores.T
+        if scores.device.type != "cpu" or scores.dtype != torch.float32 or not base.is_contiguous():
+            scores += self.forward(seq)
+            return
+        self._scores(seq.cpu(), out=base.numpy())
+
     def forward(self, seq: Tensor, candidates: Tensor | None = None) -> Tensor:
         """seq (B, T) left-padded item rows -> float32 scores to add: (B, n_items + 1) for every
         item (laid out as the transpose of an (n_items + 1, B) matrix, as h2rec.evaluate's
         score_matrix makes the scores it is added to), or (B, C) for ``candidates`` (B, C)
         item rows."""
         device, seq = seq.device, seq.cpu()
-        qt = self.profiles(seq) * self.weight  # (n_terms, B): weighed here, where it is small
         if candidates is None:
-            out = torch.sparse.mm(self._t, qt).T  # (B, n_items + 1)
-        else:
-            cand = candidates.cpu()
-            b, c = cand.shape
-            owner, pos = self._entries(cand.reshape(-1))
-            vals = self._data[pos] * qt[self._indices[pos], owner // c]
-            out = torch.zeros(b * c).index_add_(0, owner, vals).view(b, c)
-        return out.to(device)
+            return torch.from_numpy(self._scores(seq)).T.to(device)  # (B, n_items + 1)
+        qt = self.profiles(seq) * self.weight  # (n_terms, B): weighed here, where it is small
+        cand = candidates.cpu()
+        b, c = cand.shape
+        owner, pos = self._entries(cand.reshape(-1))
+        vals = self._data[pos] * qt[self._indices[pos], owner // c]
+        return torch.zeros(b * c).index_add_(0, owner, vals).view(b, c).to(device)
 
 
 def blend_applies(

@@ -34,6 +34,7 @@ from h2rec.models.backbone import (
     CrossAttention,
     Dropout,
     LevelCrossAttention,
+    Linear,
     SequenceInput,
     attention_mask,
 )
@@ -58,7 +59,7 @@ class LevelGate(nn.Module):
         self.learned = learned
         if learned:  # no unused parameters without it (DistributedDataParallel objects)
             self.mlp = nn.Sequential(
-                nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, n_levels)
+                Linear(hidden, hidden), nn.GELU(), Linear(hidden, n_levels)
             )
         self.register_buffer("prior", torch.linspace(0.0, -strength, n_levels))  # (L,)
 
