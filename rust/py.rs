@@ -829,41 +829,6 @@ fn linear<'py>(
     Ok(Array3::from_shape_vec((g, m, n), out).map_err(invariant)?.into_pyarray(py))
 }
 
-/// LayerNorm of the rows of x (m, d) float32 (see `crate::score::layer_norm`), with the
-/// optional (d,) weight and bias; returns a new (m, d) array. The GIL is released.
-#[pyfunction]
-#[pyo3(signature = (x, weight=None, bias=None, eps=1e-5))]
-fn layer_norm<'py>(
-    py: Python<'py>,
-    x: &Bound<'py, PyAny>,
-    weight: Option<&Bound<'py, PyAny>>,
-    bias: Option<&Bound<'py, PyAny>>,
-    eps: f32,
-) -> PyResult<Bound<'py, PyArray2<f32>>> {
-    let x = f32_2(py, x, "x")?;
-    let (m, d) = (x.shape()[0], x.shape()[1]);
-    let vec1 = |o: Option<&Bound<'py, PyAny>>, name: &str| -> PyResult<Option<PyReadonlyArray1<'py, f32>>> {
-        match o {
-            Some(v) => Ok(Some(coerce(py, v, name, Kind::Float, 1)?.extract()?)),
-            None => Ok(None),
-        }
-    };
-    let w = vec1(weight, "weight")?;
-    let b = vec1(bias, "bias")?;
-    let ws = match &w {
-        Some(a) => Some(slice(a)?),
-        None => None,
-    };
-    let bs = match &b {
-        Some(a) => Some(slice(a)?),
-        None => None,
-    };
-    let mut out = vec![0.0f32; m.saturating_mul(d)];
-    let xs = slice(&x)?;
-    py.detach(|| crate::score::layer_norm(xs, m, d, ws, bs, eps, &mut out))?;
-    Ok(Array2::from_shape_vec((m, d), out).map_err(invariant)?.into_pyarray(py))
-}
-
 /// `out[:] = items @ states.T` (see `crate::score::item_scores`): items (n, d) and states (b, d)
 /// float32 (any array-like is converted), out a writable C-contiguous float32 (n, b) array,
 /// returned. The GIL is released.
@@ -937,7 +902,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(csr_matmul, m)?)?;
     m.add_function(wrap_pyfunction!(item_scores, m)?)?;
     m.add_function(wrap_pyfunction!(linear, m)?)?;
-    m.add_function(wrap_pyfunction!(layer_norm, m)?)?;
     m.add_function(wrap_pyfunction!(text_scores, m)?)?;
     Ok(())
 }

@@ -1,6 +1,5 @@
-//! Inference kernels in f32: full-ranking scores (every item's inner product with a block of
-//! user states) and the linear layers of an evaluation forward on the `gemm` crate, and the
-//! forward's LayerNorm.
+//! Inference products in f32 on the `gemm` crate: full-ranking scores (every item's inner
+//! product with a block of user states) and the linear layers of an evaluation forward.
 
 use crate::ensure;
 use crate::error::Result;
@@ -84,96 +83,6 @@ pub fn linear(x: &[f32], g: usize, m: usize, k: usize, w: &[f32], n: usize, bias
     Ok(())
 }
 
-/// LayerNorm over rows of d values: `out` (m × d) = (x - mean) / sqrt(var + eps) (* `weight` +
-/// `bias`, each (d,) when given), mean and (biased) variance of the row, both summed in 16
-/// lanes then across them (two passes over the row). Equal to `torch.nn.functional.layer_norm`
-/// up to float rounding; on the calling thread, AVX2 where the CPU has it.
-#[allow(clippy::too_many_arguments)]
-pub fn layer_norm(x: &[f32], m: usize, d: usize, weight: Option<&[f32]>, bias: Option<&[f32]>, eps: f32, out: &mut [f32]) -> Result<()> {
-    ensure!(Some(x.len()) == m.checked_mul(d), "x has {} values, expected {m} x {d}", x.len());
-    ensure!(out.len() == x.len(), "out has {} values, expected {m} x {d}", out.len());
-    if let Some(w) = weight {
-        ensure!(w.len() == d, "weight has {} values, expected {d}", w.len());
-    }
-    if let Some(b) = bias {
-        ensure!(b.len() == d, "bias has {} values, expected {d}", b.len());
-    }
-    ensure!(eps >= 0.0, "eps={eps} must be >= 0");
-    if d == 0 {
-        return Ok(());
-    }
-    #[cfg(target_arch = "x86_64")]
-    if crate::simd::level() == crate::simd::Level::Avx2 {
-        // SAFETY: the CPU has AVX2 (`simd::level` never exceeds what it detects).
-        unsafe { norm_rows_avx2(x, d, weight, bias, eps, out) };
-        return Ok(());
-    }
-    norm_rows(x, d, weight, bias, eps, out);
-    Ok(())
-}
-
-#[inline(always)]
-fn lane_sum(row: &[f32], shift: f32) -> (f32, f32) {
-    // (sum of (v - shift), sum of (v - shift)^2), in 16 lanes
-    let mut s = [0f32; 16];
-    let mut q = [0f32; 16];
-    let chunks = row.chunks_exact(16);
-    let rest = chunks.remainder();
-    for c in chunks {
-        for l in 0..16 {
-            let v = c[l] - shift;
-            s[l] += v;
-            q[l] += v * v;
-        }
-    }
-    let (mut ts, mut tq) = (0f32, 0f32);
-    for &v in rest {
-        let v = v - shift;
-        ts += v;
-        tq += v * v;
-    }
-    (s.iter().sum::<f32>() + ts, q.iter().sum::<f32>() + tq)
-}
-
-#[inline(always)]
-fn norm_rows(x: &[f32], d: usize, weight: Option<&[f32]>, bias: Option<&[f32]>, eps: f32, out: &mut [f32]) {
-    let n = d as f32;
-    for (row, dst) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
-        let (s, _) = lane_sum(row, 0.0);
-        let mean = s / n;
-        let (_, q) = lane_sum(row, mean);
-        let rstd = 1.0 / (q / n + eps).sqrt();
-        match (weight, bias) {
-            (Some(w), Some(b)) => {
-                for i in 0..d {
-                    dst[i] = (row[i] - mean) * rstd * w[i] + b[i];
-                }
-            }
-            (Some(w), None) => {
-                for i in 0..d {
-                    dst[i] = (row[i] - mean) * rstd * w[i];
-                }
-            }
-            (None, Some(b)) => {
-                for i in 0..d {
-                    dst[i] = (row[i] - mean) * rstd + b[i];
-                }
-            }
-            (None, None) => {
-                for i in 0..d {
-                    dst[i] = (row[i] - mean) * rstd;
-                }
-            }
-        }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn norm_rows_avx2(x: &[f32], d: usize, weight: Option<&[f32]>, bias: Option<&[f32]>, eps: f32, out: &mut [f32]) {
-    norm_rows(x, d, weight, bias, eps, out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -197,37 +106,6 @@ mod tests {
         assert!(item_scores(&items, n, &states, b, d, &mut out[1..]).is_err());
         assert!(item_scores(&items[1..], n, &states, b, d, &mut out).is_err());
         assert!(item_scores(&items, n, &states[1..], b, d, &mut out).is_err());
-    }
-
-    #[test]
-    fn layer_norm_by_the_definition() {
-        let (m, d) = (7usize, 37usize);
-        let x: Vec<f32> = (0..m * d).map(|i| ((i * 29) % 71) as f32 / 9.0 - 3.0 + (i / d) as f32 * 100.0).collect();
-        let w: Vec<f32> = (0..d).map(|i| 0.5 + i as f32 * 0.03).collect();
-        let b: Vec<f32> = (0..d).map(|i| i as f32 * 0.1 - 1.0).collect();
-        for (wo, bo) in [(None, None), (Some(&w[..]), Some(&b[..])), (Some(&w[..]), None), (None, Some(&b[..]))] {
-            let mut out = vec![f32::NAN; m * d];
-            layer_norm(&x, m, d, wo, bo, 1e-5, &mut out).unwrap();
-            for r in 0..m {
-                let row: Vec<f64> = x[r * d..(r + 1) * d].iter().map(|&v| v as f64).collect();
-                let mean = row.iter().sum::<f64>() / d as f64;
-                let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / d as f64;
-                for i in 0..d {
-                    let mut want = (row[i] - mean) / (var + 1e-5).sqrt();
-                    if let Some(w) = wo {
-                        want *= w[i] as f64;
-                    }
-                    if let Some(b) = bo {
-                        want += b[i] as f64;
-                    }
-                    assert!((out[r * d + i] as f64 - want).abs() < 1e-4, "({r}, {i})");
-                }
-            }
-        }
-        let mut out = vec![0.0f32; m * d];
-        assert!(layer_norm(&x, m, d, Some(&w[1..]), None, 1e-5, &mut out).is_err());
-        assert!(layer_norm(&x[1..], m, d, None, None, 1e-5, &mut out).is_err());
-        assert!(layer_norm(&x, m, d, None, None, -1.0, &mut out).is_err());
     }
 
     #[test]

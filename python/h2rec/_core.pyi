@@ -27,7 +27,6 @@ __all__ = [
     "gemm_simd_level",
     "item_scores",
     "kmeans",
-    "layer_norm",
     "linear",
     "reconstruction_errors",
     "residual_kmeans",
@@ -277,14 +276,6 @@ def linear(x: ArrayLike, w: ArrayLike, bias: ArrayLike | None = None) -> NDArray
     float32 (converted); a new (g, m, n) array. Each group one ``gemm``-crate product on the
     calling thread (the bias first, the product added). The GIL is released. Raises ValueError
     on mismatched shapes."""
-
-def layer_norm(
-    x: ArrayLike, weight: ArrayLike | None = None, bias: ArrayLike | None = None, eps: float = 1e-5
-) -> NDArray[np.float32]:
-    """LayerNorm of each row of x (m, d) float32: ``(x - mean) / sqrt(var + eps)`` (biased
-    variance), times ``weight`` plus ``bias`` (each (d,)) when given; a new (m, d) array. Mean
-    and variance summed in 16 lanes, two passes over the row, on the calling thread. Raises
-    ValueError on a weight or bias of another length than d, or eps < 0."""
 
 def dropout_mask(n: int, p: float, seed: int) -> NDArray[np.float32]:
     """Inverted-dropout keep mask (n,): 65536 / (65536 - t) where kept, 0 where dropped, for

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 from functools import partial
 from collections.abc import Callable, Iterator
@@ -340,21 +341,39 @@ def _run_batches(work: Any, batches: list[np.ndarray], device: torch.device) -> 
         for pos in batches:
             work(pos)
         return
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import wait
 
     with _PARALLEL:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
-        pool = ThreadPoolExecutor(n, thread_name_prefix="h2rec-eval")
+        futures = [_pool(n).submit(work, pos) for pos in batches]
         try:
-            for future in [pool.submit(work, pos) for pos in batches]:
+            for future in futures:
                 future.result()
         except BaseException:
-            pool.shutdown(wait=True, cancel_futures=True)
+            for future in futures:
+                future.cancel()
+            wait(futures)  # the batches already running finish before the error is raised
             raise
         finally:
-            pool.shutdown(wait=True)
             torch.set_num_threads(threads)
+
+
+# the workers of _run_batches, kept between evaluations (a validation every epoch): new threads
+# each time start with cold allocator arenas; a forked child starts without them
+_POOLS: dict[int, Any] = {}
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_POOLS.clear)
+
+
+def _pool(n: int) -> Any:
+    """The pool of n evaluation workers, started on first use."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = _POOLS.get(n)
+    if pool is None:
+        pool = _POOLS[n] = ThreadPoolExecutor(n, thread_name_prefix="h2rec-eval")
+    return pool
 
 
 def _trim(inputs: np.ndarray) -> np.ndarray:

@@ -114,20 +114,15 @@ def grouped_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Ten
 
 def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None,
                eps: float = 1e-5) -> Tensor:
-    """``F.layer_norm(x, (x.shape[-1],), weight, bias, eps)``. Without autograd on the CPU it is
-    the Rust core's ``layer_norm`` (the affine part in the same pass; same value up to float
-    rounding); otherwise the normalisation by ``F.layer_norm`` and the affine part as a
-    broadcast product and sum, whose gradients do not depend on the thread count."""
-    if not _rust_inference(x, weight, bias):
+    """``F.layer_norm(x, (x.shape[-1],), weight, bias, eps)``. With autograd the normalisation
+    is ``F.layer_norm`` and the affine part a broadcast product and sum (the fused kernel sums
+    the weight gradient over rows in per-thread chunks, so it would change with the thread
+    count); without, the fused kernel, affine included (one pass instead of three)."""
+    if torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias)
+    ):
         y = F.layer_norm(x, (x.shape[-1],), eps=eps)
         if weight is not None:
             y = y * weight
         return y if bias is None else y + bias
-    d = x.shape[-1]
-    out = _core.layer_norm(
-        x.detach().reshape(-1, d).numpy(),
-        None if weight is None else weight.detach().numpy(),
-        None if bias is None else bias.detach().numpy(),
-        eps,
-    )
-    return torch.from_numpy(out).view(x.shape)
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps=eps)

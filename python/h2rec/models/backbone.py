@@ -44,9 +44,10 @@ class LayerNorm(nn.Module):
     """LayerNorm over the last dimension with a learned scale and shift (``nn.LayerNorm``'s
     parameters and state-dict names).
 
-    The affine part is applied outside the fused kernel: the CPU kernel sums the scale and
-    shift gradients over rows in per-thread chunks, so they change with the thread count,
-    whereas autograd's broadcast reduction gives the same bits for any thread count."""
+    With autograd the affine part is applied outside the fused kernel: the CPU kernel sums the
+    scale and shift gradients over rows in per-thread chunks, so they change with the thread
+    count, whereas autograd's broadcast reduction gives the same bits for any thread count.
+    Without (evaluation), the fused kernel applies it (:func:`h2rec.ops.layer_norm`)."""
 
     def __init__(self, hidden: int, eps: float = 1e-5) -> None:
         super().__init__()
