@@ -188,6 +188,8 @@ class MultiHeadAttention(nn.Module):
         ba = torch.einsum("hj,hjk->hk", self.q.bias.view(h, dh), wk).reshape(h * d)
         q = linear(query, a.T, ba).view(b, t, h, d).transpose(1, 2)
         x = key_value[:, None]  # (B, 1, S, D), every head's keys and values
+        if h > 1 and x.device.type != "cpu":  # the fused kernels take no broadcast heads
+            x = x.expand(b, h, *key_value.shape[1:])
         z = attend_scaled(q, x, x, allowed, 1.0 / math.sqrt(dh))  # (B, H, T, D)
         c = torch.einsum(
             "ohj,hji->ohi", self.out.weight.view(d, h, dh), self.v.weight.view(h, dh, d)
