@@ -59,19 +59,7 @@ pub fn check_matrix(name: &str, x: &[f32], n: usize, d: usize) -> Result<()> {
 
 /// out (m × k, row-major) = a (m × d) · bᵀ, with b (k × d); both row-major.
 fn gemm_abt(a: &[f32], m: usize, b: &[f32], k: usize, d: usize, out: &mut [f32]) {
-    assert!(a.len() >= m * d && b.len() >= k * d && out.len() >= m * k, "gemm_abt: buffer sizes");
-    // SAFETY: the three buffers are distinct slices at least as large as the strides address
-    // (checked above); gemm reads lhs and rhs and writes dst only inside those bounds.
-    unsafe {
-        gemm::gemm(
-            m, k, d,
-            out.as_mut_ptr(), 1, k as isize, false,
-            a.as_ptr(), 1, d as isize,
-            b.as_ptr(), d as isize, 1,
-            0.0f32, 1.0f32, false, false, false,
-            gemm::Parallelism::None,
-        );
-    }
+    crate::score::abt(a, m, b, k, d, out, false);
 }
 
 fn row_norms(x: &[f32], d: usize) -> Vec<f32> {

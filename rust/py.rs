@@ -675,6 +675,32 @@ fn dropout_mask<'py>(py: Python<'py>, n: i64, p: f64, seed: u64) -> PyResult<Bou
     Ok(out.into_pyarray(py))
 }
 
+/// `write(out)` into `target`, a writable C-contiguous float32 (rows, cols) numpy array, with
+/// the GIL released; returns the array, or a TypeError / ValueError saying what `target` is not.
+fn write_out<'py>(
+    py: Python<'py>,
+    target: &Bound<'py, PyAny>,
+    rows: usize,
+    cols: usize,
+    write: impl FnOnce(&mut [f32]) -> crate::error::Result<()> + Send,
+) -> PyResult<Bound<'py, PyAny>> {
+    let Ok(arr) = target.extract::<Bound<'py, PyArray2<f32>>>() else {
+        return Err(PyTypeError::new_err("out must be a float32 2-D numpy array"));
+    };
+    if arr.shape() != [rows, cols] {
+        return Err(PyValueError::new_err(format!("out has shape {:?}, expected ({rows}, {cols})", arr.shape())));
+    }
+    if !arr.is_c_contiguous() {
+        return Err(PyValueError::new_err("out must be C-contiguous"));
+    }
+    {
+        let mut rw = arr.try_readwrite().map_err(|e| PyValueError::new_err(format!("out is not writable: {e}")))?;
+        let o = rw.as_slice_mut().map_err(|_| PyValueError::new_err("out must be C-contiguous"))?;
+        py.detach(|| write(o))?;
+    }
+    Ok(arr.into_any())
+}
+
 /// `A @ dense` for a CSR matrix A (see `crate::spmm::csr_matmul`): in float32 when `dense` is a
 /// float32 array, in float64 otherwise; every argument goes through `coerce`, so any
 /// array-like of the right kind and dimensions is accepted. With `out` (a writable, C-contiguous
@@ -697,28 +723,14 @@ fn csr_matmul<'py>(
     let n = indptr.len().saturating_sub(1);
     let single = dense.extract::<Bound<'_, PyArray2<f32>>>().is_ok();
     if let Some(target) = out {
-        let Ok(arr) = target.extract::<Bound<'_, PyArray2<f32>>>() else {
-            return Err(PyTypeError::new_err("out must be a float32 2-D numpy array"));
-        };
         if !single {
             return Err(PyTypeError::new_err("with out, dense must be a float32 2-D numpy array"));
         }
         let data: PyReadonlyArray1<'py, f32> = coerce(py, data, "data", Kind::Float, 1)?.extract()?;
         let dense: PyReadonlyArray2<'py, f32> = f32_2(py, dense, "dense")?;
         let (m, k) = (dense.shape()[0], dense.shape()[1]);
-        if arr.shape() != [n, k] {
-            return Err(PyValueError::new_err(format!("out has shape {:?}, expected ({n}, {k})", arr.shape())));
-        }
-        if !arr.is_c_contiguous() {
-            return Err(PyValueError::new_err("out must be C-contiguous"));
-        }
-        {
-            let mut rw = arr.try_readwrite().map_err(|e| PyValueError::new_err(format!("out is not writable: {e}")))?;
-            let o = rw.as_slice_mut().map_err(|_| PyValueError::new_err("out must be C-contiguous"))?;
-            let (p, i, d, x) = (slice(&indptr)?, slice(&indices)?, slice(&data)?, slice(&dense)?);
-            py.detach(|| crate::spmm::csr_matmul_add(p, i, d, x, m, k, o, t))?;
-        }
-        return Ok(arr.into_any());
+        let (p, i, d, x) = (slice(&indptr)?, slice(&indices)?, slice(&data)?, slice(&dense)?);
+        return write_out(py, &target, n, k, |o| crate::spmm::csr_matmul_add(p, i, d, x, m, k, o, t));
     }
     if single {
         let data: PyReadonlyArray1<'py, f32> = coerce(py, data, "data", Kind::Float, 1)?.extract()?;
@@ -769,25 +781,14 @@ fn text_scores<'py>(
     let rows = indptr.len().saturating_sub(1);
     let (p, i, d, s, wv) = (slice(&indptr)?, slice(&indices)?, slice(&data)?, slice(&seq)?, slice(&w)?);
     let nt = n_terms as usize;
+    let h = crate::spmm::Histories { seq: s, b, t: len, w: wv, scale };
     if let Some(target) = out {
-        let Ok(arr) = target.extract::<Bound<'_, PyArray2<f32>>>() else {
-            return Err(PyTypeError::new_err("out must be a float32 2-D numpy array"));
-        };
-        if arr.shape() != [rows, b] {
-            return Err(PyValueError::new_err(format!("out has shape {:?}, expected ({rows}, {b})", arr.shape())));
-        }
-        if !arr.is_c_contiguous() {
-            return Err(PyValueError::new_err("out must be C-contiguous"));
-        }
-        {
-            let mut rw = arr.try_readwrite().map_err(|e| PyValueError::new_err(format!("out is not writable: {e}")))?;
-            let o = rw.as_slice_mut().map_err(|_| PyValueError::new_err("out must be C-contiguous"))?;
-            py.detach(|| crate::spmm::text_scores(p, i, d, nt, s, b, len, wv, scale, o, true, t))?;
-        }
-        return Ok(arr.into_any());
+        return write_out(py, &target, rows, b, |o| {
+            crate::spmm::text_scores(p, i, d, nt, &h, o, true, t)
+        });
     }
     let mut o = vec![0.0f32; rows.saturating_mul(b)];
-    py.detach(|| crate::spmm::text_scores(p, i, d, nt, s, b, len, wv, scale, &mut o, false, t))?;
+    py.detach(|| crate::spmm::text_scores(p, i, d, nt, &h, &mut o, false, t))?;
     Ok(numpy::ndarray::Array2::from_shape_vec((rows, b), o).map_err(invariant)?.into_pyarray(py).into_any())
 }
 
@@ -846,22 +847,8 @@ fn item_scores<'py>(
     if d2 != d {
         return Err(PyValueError::new_err(format!("states has {d2} columns, items {d}")));
     }
-    let Ok(arr) = out.extract::<Bound<'_, PyArray2<f32>>>() else {
-        return Err(PyTypeError::new_err("out must be a float32 2-D numpy array"));
-    };
-    if arr.shape() != [n, b] {
-        return Err(PyValueError::new_err(format!("out has shape {:?}, expected ({n}, {b})", arr.shape())));
-    }
-    if !arr.is_c_contiguous() {
-        return Err(PyValueError::new_err("out must be C-contiguous"));
-    }
-    {
-        let mut rw = arr.try_readwrite().map_err(|e| PyValueError::new_err(format!("out is not writable: {e}")))?;
-        let o = rw.as_slice_mut().map_err(|_| PyValueError::new_err("out must be C-contiguous"))?;
-        let (x, s) = (slice(&items)?, slice(&states)?);
-        py.detach(|| crate::score::item_scores(x, n, s, b, d, o))?;
-    }
-    Ok(arr.into_any())
+    let (x, s) = (slice(&items)?, slice(&states)?);
+    write_out(py, &out, n, b, |o| crate::score::item_scores(x, n, s, b, d, o))
 }
 
 /// The instruction set of the vector kernels (k-means distances and norms, centroid sums):

@@ -17,23 +17,37 @@ pub fn item_scores(items: &[f32], n: usize, states: &[f32], b: usize, d: usize, 
     if n == 0 || b == 0 {
         return Ok(());
     }
-    if d == 0 {
-        out.fill(0.0);
-        return Ok(());
+    abt(items, n, states, b, d, out, false);
+    Ok(())
+}
+
+/// out (m × n, row-major) = a (m × k) · bᵀ with b (n × k), both row-major, or (`accumulate`)
+/// out += that product: one `gemm` call on the calling thread. The sizes are checked by the
+/// callers; a buffer too small for them is a bug, and panics here rather than reading or
+/// writing outside it.
+pub(crate) fn abt(a: &[f32], m: usize, b: &[f32], n: usize, k: usize, out: &mut [f32], accumulate: bool) {
+    assert!(a.len() >= m * k && b.len() >= n * k && out.len() >= m * n, "abt: buffer sizes");
+    if m == 0 || n == 0 {
+        return;
     }
-    // SAFETY: the three buffers are distinct slices of exactly the sizes the strides address
-    // (checked above); gemm reads items and states and writes out only inside those bounds.
+    if k == 0 {
+        if !accumulate {
+            out[..m * n].fill(0.0);
+        }
+        return;
+    }
+    // SAFETY: the three buffers are distinct slices at least as large as the strides address
+    // (asserted above); gemm reads a and b and reads and writes out only inside those bounds.
     unsafe {
         gemm::gemm(
-            n, b, d,
-            out.as_mut_ptr(), 1, b as isize, false,
-            items.as_ptr(), 1, d as isize,
-            states.as_ptr(), d as isize, 1,
-            0.0f32, 1.0f32, false, false, false,
+            m, n, k,
+            out.as_mut_ptr(), 1, n as isize, accumulate,
+            a.as_ptr(), 1, k as isize,
+            b.as_ptr(), k as isize, 1,
+            1.0f32, 1.0f32, false, false, false,
             gemm::Parallelism::None,
         );
     }
-    Ok(())
 }
 
 /// `out` (g × m × n) = `x` (g × m × k) · `w`ᵀ (+ `bias`), `w` (g × n × k), `bias` (g × n),
@@ -63,22 +77,8 @@ pub fn linear(x: &[f32], g: usize, m: usize, k: usize, w: &[f32], n: usize, bias
             }
             None => dst.fill(0.0),
         }
-        if k == 0 {
-            continue;
-        }
         let (xs, ws) = (&x[gi * m * k..(gi + 1) * m * k], &w[gi * n * k..(gi + 1) * n * k]);
-        // SAFETY: dst, xs and ws are distinct slices of exactly the sizes the strides address
-        // (checked above); gemm reads xs and ws and reads and writes dst only inside them.
-        unsafe {
-            gemm::gemm(
-                m, n, k,
-                dst.as_mut_ptr(), 1, n as isize, true,
-                xs.as_ptr(), 1, k as isize,
-                ws.as_ptr(), k as isize, 1,
-                1.0f32, 1.0f32, false, false, false,
-                gemm::Parallelism::None,
-            );
-        }
+        abt(xs, m, ws, n, k, dst, true);
     }
     Ok(())
 }

@@ -69,33 +69,23 @@ pub fn csr_matmul_add<T: Real>(
     products(indptr, indices, data, x, k, out, true, n_threads)
 }
 
+/// The users of a text-blend product: `seq` (b × t, row-major) item rows (0: padding, whose
+/// row is empty), `w` (t,) the weight of each position, `scale` a factor on the profiles.
+pub struct Histories<'a> {
+    pub seq: &'a [i64],
+    pub b: usize,
+    pub t: usize,
+    pub w: &'a [f32],
+    pub scale: f32,
+}
+
 /// The text blend's user profiles: `qt` (n_terms × b, row-major), column u =
-/// `scale * sum_t w[t] * A[seq[u, t]]` for `A` (rows × n_terms) in CSR form and `seq` (b × t)
-/// row-major item rows (0: padding, whose row is empty). Each entry adds `data[j] * w[t]`
-/// (rounded) in the order (u, t, j), from zero, then the sums are multiplied by `scale`: the
-/// bits of the scatter-add it replaces (`h2rec.blend.TextScores`).
-#[allow(clippy::too_many_arguments)]
-pub fn profiles(
-    indptr: &[i64],
-    indices: &[i64],
-    data: &[f32],
-    n_terms: usize,
-    seq: &[i64],
-    b: usize,
-    t: usize,
-    w: &[f32],
-    scale: f32,
-) -> Result<Vec<f32>> {
-    ensure!(!indptr.is_empty(), "indptr is empty: a CSR matrix of n rows has n + 1 offsets");
-    let rows = indptr.len() - 1;
-    ensure!(data.len() == indices.len(), "data has {} values for {} indices", data.len(), indices.len());
-    ensure!(indptr[0] == 0 && indptr[rows] as usize == indices.len(), "indptr must run from 0 to nnz={}", indices.len());
-    if let Some(r) = (0..rows).find(|&r| indptr[r + 1] < indptr[r]) {
-        return Err(crate::invalid!("indptr decreases at row {r}: {} then {}", indptr[r], indptr[r + 1]));
-    }
-    if let Some(j) = indices.iter().position(|&c| c < 0 || c as usize >= n_terms) {
-        return Err(crate::invalid!("indices[{j}]={} is outside the {n_terms} terms", indices[j]));
-    }
+/// `scale * sum_t w[t] * A[seq[u, t]]` for `A` (rows × n_terms) in CSR form. Each entry adds
+/// `data[j] * w[t]` (rounded) in the order (u, t, j), from zero, then the sums are multiplied
+/// by `scale`: the bits of the scatter-add it replaces (`h2rec.blend.TextScores`).
+pub fn profiles(indptr: &[i64], indices: &[i64], data: &[f32], n_terms: usize, h: &Histories) -> Result<Vec<f32>> {
+    let rows = check_csr(indptr, indices, data.len(), n_terms, "terms")?;
+    let (seq, b, t, w) = (h.seq, h.b, h.t, h.w);
     ensure!(Some(seq.len()) == b.checked_mul(t), "seq has {} values, expected {b} x {t}", seq.len());
     ensure!(w.len() == t, "w has {} weights for {t} positions", w.len());
     if let Some(p) = seq.iter().position(|&v| v < 0 || v as usize >= rows) {
@@ -112,51 +102,55 @@ pub fn profiles(
         }
     }
     for v in qt.iter_mut() {
-        *v *= scale;
+        *v *= h.scale;
     }
     Ok(qt)
 }
 
-/// The text blend's scores of every row of `A` for the users of `seq`: `out` (rows × b,
-/// row-major) gets `A @ profiles(..)` (see [`profiles`]; each value the sum [`csr_matmul`]
-/// computes) stored, or (`add`) added to what it holds. One check of the arrays, no (rows × b)
-/// product in memory beside `out`.
+/// The text blend's scores of every row of `A` for the users `h`: `out` (rows × b, row-major)
+/// gets `A @ profiles(..)` (see [`profiles`]; each value the sum [`csr_matmul`] computes)
+/// stored, or (`add`) added to what it holds. One check of the arrays, no (rows × b) product in
+/// memory beside `out`.
 #[allow(clippy::too_many_arguments)]
 pub fn text_scores(
     indptr: &[i64],
     indices: &[i64],
     data: &[f32],
     n_terms: usize,
-    seq: &[i64],
-    b: usize,
-    t: usize,
-    w: &[f32],
-    scale: f32,
+    h: &Histories,
     out: &mut [f32],
     add: bool,
     n_threads: Option<usize>,
 ) -> Result<()> {
-    let qt = profiles(indptr, indices, data, n_terms, seq, b, t, w, scale)?;
+    let qt = profiles(indptr, indices, data, n_terms, h)?;
     let rows = indptr.len() - 1;
-    ensure!(Some(out.len()) == rows.checked_mul(b), "out has {} values, expected {rows} x {b}", out.len());
-    products(indptr, indices, data, &qt, b, out, add, n_threads)
+    ensure!(Some(out.len()) == rows.checked_mul(h.b), "out has {} values, expected {rows} x {}", out.len(), h.b);
+    products(indptr, indices, data, &qt, h.b, out, add, n_threads)
 }
 
 /// Checks the CSR arrays and the dense size; the number of rows n.
 fn check<T: Real>(indptr: &[i64], indices: &[i64], data: &[T], x: &[T], m: usize, k: usize) -> Result<usize> {
+    let n = check_csr(indptr, indices, data.len(), m, "rows of dense")?;
+    let size = m.checked_mul(k).ok_or_else(|| crate::invalid!("dense of {m} x {k} is too large"))?;
+    ensure!(x.len() == size, "dense has {} values, expected {m} x {k}", x.len());
+    Ok(n)
+}
+
+/// Checks CSR arrays of a matrix with `n_cols` columns, named `cols` in errors (offsets from 0
+/// to nnz, never decreasing; column ids inside 0..n_cols; as many values as ids); the number
+/// of rows.
+fn check_csr(indptr: &[i64], indices: &[i64], n_values: usize, n_cols: usize, cols: &str) -> Result<usize> {
     ensure!(!indptr.is_empty(), "indptr is empty: a CSR matrix of n rows has n + 1 offsets");
     let n = indptr.len() - 1;
     let nnz = indices.len();
-    ensure!(data.len() == nnz, "data has {} values for {nnz} indices", data.len());
+    ensure!(n_values == nnz, "data has {n_values} values for {nnz} indices");
     ensure!(indptr[0] == 0, "indptr[0]={} must be 0", indptr[0]);
     ensure!(indptr[n] as usize == nnz && indptr[n] >= 0, "indptr[{n}]={} must be nnz={nnz}", indptr[n]);
     if let Some(r) = (0..n).find(|&r| indptr[r + 1] < indptr[r]) {
         return Err(crate::invalid!("indptr decreases at row {r}: {} then {}", indptr[r], indptr[r + 1]));
     }
-    let size = m.checked_mul(k).ok_or_else(|| crate::invalid!("dense of {m} x {k} is too large"))?;
-    ensure!(x.len() == size, "dense has {} values, expected {m} x {k}", x.len());
-    if let Some(j) = indices.iter().position(|&c| c < 0 || c as usize >= m) {
-        return Err(crate::invalid!("indices[{j}]={} is outside the {m} rows of dense", indices[j]));
+    if let Some(j) = indices.iter().position(|&c| c < 0 || c as usize >= n_cols) {
+        return Err(crate::invalid!("indices[{j}]={} is outside the {n_cols} {cols}", indices[j]));
     }
     Ok(n)
 }
@@ -272,18 +266,19 @@ mod tests {
     fn profiles_by_hand() {
         // rows: 0 padding (empty), 1 = {t0: 1, t2: 2}, 2 = {t1: 4}; users [[0, 1], [2, 1]], w = [0.5, 1]
         let (indptr, indices, data) = ([0i64, 0, 2, 3], [0i64, 2, 1], [1.0f32, 2.0, 4.0]);
-        let qt = profiles(&indptr, &indices, &data, 3, &[0, 1, 2, 1], 2, 2, &[0.5, 1.0], 2.0).unwrap();
+        let h = |seq: &'static [i64], w: &'static [f32], scale: f32| Histories { seq, b: 2, t: 2, w, scale };
+        let qt = profiles(&indptr, &indices, &data, 3, &h(&[0, 1, 2, 1], &[0.5, 1.0], 2.0)).unwrap();
         // (term, user): user 0 = row 1; user 1 = 0.5 * row 2 + row 1; times 2
         assert_eq!(qt, vec![2.0, 2.0, 0.0, 4.0, 4.0, 4.0]);
-        assert!(profiles(&indptr, &indices, &data, 3, &[0, 3, 2, 1], 2, 2, &[0.5, 1.0], 1.0).is_err());
-        assert!(profiles(&indptr, &indices, &data, 3, &[0, 1, 2], 2, 2, &[0.5, 1.0], 1.0).is_err());
-        assert!(profiles(&indptr, &indices, &data, 2, &[0, 1, 2, 1], 2, 2, &[0.5, 1.0], 1.0).is_err());
-        assert!(profiles(&indptr, &indices, &data, 3, &[0, 1, 2, 1], 2, 2, &[0.5], 1.0).is_err());
+        assert!(profiles(&indptr, &indices, &data, 3, &h(&[0, 3, 2, 1], &[0.5, 1.0], 1.0)).is_err());
+        assert!(profiles(&indptr, &indices, &data, 3, &h(&[0, 1, 2], &[0.5, 1.0], 1.0)).is_err());
+        assert!(profiles(&indptr, &indices, &data, 2, &h(&[0, 1, 2, 1], &[0.5, 1.0], 1.0)).is_err());
+        assert!(profiles(&indptr, &indices, &data, 3, &h(&[0, 1, 2, 1], &[0.5], 1.0)).is_err());
         // scores = A @ qt: row 1 . (user columns) = 1 * qt[0] + 2 * qt[2]; row 2 = 4 * qt[1]
         let mut out = vec![1.0f32; 6];
-        text_scores(&indptr, &indices, &data, 3, &[0, 1, 2, 1], 2, 2, &[0.5, 1.0], 2.0, &mut out, true, Some(1)).unwrap();
+        text_scores(&indptr, &indices, &data, 3, &h(&[0, 1, 2, 1], &[0.5, 1.0], 2.0), &mut out, true, Some(1)).unwrap();
         assert_eq!(out, vec![1.0, 1.0, 11.0, 11.0, 1.0, 17.0]);
-        assert!(text_scores(&indptr, &indices, &data, 3, &[0, 1, 2, 1], 2, 2, &[0.5, 1.0], 2.0, &mut out[1..], true, None).is_err());
+        assert!(text_scores(&indptr, &indices, &data, 3, &h(&[0, 1, 2, 1], &[0.5, 1.0], 2.0), &mut out[1..], true, None).is_err());
     }
 
     #[test]
