@@ -36,3 +36,15 @@ macro_rules! ensure {
         if !$cond { return Err($crate::invalid!($($arg)*)); }
     };
 }
+
+/// A vector of `rows × cols` zeros (the default value), or `Error::Invalid` naming `what` when
+/// that size overflows or the memory cannot be had (instead of the allocator's abort).
+pub fn zeros<T: Clone + Default>(rows: usize, cols: usize, what: &str) -> Result<Vec<T>> {
+    let n = rows.checked_mul(cols).ok_or_else(|| invalid!("{what} of {rows} x {cols} is too large"))?;
+    let mut v: Vec<T> = Vec::new();
+    v.try_reserve_exact(n).map_err(|_| {
+        invalid!("no memory for {what} of {rows} x {cols} ({} bytes)", n.saturating_mul(std::mem::size_of::<T>()))
+    })?;
+    v.resize(n, T::default());
+    Ok(v)
+}

@@ -35,7 +35,7 @@ enum Kind {
     F64,
 }
 
-/// `np.ascontiguousarray(obj, dtype)` after checking the dtype family and the number of
+/// `np.require(obj, dtype, "CA")` (C-contiguous, aligned) after checking the dtype family and the number of
 /// dimensions; returns the same object when it already fits (no copy).
 fn coerce<'py>(py: Python<'py>, obj: &Bound<'py, PyAny>, name: &str, kind: Kind, ndim: usize) -> PyResult<Bound<'py, PyAny>> {
     let np = py.import("numpy")?;
@@ -68,7 +68,8 @@ fn coerce<'py>(py: Python<'py>, obj: &Bound<'py, PyAny>, name: &str, kind: Kind,
     };
     let kwargs = PyDict::new(py);
     kwargs.set_item("dtype", target)?;
-    np.call_method("ascontiguousarray", (arr,), Some(&kwargs))
+    kwargs.set_item("requirements", "CA")?; // C-contiguous and aligned (a copy otherwise)
+    np.call_method("require", (arr,), Some(&kwargs))
 }
 
 fn int1<'py>(py: Python<'py>, obj: &Bound<'py, PyAny>, name: &str) -> PyResult<PyReadonlyArray1<'py, i64>> {
@@ -787,7 +788,7 @@ fn text_scores<'py>(
             crate::spmm::text_scores(p, i, d, nt, &h, o, true, t)
         });
     }
-    let mut o = vec![0.0f32; rows.saturating_mul(b)];
+    let mut o: Vec<f32> = crate::error::zeros(rows, b, "the scores")?;
     py.detach(|| crate::spmm::text_scores(p, i, d, nt, &h, &mut o, false, t))?;
     Ok(numpy::ndarray::Array2::from_shape_vec((rows, b), o).map_err(invariant)?.into_pyarray(py).into_any())
 }
@@ -819,8 +820,10 @@ fn linear<'py>(
             return Err(PyValueError::new_err(format!("bias has shape {:?}, expected ({g}, {n})", b.shape())));
         }
     }
-    let total = g.checked_mul(m).and_then(|v| v.checked_mul(n)).ok_or_else(|| PyValueError::new_err("output too large"))?;
-    let mut out = vec![0.0f32; total];
+    let Some(rows) = g.checked_mul(m) else {
+        return Err(PyValueError::new_err(format!("x of shape ({g}, {m}, {k}) is too large")));
+    };
+    let mut out: Vec<f32> = crate::error::zeros(rows, n, "the output")?;
     let (xs, ws) = (slice(&x)?, slice(&w)?);
     let bs = match &b {
         Some(b) => Some(slice(b)?),

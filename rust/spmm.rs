@@ -41,11 +41,7 @@ pub fn csr_matmul<T: Real>(
     n_threads: Option<usize>,
 ) -> Result<Vec<T>> {
     let n = check(indptr, indices, data, x, m, k)?;
-    let total = n.checked_mul(k).ok_or_else(|| crate::invalid!("output of {n} x {k} is too large"))?;
-    let mut out: Vec<T> = Vec::new();
-    let bytes = total.saturating_mul(std::mem::size_of::<T>());
-    out.try_reserve_exact(total).map_err(|_| crate::invalid!("no memory for the {n} x {k} output ({bytes} bytes)"))?;
-    out.resize(total, T::default());
+    let mut out: Vec<T> = crate::error::zeros(n, k, "the output")?;
     products(indptr, indices, data, x, k, &mut out, false, n_threads)?;
     Ok(out)
 }
@@ -91,8 +87,7 @@ pub fn profiles(indptr: &[i64], indices: &[i64], data: &[f32], n_terms: usize, h
     if let Some(p) = seq.iter().position(|&v| v < 0 || v as usize >= rows) {
         return Err(crate::invalid!("seq[{}, {}]={} is not an item row (0..{rows})", p / t.max(1), p % t.max(1), seq[p]));
     }
-    let total = n_terms.checked_mul(b).ok_or_else(|| crate::invalid!("profiles of {n_terms} x {b} are too large"))?;
-    let mut qt = vec![0.0f32; total];
+    let mut qt: Vec<f32> = crate::error::zeros(n_terms, b, "profiles")?;
     for u in 0..b {
         for (pos, &wt) in w.iter().enumerate() {
             let item = seq[u * t + pos] as usize;

@@ -161,3 +161,86 @@ def test_ops_use_the_core_only_off_autograd() -> None:
     with torch.no_grad():
         torch.testing.assert_close(ops.linear(xt, lin.weight, lin.bias),
                                    torch.nn.functional.linear(xt, lin.weight, lin.bias), atol=1e-5, rtol=1e-5)
+
+
+def test_a_users_scores_do_not_depend_on_the_block_size() -> None:
+    rng = np.random.default_rng(7)
+    items = rng.normal(size=(777, 64)).astype(np.float32)
+    states = rng.normal(size=(70, 64)).astype(np.float32)
+
+    def scores(s: np.ndarray) -> np.ndarray:
+        return _core.item_scores(items, s, np.empty((777, s.shape[0]), np.float32))
+
+    whole = scores(states)
+    for b in (1, 2, 3, 17, 64):  # one user is scored as two: the one-column kernel rounds otherwise
+        assert np.array_equal(scores(states[:b]), whole[:, :b]), b
+
+
+# torch's forward-mode AD loads its decompositions through torch.jit.script, which warns
+@pytest.mark.filterwarnings("ignore:.*torch.jit.script.*:FutureWarning")
+def test_ops_call_the_core_only_when_nothing_watches(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    real = _core.linear
+    monkeypatch.setattr(ops._core, "linear", lambda *a: calls.append(1) or real(*a))
+    lin = torch.nn.Linear(4, 3)
+    x = torch.randn(5, 4)
+    with torch.inference_mode():
+        ops.linear(x, lin.weight, lin.bias)
+    assert len(calls) == 1
+    with torch.enable_grad():  # parameters wanting gradients
+        assert ops.linear(x, lin.weight, lin.bias).requires_grad
+    import torch.autograd.forward_ad as fwad
+    with torch.no_grad(), fwad.dual_level():  # forward-mode tangents to carry
+        y = ops.linear(fwad.make_dual(x, torch.ones_like(x)), lin.weight, lin.bias)
+        assert fwad.unpack_dual(y).tangent is not None
+    with torch.no_grad():
+        torch.func.vmap(lambda r: ops.linear(r, lin.weight, lin.bias))(x)  # functorch-wrapped
+        ops.linear(x.double(), lin.weight.double(), lin.bias.double())
+        assert torch.equal(ops.linear(torch.randn(3, 0), torch.randn(2, 0), torch.ones(2)),
+                           torch.ones(3, 2))
+    assert len(calls) == 1
+
+
+def test_text_term_added_in_place_has_the_bits_of_adding_it_afterwards() -> None:
+    from h2rec import blend
+
+    rng = np.random.default_rng(8)
+    indptr, indices, data = _csr(rng, 50, 20, per_row=4)
+    data = np.abs(data)
+    rows = blend.TextRows(indptr, indices, data, 20)
+    term = blend.TextScores(rows, 2.0)
+    seq = torch.from_numpy(rng.integers(0, 50, size=(6, 5)).astype(np.int64))
+    added = term(seq)  # (6, 50)
+    base = torch.randn(50, 6)
+    in_place = base.clone().T  # the layout evaluation scores in: the Rust path
+    term.add_to(in_place, seq)
+    assert torch.equal(in_place, base.T + added)
+    fallback = base.T.contiguous()  # another layout: scores += forward(seq)
+    term.add_to(fallback, seq)
+    assert torch.equal(fallback, base.T + added)
+
+
+def test_evaluation_workers_survive_an_error_and_restore_the_thread_count() -> None:
+    from h2rec import evaluate as ev
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        done: list[int] = []
+
+        def work(pos: np.ndarray) -> None:
+            if int(pos[0]) == 3:
+                raise RuntimeError("batch 3 failed")
+            done.append(int(pos[0]))
+
+        batches = [np.array([i]) for i in range(8)]
+        with pytest.raises(RuntimeError, match="batch 3 failed"):
+            ev._run_batches(work, batches, torch.device("cpu"))
+        assert torch.get_num_threads() == 2
+        done.clear()
+        ev._run_batches(lambda pos: done.append(int(pos[0])), batches, torch.device("cpu"))
+        assert sorted(done) == list(range(8))
+        ev._run_batches(lambda pos: done.append(int(pos[0])), batches[:1], torch.device("cpu"))
+        assert len([p for p in ev._POOLS.values() if not p._shutdown]) >= 1
+    finally:
+        torch.set_num_threads(before)

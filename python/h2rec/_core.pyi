@@ -268,13 +268,16 @@ def item_scores(items: ArrayLike, states: ArrayLike, out: NDArray[np.float32]) -
     """``out[:] = items @ states.T`` for items (n, d) and states (b, d), float32 (converted),
     ``out`` a writable C-contiguous float32 (n, b) array, returned: every item's score for a
     block of users, in the layout h2rec.evaluate ranks from. One ``gemm``-crate product on the
-    calling thread (AVX-512 kernels where the CPU has them); the bits depend on the CPU only.
+    calling thread (AVX-512 kernels where the CPU has them); the bits depend on the CPU, not on
+    the number of users b (one user is computed as two: the crate's one-column kernel rounds
+    otherwise).
     The GIL is released. Raises ValueError on mismatched shapes or a wrong ``out``."""
 
 def linear(x: ArrayLike, w: ArrayLike, bias: ArrayLike | None = None) -> NDArray[np.float32]:
     """``x @ w.T + bias`` for g groups: x (g, m, k), w (g, n, k), bias (g, n) or None,
     float32 (converted); a new (g, m, n) array. Each group one ``gemm``-crate product on the
-    calling thread (the bias first, the product added). The GIL is released. Raises ValueError
+    calling thread (the bias first, the product added); the crate picks its kernel by size, so
+    a row's last bits can depend on m when m is small. The GIL is released. Raises ValueError
     on mismatched shapes."""
 
 def dropout_mask(n: int, p: float, seed: int) -> NDArray[np.float32]:

@@ -167,7 +167,8 @@ class TextScores(nn.Module):
         (as h2rec.evaluate's score_matrix makes them), the Rust core adds the term straight
         into them: no (B, n_items + 1) term is held in memory or read back."""
         base = scores.T
-        if scores.device.type != "cpu" or scores.dtype != torch.float32 or not base.is_contiguous():
+        if (scores.device.type != "cpu" or scores.dtype != torch.float32 or scores.requires_grad
+                or not base.is_contiguous()):
             scores += self.forward(seq)
             return
         self._scores(seq.cpu(), out=base.numpy())

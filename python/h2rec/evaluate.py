@@ -48,6 +48,7 @@ from torch import nn
 from h2rec import _core
 from h2rec.config import EvalConfig
 from h2rec.errors import ConfigError
+from h2rec.ops import _rust_inference
 
 __all__ = [
     "EvalResult",
@@ -346,8 +347,10 @@ def _run_batches(work: Any, batches: list[np.ndarray], device: torch.device) -> 
     with _PARALLEL:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
-        futures = [_pool(n).submit(work, pos) for pos in batches]
+        futures: list[Any] = []
         try:
+            pool = _pool(_workers(device))
+            futures = [pool.submit(work, pos) for pos in batches]
             for future in futures:
                 future.result()
         except BaseException:
@@ -367,11 +370,12 @@ if hasattr(os, "register_at_fork"):
 
 
 def _pool(n: int) -> Any:
-    """The pool of n evaluation workers, started on first use."""
+    """The pool of n evaluation workers (the torch thread count), started on first use and
+    started again when it was shut down (as at interpreter exit)."""
     from concurrent.futures import ThreadPoolExecutor
 
     pool = _POOLS.get(n)
-    if pool is None:
+    if pool is None or getattr(pool, "_shutdown", False):
         pool = _POOLS[n] = ThreadPoolExecutor(n, thread_name_prefix="h2rec-eval")
     return pool
 
@@ -451,10 +455,8 @@ def score_matrix(states: torch.Tensor, items_all: torch.Tensor) -> torch.Tensor:
     calling thread: about 2.6 x torch's MKL product for 64 users against Beauty's items on an
     AVX-512 CPU); elsewhere ``(items_all @ states.T).T``. Evaluation and recommendation both
     score through here, so their rankings agree to the bit."""
-    if (states.device.type == "cpu" and items_all.device.type == "cpu"
-            and states.dtype == torch.float32 and items_all.dtype == torch.float32
-            and not (states.requires_grad or items_all.requires_grad)):
-        out = torch.empty(items_all.shape[0], states.shape[0])
+    if _rust_inference(states, items_all):
+        out = torch.empty(items_all.shape[0], states.shape[0], dtype=torch.float32)
         _core.item_scores(items_all.contiguous().numpy(), states.contiguous().numpy(), out.numpy())
         return out.T
     return (items_all @ states.T).T

@@ -69,16 +69,25 @@ def softmax(x: Tensor) -> Tensor:
     return _Softmax.apply(x)  # type: ignore[no-any-return]
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def _rust_inference(*tensors: Tensor | None) -> bool:
-    """Whether a product of these tensors may run on the Rust core: all on the CPU in float32,
-    no gradient to record, and no tracer or compiler watching (a graph keeps torch ops)."""
+    """Whether a product of these tensors may run on the Rust core: plain tensors (no
+    subclass, fake or functorch-wrapped one, no fx proxy) on the CPU in float32, no gradient to
+    record (backward or forward mode), and no tracer or compiler watching (a graph keeps torch
+    ops)."""
     if torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return False
+    if torch.autograd.forward_ad._current_level >= 0:  # inside a dual level: tangents to carry
         return False
     grad = torch.is_grad_enabled()
     for t in tensors:
         if t is None:
             continue
-        if t.device.type != "cpu" or t.dtype != torch.float32 or (grad and t.requires_grad):
+        if type(t) not in _PLAIN or t.device.type != "cpu" or t.dtype != torch.float32:
+            return False
+        if (grad and t.requires_grad) or torch._C._functorch.is_functorch_wrapped_tensor(t):
             return False
     return True
 
@@ -87,9 +96,9 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``F.linear(x, weight, bias)``: x (..., K), weight (N, K), bias (N,) -> (..., N). Without
     autograd on the CPU it is the Rust core's ``linear`` (same value up to float rounding),
     computed on the calling thread; otherwise ``F.linear``."""
-    if not _rust_inference(x, weight, bias):
-        return F.linear(x, weight, bias)
     k, n = x.shape[-1], weight.shape[0]
+    if k == 0 or not _rust_inference(x, weight, bias):
+        return F.linear(x, weight, bias)
     out = _core.linear(
         x.detach().reshape(1, -1, k).numpy(),
         weight.detach()[None].numpy(),
@@ -102,7 +111,7 @@ def grouped_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Ten
     """G linear layers at once: x (G, M, K), weight (G, N, K), bias (G, N) -> (G, M, N), i.e.
     ``torch.baddbmm(bias[:, None], x, weight.transpose(1, 2))``; the Rust core's ``linear`` off
     autograd on the CPU (as :func:`linear`)."""
-    if not _rust_inference(x, weight, bias):
+    if x.shape[-1] == 0 or not _rust_inference(x, weight, bias):
         prod = torch.bmm(x, weight.transpose(1, 2))
         return prod if bias is None else prod + bias[:, None]
     out = _core.linear(
