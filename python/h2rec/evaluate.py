@@ -36,8 +36,8 @@ import logging
 import math
 import os
 import threading
-from functools import partial
 from collections.abc import Callable, Iterator
+from functools import partial
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -48,7 +48,7 @@ from torch import nn
 from h2rec import _core
 from h2rec.config import EvalConfig
 from h2rec.errors import ConfigError
-from h2rec.ops import _rust_inference
+from h2rec.ops import core_inference
 
 __all__ = [
     "EvalResult",
@@ -455,7 +455,7 @@ def score_matrix(states: torch.Tensor, items_all: torch.Tensor) -> torch.Tensor:
     calling thread: about 2.6 x torch's MKL product for 64 users against Beauty's items on an
     AVX-512 CPU); elsewhere ``(items_all @ states.T).T``. Evaluation and recommendation both
     score through here, so their rankings agree to the bit."""
-    if _rust_inference(states, items_all):
+    if core_inference(states, items_all):
         out = torch.empty(items_all.shape[0], states.shape[0], dtype=torch.float32)
         _core.item_scores(items_all.contiguous().numpy(), states.contiguous().numpy(), out.numpy())
         return out.T

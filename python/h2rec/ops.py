@@ -21,7 +21,7 @@ from torch import Tensor
 
 from h2rec import _core
 
-__all__ = ["grouped_linear", "layer_norm", "linear", "softmax"]
+__all__ = ["core_inference", "grouped_linear", "layer_norm", "linear", "softmax"]
 
 
 # rows shorter than this go through torch's CPU softmax padded with -inf up to it: the kernel
@@ -72,7 +72,7 @@ def softmax(x: Tensor) -> Tensor:
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
-def _rust_inference(*tensors: Tensor | None) -> bool:
+def core_inference(*tensors: Tensor | None) -> bool:
     """Whether a product of these tensors may run on the Rust core: plain tensors (no
     subclass, fake or functorch-wrapped one, no fx proxy) on the CPU in float32, no gradient to
     record (backward or forward mode), and no tracer or compiler watching (a graph keeps torch
@@ -97,7 +97,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     autograd on the CPU it is the Rust core's ``linear`` (same value up to float rounding),
     computed on the calling thread; otherwise ``F.linear``."""
     k, n = x.shape[-1], weight.shape[0]
-    if k == 0 or not _rust_inference(x, weight, bias):
+    if k == 0 or not core_inference(x, weight, bias):
         return F.linear(x, weight, bias)
     out = _core.linear(
         x.detach().reshape(1, -1, k).numpy(),
@@ -111,7 +111,7 @@ def grouped_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Ten
     """G linear layers at once: x (G, M, K), weight (G, N, K), bias (G, N) -> (G, M, N), i.e.
     ``torch.baddbmm(bias[:, None], x, weight.transpose(1, 2))``; the Rust core's ``linear`` off
     autograd on the CPU (as :func:`linear`)."""
-    if x.shape[-1] == 0 or not _rust_inference(x, weight, bias):
+    if x.shape[-1] == 0 or not core_inference(x, weight, bias):
         prod = torch.bmm(x, weight.transpose(1, 2))
         return prod if bias is None else prod + bias[:, None]
     out = _core.linear(
