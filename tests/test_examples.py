@@ -272,3 +272,53 @@ def test_branch_states_takes_a_trained_h2rec_apart_on_validation(tmp_path: Path)
     assert "| alpha=0.5 |" in ex.summary(tmp_path / "out")
     with pytest.raises(SystemExit, match="an H2Rec run with fused scores and both branches is needed"):
         ex.main([str(runs / "sasrec"), "--out", str(tmp_path / "out")])
+
+
+def test_blend_variants_default_is_the_blends_own_validation_table(tmp_path: Path) -> None:
+    """The probe's default rows are the validation figures blend.choose records for the same
+    run, its paired differences are those of per-user NDCG@10 against the best weight, pop0 is
+    the default, and the text variants say what they add."""
+    import numpy as np
+    import pytest
+
+    from h2rec import blend
+    from h2rec.cli import main
+    from h2rec.evaluate import evaluate
+    from h2rec.runs import load_run
+
+    data = small_builtin(tmp_path / "d", n_users=200, n_items=120, seed=2, emb_dim=24, levels=2,
+                         codebook=8, n_iter=8, save=True)
+    args = ["train", str(data["path"]), "--name", "fu", "--output-dir", str(tmp_path / "runs"),
+            "--set", "model.kind=fusion"]
+    for s in ["model.hidden=16", "model.max_len=12", *QUICK_TRAIN, "train.epochs=2"]:
+        args += ["--set", s]
+    assert main(args) == 0
+    run = tmp_path / "runs" / "fu"
+    before = (run / "best.pt").read_bytes()
+    ex = _example("blend_variants")
+    rows = ex.probe(run, ["default", "pop0", "pop0.5"], None)
+    assert (run / "best.pt").read_bytes() == before
+    model, cfg, ds = load_run(run, apply_blend=False)
+    record = blend.choose(model, None, lambda m: evaluate(m, ds.store, "valid", cfg.eval,
+                                                          cfg.model.max_len), ds.item_text)
+    default = [r for r in rows if r["variant"] == "default"]
+    assert [r["weight"] for r in default] == list(blend.BLEND_GRID)
+    for r in default:
+        assert np.isclose(r["ndcg10"], record["valid_ndcg10"][f"{r['weight']:g}"], rtol=0, atol=1e-12)
+    best = max(default, key=lambda r: r["ndcg10"])
+    assert best["diff"] == 0.0 and best["se"] == 0.0
+    for r in default:
+        assert np.isclose(r["diff"], r["ndcg10"] - best["ndcg10"], rtol=0, atol=1e-12)
+        assert r["diff"] <= 0.0 and r["se"] >= 0.0
+    pop0 = [r for r in rows if r["variant"] == "pop0"]
+    assert [r["ndcg10"] for r in pop0] == [r["ndcg10"] for r in default]
+    # with weight 0 every variant is the bare model
+    assert len({r["ndcg10"] for r in rows if r["weight"] == 0}) == 1
+    assert ex.variant_text("bigrams", ["Red Nail Polish"], None) == [
+        "red nail polish red_nail nail_polish"
+    ]
+    assert ex.variant_text("attributes", ["a", "b"], {"1": [7, 9]}) == ["a attr7 attr9", "b "]
+    assert "within 1 SE" in ex.line(best)
+    for bad in ("pop", "popx", "shout"):
+        with pytest.raises(SystemExit, match="--variants"):
+            ex.probe(run, [bad], None)
