@@ -296,7 +296,7 @@ def test_blend_variants_default_is_the_blends_own_validation_table(tmp_path: Pat
     run = tmp_path / "runs" / "fu"
     before = (run / "best.pt").read_bytes()
     ex = _example("blend_variants")
-    rows = ex.probe(run, ["default", "pop0", "pop0.5"], None)
+    rows = list(ex.probe(run, ["default", "pop0", "pop0.5"], None))
     assert (run / "best.pt").read_bytes() == before
     model, cfg, ds = load_run(run, apply_blend=False)
     record = blend.choose(model, None, lambda m: evaluate(m, ds.store, "valid", cfg.eval,
@@ -310,8 +310,25 @@ def test_blend_variants_default_is_the_blends_own_validation_table(tmp_path: Pat
     for r in default:
         assert np.isclose(r["diff"], r["ndcg10"] - best["ndcg10"], rtol=0, atol=1e-12)
         assert r["diff"] <= 0.0 and r["se"] >= 0.0
+        assert (r["diff_default"], r["se_default"]) == (r["diff"], r["se"])
+    # the paired standard error, from the ranks of the two weights
+    def per_user(w: float) -> np.ndarray:
+        if w == 0:
+            blend.detach(model)
+        else:
+            blend.attach_rows(model, blend.text_rows(ds.item_text), w)
+        ranks = evaluate(model, ds.store, "valid", cfg.eval, cfg.model.max_len).ranks
+        return np.array([1 / np.log2(r + 2) if r < 10 else 0.0 for r in ranks])
+    worst = min(default, key=lambda r: r["ndcg10"])
+    d = per_user(worst["weight"]) - per_user(best["weight"])
+    assert np.isclose(worst["se"], d.std(ddof=1) / np.sqrt(d.size), rtol=1e-9, atol=0)
+    assert worst["se"] > 0
     pop0 = [r for r in rows if r["variant"] == "pop0"]
     assert [r["ndcg10"] for r in pop0] == [r["ndcg10"] for r in default]
+    # rows scaled by (1 + count)^-0.5 score otherwise: the same figures at every weight but 0
+    pop5 = [r for r in rows if r["variant"] == "pop0.5"]
+    assert any(a["ndcg10"] != b["ndcg10"] for a, b in zip(pop5[1:], default[1:]))
+    assert sum(r["edge"] for r in default) <= 1
     # with weight 0 every variant is the bare model
     assert len({r["ndcg10"] for r in rows if r["weight"] == 0}) == 1
     assert ex.variant_text("bigrams", ["Red Nail Polish"], None) == [
@@ -321,4 +338,12 @@ def test_blend_variants_default_is_the_blends_own_validation_table(tmp_path: Pat
     assert "within 1 SE" in ex.line(best)
     for bad in ("pop", "popx", "shout"):
         with pytest.raises(SystemExit, match="--variants"):
-            ex.probe(run, [bad], None)
+            list(ex.probe(run, ["default", bad], None))  # refused before any evaluation
+    with pytest.raises(SystemExit, match="needs --attributes"):
+        ex.check_variants(["default", "attributes"], None)
+    bad_file = tmp_path / "attrs.json"
+    for text, says in (("[1, 2]", "expected a JSON object"), ('{"1": "a"}', "item '1'"),
+                       ("{", "not a readable JSON")):
+        bad_file.write_text(text)
+        with pytest.raises(SystemExit, match=says):
+            ex.load_attributes(bad_file)
