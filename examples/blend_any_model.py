@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 
-def blend_run(run: Path, threads: int) -> dict:
+def blend_run(run: Path, threads: int, mode: str = "auto") -> dict:
     """The blend chosen on validation for the run folder ``run``, and its test metrics."""
     import h2rec  # noqa: F401  (before torch: the thread and wait settings)
     import torch
@@ -32,12 +32,12 @@ def blend_run(run: Path, threads: int) -> dict:
     try:
         if threads:
             torch.set_num_threads(threads)
-        return _blend_run(run, overrides)
+        return _blend_run(run, overrides, mode)
     finally:
         torch.set_num_threads(before)
 
 
-def _blend_run(run: Path, overrides: list[str]) -> dict:
+def _blend_run(run: Path, overrides: list[str], mode: str = "auto") -> dict:
     from h2rec import blend
     from h2rec.evaluate import evaluate
     from h2rec.runs import load_run
@@ -48,14 +48,15 @@ def _blend_run(run: Path, overrides: list[str]) -> dict:
     def valid(m: object) -> object:
         return evaluate(m, ds.store, "valid", cfg.eval, cfg.model.max_len)  # type: ignore[arg-type]
 
-    record = blend.choose(model, None, valid, ds.item_text)
+    record = blend.choose(model, None, valid, ds.item_text, ds.store.popularity(holdout=2), mode)
     if record is None:
         raise SystemExit(f"{run}: its dataset's items have no text a blend could use")
     test = evaluate(model, ds.store, "test", cfg.eval, cfg.model.max_len)
     groups = {g: m["NDCG@10"] for g, m in test.groups.items()
               if m is not None and m.get("NDCG@10") is not None}  # an empty group has none
     return {"run": str(run), "model": cfg.model.kind, "seed": cfg.train.seed,
-            "weight": record["weight"], "valid_ndcg10": record["valid_ndcg10"],
+            "weight": record["weight"], "pop_exponent": record.get("pop_exponent", 0.0),
+            "mode": mode, "valid_ndcg10": record["valid_ndcg10"],
             "test": {"NDCG@10": test.metrics["NDCG@10"], "HR@10": test.metrics["HR@10"],
                      "groups_ndcg10": groups}}
 
@@ -77,7 +78,8 @@ def summary(folder: Path) -> str:
             return f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}"
 
         t = [r["test"] for r in mine]
-        weights = ", ".join(format(r["weight"], "g") for r in mine)
+        weights = ", ".join(format(r["weight"], "g") + (
+            f" (g {r['pop_exponent']:g})" if r.get("mode") == "rare" else "") for r in mine)
         out.append(
             f"| {model} | {len(mine)} | {weights} | "
             f"{cell([x['NDCG@10'] for x in t])} | {cell([x['HR@10'] for x in t])} | "
@@ -94,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="folder of the result files (one per run)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: h2rec's default)")
     p.add_argument("--summary", type=Path, help="print the table of a folder of result files")
+    p.add_argument("--mode", choices=("auto", "rare"), default="auto",
+                   help="the blend chosen: auto (the weight), rare (rows scaled by popularity too)")
     args = p.parse_args(argv)
     if args.summary:
         print(summary(args.summary))
@@ -104,10 +108,10 @@ def main(argv: list[str] | None = None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     for run in args.runs:
-        res = blend_run(run, args.threads)
+        res = blend_run(run, args.threads, args.mode)
         name = f"{res['model']}-s{res['seed']}.json"
         write_text_atomic(args.out / name, json.dumps(res, indent=1) + "\n")
-        print(f"{run}: weight {res['weight']:g}, test NDCG@10 {res['test']['NDCG@10']:.4f}",
+        print(f"{run}: weight {res['weight']:g}, pop exponent {res['pop_exponent']:g}, test NDCG@10 {res['test']['NDCG@10']:.4f}",
               flush=True)
     return 0
 

@@ -177,12 +177,21 @@ def needs_blend(sets: list[str]) -> bool:
     return blend_applies(apply_overrides(RunConfig(), sets), np.zeros((1, 1)))
 
 
-def _blend_is_current(record: dict | None) -> bool:
-    """Whether a text blend record (of a run or of a result file) is of today's kind (the
-    TF-IDF rows of h2rec.blend, version 2); the datasets here all have item text."""
-    from h2rec.blend import BLEND_VERSION
+def blend_mode(sets: list[str]) -> str:
+    """``train.text_blend`` as ``sets`` give it."""
+    from h2rec.config import RunConfig, apply_overrides
 
-    return bool(record) and record.get("version") == BLEND_VERSION  # type: ignore[union-attr]
+    return apply_overrides(RunConfig(), sets).train.text_blend
+
+
+def _blend_is_current(record: dict | None, sets: list[str]) -> bool:
+    """Whether a text blend record (of a run or of a result file) is of the kind ``sets`` ask
+    for (the TF-IDF rows of h2rec.blend: version 2, or 3 with ``train.text_blend=rare``); the
+    datasets here all have item text."""
+    from h2rec.blend import wanted_version
+
+    return bool(record) and record.get("version") == wanted_version(  # type: ignore[union-attr]
+        blend_mode(sets))
 
 
 def sets_for(name: str, model: str, seed: int, extra: list[str], threads: int = 0) -> list[str]:
@@ -210,7 +219,7 @@ def is_current(result: dict, sets: list[str] | None = None) -> bool:
             return False
         if not needs_blend(result["set"]):
             return not result.get("text_blend")
-        return _blend_is_current(result.get("text_blend"))
+        return _blend_is_current(result.get("text_blend"), result["set"])
     except ConfigError:  # its sets name a setting this h2rec no longer has
         return False
 
@@ -250,16 +259,17 @@ def run_one(name: str, model: str, seed: int, args: argparse.Namespace, threads:
             cmd += ["--set", s]
         _h2rec(*cmd)
     if needs_blend(sets) and not (
-        blend_file.exists() and _blend_is_current(json.loads(blend_file.read_text()))
+        blend_file.exists() and _blend_is_current(json.loads(blend_file.read_text()), sets)
     ):  # a run trained before the blend (or its TF-IDF rows) existed: choose it now
-        _h2rec("blend", str(run_dir), "--overwrite", "--set", f"train.num_threads={threads}",
-               quiet=True)
+        _h2rec("blend", str(run_dir), "--overwrite", "--mode", blend_mode(sets),
+               "--set", f"train.num_threads={threads}", quiet=True)
     res: dict[str, object] = {"dataset": name, "model": model, "seed": seed, "set": sets,
                               "settings": settings_of(json.loads(saved.read_text()))}
     if needs_blend(sets):
         blend = json.loads(blend_file.read_text())
         res["text_blend"] = {k: blend.get(k) for k in ("version", "kind", "weight", "decay",
-                                                       "valid_ndcg10")}
+                                                       "pop_exponent", "valid_ndcg10")
+                             if k in blend}
     for protocol in ("full", "sampled"):
         tmp = out.parent / f".{tag}.{protocol}.tmp.json"
         tmp.parent.mkdir(parents=True, exist_ok=True)

@@ -191,6 +191,18 @@ def test_blend_command_chooses_for_a_finished_run(
     assert main(["blend", str(run), "--overwrite"]) == 0
     assert checkpoint_blend(run / "best.pt") == record  # deterministic
     assert json.loads((run / blend.BLEND_FILE).read_text()) == record
+    # --mode rare: the popularity-scaled blend, which evaluation then scores with
+    assert main(["blend", str(run), "--overwrite", "--mode", "rare"]) == 0
+    out = capsys.readouterr().out
+    rare = checkpoint_blend(run / "best.pt")
+    assert rare is not None and rare["version"] == 3
+    assert f"chose {rare['weight']:g} (pop exponent {rare['pop_exponent']:g})" in out
+    assert "pop exponent 0.15, weight 8: validation NDCG@10" in out
+    assert main(["evaluate", str(run), "--split", "valid", "--out", str(tmp_path / "v.json")]) == 0
+    got = json.loads((tmp_path / "v.json").read_text())["models"]
+    (metrics,) = got.values()
+    best = rare["valid_ndcg10"][f"{rare['pop_exponent']:g}"][f"{rare['weight']:g}"]
+    assert metrics["metrics"]["NDCG@10"] == pytest.approx(best, abs=1e-12)
     sas = tmp_path / "runs" / "sas"
     args = ["train", str(data["path"]), "--name", "sas", "--output-dir", str(tmp_path / "runs"),
             "--set", "model.kind=sasrec"]
@@ -340,7 +352,8 @@ def test_training_with_item_text_chooses_and_reloads_the_tfidf_blend(
     other = [*texts[:-1], texts[-1] + " " + texts[0]]
     with pytest.raises(CheckpointError, match="text_sha256 differs"):
         load_checkpoint(run / "best.pt", data["store"], data["sids"], None, item_text=other)
-    for bad, match in (({"version": 3}, "version 3; known: 1, 2"),
+    for bad, match in (({"version": 4}, "version 4; known: 1, 2, 3"),
+                       ({"version": 3}, "not a readable text blend"),  # no pop_exponent
                        ({"version": True}, "version True"), ({"min_df": 2.5}, "not an h2rec")):
         set_checkpoint_blend(run / "best.pt", {**forced, **bad})
         with pytest.raises(CheckpointError, match=match):
@@ -435,3 +448,63 @@ def test_evaluation_with_the_tfidf_blend_matches_a_numpy_oracle(
     ranks = np.asarray(got.ranks)
     assert (ranks == np.asarray(want)).mean() > 0.99  # float32 against float64 near-ties
     assert ranks.tolist() != [0] * len(ranks)
+
+
+def test_the_rare_blend_scales_rows_by_popularity_chosen_with_the_weight(
+    data: dict[str, Any], tmp_path: Path
+) -> None:
+    """train.text_blend=rare: (g, weight) are the validation best of the 2-D grid, the record
+    (version 3) reloads with the dataset's training counts, the term is the plain one on rows
+    scaled by (1 + count)^-g (a numpy oracle), and other counts are refused."""
+    from h2rec.evaluate import added_scores
+
+    texts = data["dataset"].item_text
+    store = data["store"]
+    cfg = _cfg("model.kind=sid", "train.epochs=3", "train.text_blend=rare")
+    run = tmp_path / "sid"
+    train(cfg, store, data["sids"], None, run_dir=run, item_text=texts)
+    record = checkpoint_blend(run / "best.pt")
+    assert record is not None and record["version"] == 3
+    table = record["valid_ndcg10"]
+    assert set(table) == {f"{g:g}" for g in blend.POP_GRID}
+    assert all(set(t) == {f"{w:g}" for w in blend.RARE_WEIGHTS} for t in table.values())
+    best = max(v for t in table.values() for v in t.values())
+    assert table[f"{record['pop_exponent']:g}"][f"{record['weight']:g}"] == best
+    assert len({t["0"] for t in table.values()}) == 1  # weight 0: the model alone, once
+    pop = store.popularity(holdout=2)
+    assert record["popularity_sha256"] == blend.popularity_digest(pop)
+    # a forced g > 0 and weight: the term against numpy on scaled dense rows
+    forced = {**record, "pop_exponent": 0.3, "weight": 2.0}
+    set_checkpoint_blend(run / "best.pt", forced)
+    model, _ = load_checkpoint(run / "best.pt", store, data["sids"], None, item_text=texts)
+    scale = (1.0 + pop.astype(np.float64)) ** -0.3
+    dense = _dense_rows(texts) * scale[:, None]
+    seq = torch.tensor([[0, 0, 3, 9, 27], [5, 6, 7, 8, 1], [0, 0, 0, 0, 4]])
+    want = np.zeros((3, len(texts) + 1))
+    for b in range(3):
+        q = sum(np.exp(-0.5 * k) * dense[int(x)] for k, x in enumerate(seq[b].flip(0)))
+        want[b] = 2.0 * dense @ q
+    np.testing.assert_allclose(added_scores(model, seq).numpy(), want, rtol=1e-5, atol=1e-6)
+    # g = 0 is the plain blend
+    set_checkpoint_blend(run / "best.pt", {**record, "pop_exponent": 0.0, "weight": 2.0})
+    plain0, _ = load_checkpoint(run / "best.pt", store, data["sids"], None, item_text=texts)
+    plain = _dense_rows(texts)
+    q = sum(np.exp(-0.5 * k) * plain[int(x)] for k, x in enumerate(seq[0].flip(0)))
+    np.testing.assert_allclose(added_scores(plain0, seq).numpy()[0], 2.0 * plain @ q,
+                               rtol=1e-5, atol=1e-6)
+    # the counts it was chosen with, and no others
+    model2, _ = load_checkpoint(run / "best.pt", store, data["sids"], None, apply_blend=False,
+                                item_text=texts)
+    with pytest.raises(CheckpointError, match="popularity_sha256 differs"):
+        blend.apply_record(model2, forced, None, "here", texts, pop + 1)
+    with pytest.raises(ConfigError, match="training popularity"):
+        blend.apply_record(model2, forced, None, "here", texts, None)
+    with pytest.raises(CheckpointError, match="not an h2rec text blend"):
+        blend.apply_record(model2, {**forced, "pop_exponent": -1.0}, None, "here", texts, pop)
+    from h2rec.errors import DataError
+
+    with pytest.raises(DataError, match="popularity counts"):
+        blend.popularity_scaled(blend.text_rows(texts), pop[:-1], 0.3)
+    # outdated: a plain record where rare is asked for, and the other way round
+    assert blend.is_outdated({"version": 2}, texts, "rare")
+    assert blend.is_outdated(record, texts, "auto") and not blend.is_outdated(record, texts, "rare")

@@ -165,6 +165,23 @@ def test_blend_any_model_chooses_on_validation_and_leaves_the_run_alone(tmp_path
     want = evaluate(model, ds.store, "test", cfg.eval, cfg.model.max_len)
     assert np.isclose(res["test"]["NDCG@10"], want.metrics["NDCG@10"], rtol=0, atol=1e-12)
     assert "| sasrec | 1 |" in ex.summary(tmp_path / "out")
+    # the popularity-scaled blend: (g, weight) validation's best of the 2-D grid
+    assert ex.main([str(run), "--out", str(tmp_path / "rare"), "--threads", "1",
+                    "--mode", "rare"]) == 0
+    rare = json.loads((tmp_path / "rare" / "sasrec-s0.json").read_text())
+    assert (run / "best.pt").read_bytes() == before and rare["mode"] == "rare"
+    grid = rare["valid_ndcg10"]
+    assert grid[f"{rare['pop_exponent']:g}"][f"{rare['weight']:g}"] == max(
+        v for t in grid.values() for v in t.values())
+    if rare["weight"] > 0:
+        scaled = blend.popularity_scaled(blend.text_rows(ds.item_text),
+                                         ds.store.popularity(holdout=2), rare["pop_exponent"])
+        blend.attach_rows(model, scaled, rare["weight"])
+    else:
+        blend.detach(model)
+    want = evaluate(model, ds.store, "test", cfg.eval, cfg.model.max_len)
+    assert np.isclose(rare["test"]["NDCG@10"], want.metrics["NDCG@10"], rtol=0, atol=1e-12)
+    assert "(g " in ex.summary(tmp_path / "rare")
 
 
 def test_the_scale_log_is_per_user_chronological_and_joins_its_items(tmp_path: Path) -> None:

@@ -186,7 +186,9 @@ def _cmd_blend(args: argparse.Namespace) -> int:
         )
     record = blend.choose(
         rec.model, embeddings, lambda m: evaluate(m, rec.dataset.store, "valid", cfg.eval,
-                                                  cfg.model.max_len), item_text
+                                                  cfg.model.max_len), item_text,
+        rec.dataset.store.popularity(holdout=2),
+        args.mode or ("rare" if cfg.train.text_blend == "rare" else "auto"),
     )
     if record is None:  # no word in two items' text, and no embeddings
         raise ConfigError(f"{args.run}: no word of its items' text is in two items or more, "
@@ -194,9 +196,14 @@ def _cmd_blend(args: argparse.Namespace) -> int:
     set_checkpoint_blend(ckpt, record)
     if ckpt.name == "best.pt":
         blend.write_copy(ckpt.parent, record)
-    for w, v in record["valid_ndcg10"].items():
-        print(f"weight {w}: validation NDCG@10 {v:.4f}")
-    print(f"chose {record['weight']:g}; wrote it into {ckpt}")
+    for key, v in record["valid_ndcg10"].items():
+        if isinstance(v, dict):  # version 3: by popularity exponent, then weight
+            for w, x in v.items():
+                print(f"pop exponent {key}, weight {w}: validation NDCG@10 {x:.4f}")
+        else:
+            print(f"weight {key}: validation NDCG@10 {v:.4f}")
+    g = f" (pop exponent {record['pop_exponent']:g})" if "pop_exponent" in record else ""
+    print(f"chose {record['weight']:g}{g}; wrote it into {ckpt}")
     return 0
 
 
@@ -434,6 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sids", help="SID directory (default: the one the run was trained on)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
     p.add_argument("--overwrite", action="store_true", help="choose again over a chosen blend")
+    p.add_argument("--mode", choices=("auto", "rare"),
+                   help="auto: the weight alone; rare: rows also scaled by popularity (default: "
+                        "the run's train.text_blend, auto when off)")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=_cmd_blend)
 

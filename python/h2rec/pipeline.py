@@ -261,17 +261,18 @@ def compare_runs(
             saved_blend = checkpoint_blend(run_dir / "best.pt")
             if not blend_applies(kcfg, embeddings, dataset.item_text):
                 pass  # asked for without it (train.text_blend=off)
-            elif is_outdated(saved_blend, dataset.item_text):
+            elif is_outdated(saved_blend, dataset.item_text, kcfg.train.text_blend):
                 # finished before the text blend (or its TF-IDF rows) existed: choose it now,
                 # as h2rec blend --overwrite does
                 record = choose_blend(model, embeddings, partial(
                     evaluate, store=dataset.store, split="valid", cfg=kcfg.eval,
-                    max_len=kcfg.model.max_len), dataset.item_text)
+                    max_len=kcfg.model.max_len), dataset.item_text,
+                    dataset.store.popularity(holdout=2), kcfg.train.text_blend)
                 set_checkpoint_blend(run_dir / "best.pt", record)
                 write_blend_copy(run_dir, record)
             else:
                 apply_blend(model, saved_blend, embeddings, str(run_dir / "best.pt"),
-                            dataset.item_text)
+                            dataset.item_text, dataset.store.popularity(holdout=2))
             test = evaluate(model, dataset.store, "test", kcfg.eval, kcfg.model.max_len)
         else:
             test = train_run(kcfg, dataset, sids, embeddings, run_dir, False, overwrite).test

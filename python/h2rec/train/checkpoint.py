@@ -307,7 +307,8 @@ def load_checkpoint(
     if apply_blend:
         from h2rec.blend import apply_record
 
-        apply_record(model, ckpt.get("text_blend"), embeddings, str(path), item_text)
+        apply_record(model, ckpt.get("text_blend"), embeddings, str(path), item_text,
+                     store.popularity(holdout=2))
     return model, cfg
 
 

@@ -501,7 +501,7 @@ def _test_best(
         record = blend.choose(
             model, embeddings,
             lambda m: _evaluate_all(m, run.store, "valid", run.cfg, run.world, run.rank),
-            item_text,
+            item_text, run.store.popularity(holdout=2), run.cfg.train.text_blend,
         )
     if run.out is not None and run.is_main and best_path is not None and best_path.exists():
         set_checkpoint_blend(best_path, record)  # best.pt scores with it (or with none)
