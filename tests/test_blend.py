@@ -330,7 +330,7 @@ def test_training_with_item_text_chooses_and_reloads_the_tfidf_blend(
     data: dict[str, Any], tmp_path: Path
 ) -> None:
     texts = data["dataset"].item_text
-    cfg = _cfg("model.kind=sid", "train.epochs=3")
+    cfg = _cfg("model.kind=sid", "train.epochs=3", "train.text_blend=auto")  # the plain blend
     run = tmp_path / "sid"
     result = train(cfg, data["store"], data["sids"], None, run_dir=run, item_text=texts)
     record = checkpoint_blend(run / "best.pt")

@@ -279,7 +279,8 @@ def test_recommend_split_export_reproduces_the_metrics(
     pipeline: dict[str, Any], tmp_path: Path, split: str
 ) -> None:
     # an outside scorer: HR@K and NDCG@K from the exported lists with a few lines of numpy,
-    # on a copy of the run that scores with a text blend (the default), of weight 2 here
+    # on a copy of the run that scores with a text blend (the default), of weight 2 and
+    # popularity exponent 0.3 here
     import shutil
 
     from h2rec import blend
@@ -289,11 +290,11 @@ def test_recommend_split_export_reproduces_the_metrics(
     run = tmp_path / "h2rec"
     shutil.copytree(pipeline["base"] / "h2rec", run)
     record = checkpoint_blend(run / "best.pt")
-    assert record is not None and record["version"] == 2
+    assert record is not None and record["version"] == 3  # the default: scaled by popularity
     data = json.loads((run / "config.json").read_text())["data"]["path"]
     rows = blend.text_rows(load_dataset(data).item_text)
     assert rows is not None and rows.digest() == record["text_sha256"]
-    set_checkpoint_blend(run / "best.pt", {**record, "weight": 2.0})
+    set_checkpoint_blend(run / "best.pt", {**record, "weight": 2.0, "pop_exponent": 0.3})
     out = tmp_path / "recs.parquet"
     assert main(["recommend", str(run), "--split", split, "--out", str(out), "-k", "20"]) == 0
     assert main(["evaluate", str(run), "--split", split, "--out", str(tmp_path / "m.json")]) == 0

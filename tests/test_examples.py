@@ -82,6 +82,13 @@ def test_a_result_is_current_only_with_todays_settings() -> None:
     assert rt.needs_blend(h2_sets) and not rt.needs_blend(sets)
     assert not rt.is_current({"set": h2_sets, "settings": h2})
     assert rt.is_current({"set": h2_sets, "settings": h2,
+                          "text_blend": {"version": 3, "kind": "tfidf", "weight": 1.0}})
+    # the default is the popularity-scaled blend (version 3): a plain one (2) is chosen again,
+    # unless the sets ask for it
+    assert not rt.is_current({"set": h2_sets, "settings": h2,
+                              "text_blend": {"version": 2, "kind": "tfidf", "weight": 1.0}})
+    auto = [*h2_sets, "train.text_blend=auto"]
+    assert rt.is_current({"set": auto, "settings": rt.settings_for(auto),
                           "text_blend": {"version": 2, "kind": "tfidf", "weight": 1.0}})
     # one chosen before the TF-IDF rows (dense embeddings, version 1) is chosen again
     assert not rt.is_current({"set": h2_sets, "settings": h2, "text_blend": {"weight": 1.0}})
@@ -114,7 +121,7 @@ def test_summary_and_plot_read_only_todays_results(tmp_path: Path) -> None:
                "settings": rt.settings_for(sets), "buckets": buckets, "full": full,
                "sampled": {"metrics": {"NDCG@10": 0.5, "HR@10": 0.7}, "groups": {}}}
         if rt.needs_blend(sets):
-            res["text_blend"] = {"version": 2, "kind": "tfidf", "weight": 3.0}
+            res["text_blend"] = {"version": 3, "kind": "tfidf", "weight": 3.0}
         return res
 
     out = tmp_path / "beauty"

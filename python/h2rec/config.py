@@ -129,9 +129,10 @@ class TrainConfig:
     # beta * <q_u, t_i>, the user's decayed profile of the items' sparse word TF-IDF rows
     # against each item's row, to their scores, beta picked by validation NDCG@10 (h2rec.blend;
     # saved in best.pt, a copy in text_blend.json); Beauty test, H2Rec, 3 seeds: tail NDCG@10
-    # 0.0341 -> 0.0439, overall 0.0611 -> 0.0668. "rare": the rows also scaled by (1 + the
-    # item's training count)^-g, g in (0, 0.15, 0.3) chosen with beta (h2rec.blend.choose_rare)
-    text_blend: Literal["auto", "off", "rare"] = "auto"
+    # 0.0341 -> 0.0439, overall 0.0611 -> 0.0668 ("auto"). "rare", the default: the rows also
+    # scaled by (1 + the item's training count)^-g, g in (0, 0.15, 0.3) chosen with beta
+    # (h2rec.blend.choose_rare), so that the text weighs more for rare items
+    text_blend: Literal["auto", "off", "rare"] = "rare"
     batch_size: int = 128  # sequences per batch (per process under DDP)
     epochs: int = 200  # maximum number of epochs
     patience: int = 10  # stop after this many validations without a better NDCG@10; 0 = never
