@@ -248,6 +248,16 @@ def _dense_rows(texts: list[str]) -> np.ndarray:
     return np.vstack([np.zeros((1, m.shape[1])), m.toarray()])
 
 
+def _term_oracle(dense: np.ndarray, seq: torch.Tensor, weight: float) -> np.ndarray:
+    """weight * <q_u, t_i> for every item, q_u the exp(-0.5 k)-decayed sum of the rows of the
+    user's items (k = 0: the last), from dense rows (n + 1, terms) in float64."""
+    want = np.zeros((seq.shape[0], dense.shape[0]))
+    for b in range(seq.shape[0]):
+        q = sum(np.exp(-0.5 * k) * dense[int(x)] for k, x in enumerate(seq[b].flip(0)))
+        want[b] = weight * dense @ q
+    return want
+
+
 def test_tfidf_blend_adds_the_decayed_text_similarity_to_every_score(
     data: dict[str, Any],
 ) -> None:
@@ -264,10 +274,7 @@ def test_tfidf_blend_adds_the_decayed_text_similarity_to_every_score(
     assert set(model.state_dict()) == keys  # the checkpoint format is unchanged
     dense = _dense_rows(texts)
     seq = torch.tensor([[0, 0, 3, 9, 27], [5, 6, 7, 8, 1], [0, 0, 0, 0, 4]])
-    want = np.zeros((3, len(texts) + 1))
-    for b in range(3):
-        q = sum(np.exp(-0.5 * k) * dense[int(x)] for k, x in enumerate(seq[b].flip(0)))
-        want[b] = 2.5 * dense @ q
+    want = _term_oracle(dense, seq, 2.5)
     np.testing.assert_allclose(added_scores(model, seq).numpy(), want, rtol=1e-5, atol=1e-6)
     # candidates only: the same values as the full row's columns
     cand = torch.tensor([[9, 1, 0, 27], [3, 3, 5, 120], [4, 2, 7, 8]])
@@ -480,10 +487,7 @@ def test_the_rare_blend_scales_rows_by_popularity_chosen_with_the_weight(
     scale = (1.0 + pop.astype(np.float64)) ** -0.3
     dense = _dense_rows(texts) * scale[:, None]
     seq = torch.tensor([[0, 0, 3, 9, 27], [5, 6, 7, 8, 1], [0, 0, 0, 0, 4]])
-    want = np.zeros((3, len(texts) + 1))
-    for b in range(3):
-        q = sum(np.exp(-0.5 * k) * dense[int(x)] for k, x in enumerate(seq[b].flip(0)))
-        want[b] = 2.0 * dense @ q
+    want = _term_oracle(dense, seq, 2.0)
     np.testing.assert_allclose(added_scores(model, seq).numpy(), want, rtol=1e-5, atol=1e-6)
     # g = 0 is the plain blend
     set_checkpoint_blend(run / "best.pt", {**record, "pop_exponent": 0.0, "weight": 2.0})

@@ -25,6 +25,20 @@ def _results_table():
     return _example("results_table")
 
 
+def _small_run(tmp_path: Path, kind: str, seed: int) -> Path:
+    """A finished run of ``kind`` (2 epochs) on a small generated dataset, under tmp_path."""
+    from h2rec.cli import main
+
+    data = small_builtin(tmp_path / "d", n_users=200, n_items=120, seed=seed, emb_dim=24,
+                         levels=2, codebook=8, n_iter=8, save=True)
+    args = ["train", str(data["path"]), "--name", kind, "--output-dir", str(tmp_path / "runs"),
+            "--set", f"model.kind={kind}"]
+    for s in ["model.hidden=16", "model.max_len=12", *QUICK_TRAIN, "train.epochs=2"]:
+        args += ["--set", s]
+    assert main(args) == 0
+    return tmp_path / "runs" / kind
+
+
 def test_the_dense_recipe_is_the_results_tables_movielens_one() -> None:
     """configs/dense.toml gives the settings of the results table's MovieLens-1M runs:
     H2Rec's as shipped, the other models' with their kind set (they do not read the alignment
@@ -146,18 +160,10 @@ def test_blend_any_model_chooses_on_validation_and_leaves_the_run_alone(tmp_path
     import numpy as np
 
     from h2rec import blend
-    from h2rec.cli import main
     from h2rec.evaluate import evaluate
     from h2rec.runs import load_run
 
-    data = small_builtin(tmp_path / "d", n_users=200, n_items=120, seed=1, emb_dim=24, levels=2,
-                         codebook=8, n_iter=8, save=True)
-    args = ["train", str(data["path"]), "--name", "sas", "--output-dir", str(tmp_path / "runs"),
-            "--set", "model.kind=sasrec"]
-    for s in ["model.hidden=16", "model.max_len=12", *QUICK_TRAIN, "train.epochs=2"]:
-        args += ["--set", s]
-    assert main(args) == 0
-    run = tmp_path / "runs" / "sas"
+    run = _small_run(tmp_path, "sasrec", seed=1)
     before = (run / "best.pt").read_bytes()
     ex = _example("blend_any_model")
     assert ex.main([str(run), "--out", str(tmp_path / "out"), "--threads", "1"]) == 0
@@ -306,18 +312,10 @@ def test_blend_variants_default_is_the_blends_own_validation_table(tmp_path: Pat
     import pytest
 
     from h2rec import blend
-    from h2rec.cli import main
     from h2rec.evaluate import evaluate
     from h2rec.runs import load_run
 
-    data = small_builtin(tmp_path / "d", n_users=200, n_items=120, seed=2, emb_dim=24, levels=2,
-                         codebook=8, n_iter=8, save=True)
-    args = ["train", str(data["path"]), "--name", "fu", "--output-dir", str(tmp_path / "runs"),
-            "--set", "model.kind=fusion"]
-    for s in ["model.hidden=16", "model.max_len=12", *QUICK_TRAIN, "train.epochs=2"]:
-        args += ["--set", s]
-    assert main(args) == 0
-    run = tmp_path / "runs" / "fu"
+    run = _small_run(tmp_path, "fusion", seed=2)
     before = (run / "best.pt").read_bytes()
     ex = _example("blend_variants")
     rows = list(ex.probe(run, ["default", "pop0", "pop0.5"], None))
