@@ -134,9 +134,7 @@ def probe(
             raise SystemExit(f"{run}: variant {name}: no word in two items or more")
         if rows.n_rows != pop.size:
             raise SystemExit(f"{run}: {rows.n_rows - 1} items of text for {pop.size - 1} items")
-        if g:
-            scale = np.repeat((1.0 + pop) ** -g, np.diff(rows.indptr)).astype(np.float32)
-            rows = blend.TextRows(rows.indptr, rows.indices, rows.data * scale, rows.n_terms)
+        rows = blend.popularity_scaled(rows, pop, g)  # the default blend's own scaling
         per: dict[float, tuple[np.ndarray, float | None, float | None]] = {}
         for w in weights:
             if w == 0:

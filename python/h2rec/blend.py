@@ -393,7 +393,7 @@ def choose_rare(
     else:
         detach(model)
     logger.info("text blend (tfidf, rare): g %g, weight %g (validation NDCG@10 %.4f; none: %.4f)",
-                best_g, best_w, best[0], table["0"]["0"] if "0" in table["0"] else float("nan"))
+                best_g, best_w, best[0], table["0"]["0"])
     return {
         "format": BLEND_FORMAT, "version": RARE_VERSION, "kind": "tfidf", "min_df": TFIDF_MIN_DF,
         "text_sha256": rows.digest(), "popularity_sha256": popularity_digest(pop),
