@@ -369,3 +369,64 @@ def test_blend_variants_default_is_the_blends_own_validation_table(tmp_path: Pat
         bad_file.write_text(text)
         with pytest.raises(SystemExit, match=says):
             ex.load_attributes(bad_file)
+
+
+def test_popularity_prior_ranks_as_a_numpy_oracle_and_leaves_the_run_alone(tmp_path: Path) -> None:
+    """lam = 0 is the run's own validation figure (its blend included); another lam ranks as
+    numpy does with -lam * log(1 + training count) added to the same scores, history excluded;
+    the checkpoint is not written and the model keeps its own term afterwards."""
+    import numpy as np
+    import pytest
+    import torch
+
+    from h2rec.evaluate import added_scores, eval_users, evaluate, states_of
+    from h2rec.runs import load_run
+
+    run = _small_run(tmp_path, "fusion", seed=3)
+    before = (run / "best.pt").read_bytes()
+    ex = _example("popularity_prior")
+    rows = {r["lam"]: r for r in ex.probe(run, (0.0, 0.5, -0.5))}
+    assert (run / "best.pt").read_bytes() == before
+    model, cfg, ds = load_run(run)
+    assert model.text_blend is not None  # the default blend: the prior goes on top of it
+    want = evaluate(model, ds.store, "valid", cfg.eval, cfg.model.max_len)
+    assert rows[0.0]["ndcg10"] == want.metrics["NDCG@10"]
+    assert rows[0.0]["diff"] == 0.0 and rows[0.0]["se"] == 0.0
+    users = eval_users(ds.store)
+    inputs, targets = ds.store.eval_inputs(users, cfg.model.max_len, "valid")
+    seq = torch.from_numpy(inputs)
+    with torch.no_grad():
+        model.eval()
+        base = (states_of(model, seq) @ model.all_item_vectors().float().T
+                + added_scores(model, seq)).double().numpy()
+    counts = ds.store.popularity(holdout=2).astype(np.float64)
+    h_off, h_items = ds.store.histories(users, 2)
+
+    def oracle(lam: float) -> np.ndarray:
+        scores = base - lam * np.log1p(counts)[None, :]
+        gains = []
+        for b in range(users.size):
+            hist = set(h_items[h_off[b] : h_off[b + 1]].tolist()) - {int(targets[b])}
+            comp = [i for i in range(1, ds.store.n_items + 1) if i not in hist and i != targets[b]]
+            rank = int((scores[b, comp] >= scores[b, targets[b]]).sum())
+            gains.append(1.0 / np.log2(rank + 2) if rank < 10 else 0.0)
+        return np.array(gains)
+
+    zero = oracle(0.0)
+    assert rows[0.0]["ndcg10"] == pytest.approx(zero.mean(), abs=1e-6)
+    for lam in (0.5, -0.5):
+        got = oracle(lam)
+        assert rows[lam]["ndcg10"] == pytest.approx(got.mean(), abs=1e-6)
+        assert rows[lam]["diff"] == pytest.approx((got - zero).mean(), abs=1e-6)
+    assert rows[0.5]["ndcg10"] != rows[-0.5]["ndcg10"]
+    # the term as the sampled protocol and other devices read it: the prior at the candidates
+    log_counts = torch.from_numpy(np.log1p(counts))
+    cands = torch.tensor([[1, 2, 3], [4, 4, 5]])
+    term = ex._prior_term(None, log_counts, 0.5)(seq[:2], cands)
+    assert torch.allclose(term, (-0.5 * log_counts[cands]).float())
+    assert ex._prior_term(None, log_counts, 0.5)(seq[:2]).shape == (2, ds.store.n_items + 1)
+    assert "lam 0.5" in ex.line(rows[0.5])
+    with pytest.raises(SystemExit):
+        ex.main([str(tmp_path), "--lambdas", "0,1"])  # not a run folder
+    with pytest.raises(SystemExit):
+        ex.main([str(run), "--lambdas", "0,x"])
