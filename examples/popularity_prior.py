@@ -9,7 +9,7 @@ NDCG@10 to lam = 0 with its paired standard error. Checkpoints are read, never w
 test split is read only with ``--split test``, which is not for choosing anything.
 
     python examples/popularity_prior.py runs/results/runs/ml-1m/h2rec-s0 \\
-        --lambdas -0.2,-0.1,-0.05,0,0.03,0.1,0.3,0.6 --threads 1
+        --lambdas=-0.2,-0.1,-0.05,0,0.03,0.1,0.3,0.6 --threads 1
 """
 
 from __future__ import annotations
@@ -91,7 +91,8 @@ def line(row: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", type=Path)
-    p.add_argument("--lambdas", default="-0.2,-0.1,0,0.1,0.3,0.6")
+    p.add_argument("--lambdas", default="-0.2,-0.1,0,0.1,0.3,0.6",
+                   help="comma-separated values; one starting with a minus sign needs --lambdas=...")
     p.add_argument("--split", choices=("valid", "test"), default="valid")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
