@@ -39,6 +39,20 @@ def _small_run(tmp_path: Path, kind: str, seed: int) -> Path:
     return tmp_path / "runs" / kind
 
 
+def _ndcg10_by_hand(scores, targets, h_off, h_items, n_items: int):
+    """Per-user NDCG@10 of full scores (users, n_items + 1), ranked with numpy: items of the
+    user's history (but the target) and padding left out, ties counted against the target."""
+    import numpy as np
+
+    gains = []
+    for b in range(len(targets)):
+        hist = set(h_items[h_off[b] : h_off[b + 1]].tolist()) - {int(targets[b])}
+        comp = [i for i in range(1, n_items + 1) if i not in hist and i != targets[b]]
+        rank = int((scores[b, comp] >= scores[b, targets[b]]).sum())
+        gains.append(1.0 / np.log2(rank + 2) if rank < 10 else 0.0)
+    return np.array(gains)
+
+
 def test_the_dense_recipe_is_the_results_tables_movielens_one() -> None:
     """configs/dense.toml gives the settings of the results table's MovieLens-1M runs:
     H2Rec's as shipped, the other models' with their kind set (they do not read the alignment
@@ -292,12 +306,7 @@ def test_branch_states_takes_a_trained_h2rec_apart_on_validation(tmp_path: Path)
         items = model.base_item_vectors(torch.arange(ds.store.n_items + 1))
         scores = (s_hid @ items.T).double().numpy()
     h_off, h_items = ds.store.histories(users, 2)
-    gains = []
-    for b in range(users.size):
-        hist = set(h_items[h_off[b] : h_off[b + 1]].tolist()) - {int(targets[b])}
-        comp = [i for i in range(1, ds.store.n_items + 1) if i not in hist and i != targets[b]]
-        rank = int((scores[b, comp] >= scores[b, targets[b]]).sum())
-        gains.append(1.0 / np.log2(rank + 2) if rank < 10 else 0.0)
+    gains = _ndcg10_by_hand(scores, targets, h_off, h_items, ds.store.n_items)
     assert views["alpha=0"]["NDCG@10"] == pytest.approx(np.mean(gains), abs=1e-6)
     assert "| alpha=0.5 |" in ex.summary(tmp_path / "out")
     with pytest.raises(SystemExit, match="an H2Rec run with fused scores and both branches is needed"):
@@ -404,13 +413,7 @@ def test_popularity_prior_ranks_as_a_numpy_oracle_and_leaves_the_run_alone(tmp_p
 
     def oracle(lam: float) -> np.ndarray:
         scores = base - lam * np.log1p(counts)[None, :]
-        gains = []
-        for b in range(users.size):
-            hist = set(h_items[h_off[b] : h_off[b + 1]].tolist()) - {int(targets[b])}
-            comp = [i for i in range(1, ds.store.n_items + 1) if i not in hist and i != targets[b]]
-            rank = int((scores[b, comp] >= scores[b, targets[b]]).sum())
-            gains.append(1.0 / np.log2(rank + 2) if rank < 10 else 0.0)
-        return np.array(gains)
+        return _ndcg10_by_hand(scores, targets, h_off, h_items, ds.store.n_items)
 
     zero = oracle(0.0)
     assert rows[0.0]["ndcg10"] == pytest.approx(zero.mean(), abs=1e-6)
