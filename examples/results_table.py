@@ -455,11 +455,21 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--datasets: unknown {d!r} (known: {', '.join(DATASETS)})")
     mine = [job for k, job in enumerate(jobs) if k % n == i]
     t0 = time.time()
+    failed = []
     for k, (d, m, s) in enumerate(mine, start=1):
-        status = run_one(d, m, s, args, threads)
+        try:
+            status = run_one(d, m, s, args, threads)
+        except subprocess.CalledProcessError as e:
+            # h2rec has printed why (a bad input, or a run folder another process is writing):
+            # say which job it was and go on with the others; the exit status tells the caller
+            status = f"FAILED (h2rec {e.cmd[3]} exited with status {e.returncode}; see above)"
+            failed.append(f"{d} {m} seed {s}")
         took = time.time() - t0
         print(f"[{k}/{len(mine)}] {d} {m} seed {s}: {status}; {took / 60:.1f} min so far",
               flush=True)
+    if failed:
+        print(f"{len(failed)} of {len(mine)} runs failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
 
 

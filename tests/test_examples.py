@@ -272,6 +272,32 @@ def test_results_table_prepares_a_dataset_once(tmp_path: Path, monkeypatch) -> N
     assert len(calls) == 3  # reused, nothing made again
 
 
+def test_results_table_reports_a_failed_run_and_goes_on(monkeypatch, capsys) -> None:
+    """A run whose h2rec command fails (here: refused, as by another writer's run-folder lock)
+    is named in one line, the other jobs still run, and the exit status is 1, with no traceback."""
+    import subprocess
+    import sys
+
+    rt = _results_table()
+    done: list[tuple[str, str, int]] = []
+
+    def fake_run_one(name, model, seed, args, threads):
+        if seed == 1:
+            raise subprocess.CalledProcessError(2, [sys.executable, "-m", "h2rec.cli", "train"])
+        done.append((name, model, seed))
+        return "done"
+
+    monkeypatch.setattr(rt, "run_one", fake_run_one)
+    assert rt.main(["--datasets", "ml-1m", "--models", "sid", "--seeds", "0,1,2"]) == 1
+    out, err = capsys.readouterr()
+    assert done == [("ml-1m", "sid", 0), ("ml-1m", "sid", 2)]
+    assert "[2/3] ml-1m sid seed 1: FAILED (h2rec train exited with status 2" in out
+    assert "[3/3] ml-1m sid seed 2: done" in out
+    assert "1 of 3 runs failed: ml-1m sid seed 1" in err and "Traceback" not in out + err
+    monkeypatch.setattr(rt, "run_one", lambda *a: "skipped (done)")
+    assert rt.main(["--datasets", "ml-1m", "--models", "sid", "--seeds", "0"]) == 0
+
+
 def test_branch_states_takes_a_trained_h2rec_apart_on_validation(tmp_path: Path) -> None:
     """alpha = 1 is the run as trained (its own validation figure, to the bit); the HID branch
     alone (alpha = 0) is scored by hand with numpy; a SASRec run is refused."""
