@@ -323,3 +323,22 @@ def test_recommend_split_export_reproduces_the_metrics(
         seq = ds.store.sequence(index[str(user[0])]).tolist()
         seen = {ds.item_ids[i - 1] for i in seq[:-holdout]}
         assert not seen & set(group["item"].to_list())
+
+
+def test_h2rec_train_mixes_behaviour_into_the_item_vectors(tmp_path: Path) -> None:
+    """data.behaviour=w: the embed stage writes the text vectors times sqrt(1 - w) beside the
+    co-occurrence vectors of the built-in data's training prefixes (h2rec.embed, tested
+    there against a dense oracle), and the SIDs are built from that mix."""
+    from h2rec.embed import behaviour_vectors, l2_normalize
+
+    code = train_main(["--models", "sid", "--name", "b", "--output-dir", str(tmp_path), *TINY,
+                       "--set", "data.behaviour=0.36"])
+    assert code == 0
+    base = tmp_path / "b"
+    x = np.load(base / "embeddings.npy")
+    store = load_dataset(base / "builtin" / "dataset").store
+    want = behaviour_vectors(store, seed=0)
+    assert x.shape == (130, 16 + want.shape[1])
+    np.testing.assert_allclose(x[:, 16:], 0.6 * l2_normalize(want), atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(x[:, :16], axis=1), 0.8, rtol=1e-5)
+    assert np.load(base / "semantic_ids" / "codes.npy").shape[0] == 130

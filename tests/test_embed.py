@@ -305,3 +305,106 @@ def test_tfidf_embeddings_are_bit_identical_run_to_run() -> None:
     for _ in range(3):
         again = embed_texts(texts, EmbedOptions(backend="tfidf", dim=32, seed=0))
         assert first.tobytes() == again.tobytes()
+
+
+# --------------------------------------------------------------------------------------------
+# behaviour vectors (co-occurrence PPMI + SVD) and their mix with the text vectors
+# --------------------------------------------------------------------------------------------
+
+
+def _dense_ppmi(seqs: list[list[int]], n_items: int, window: int, holdout: int) -> np.ndarray:
+    """The oracle: ordered pairs counted by two plain loops, PPMI in float64, row r = item r+1."""
+    c = np.zeros((n_items + 1, n_items + 1))
+    for s in seqs:
+        p = s[: max(len(s) - holdout, 0)]
+        for i in range(len(p)):
+            for j in range(i + 1, min(i + window + 1, len(p))):
+                if p[i] != p[j]:
+                    c[p[i], p[j]] += 1
+                    c[p[j], p[i]] += 1
+    rows = c.sum(1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        pmi = np.log(c * c.sum() / np.outer(rows, rows))
+    return np.where(c > 0, np.maximum(pmi, 0.0), 0.0)[1:, 1:]
+
+
+def _random_sequences(seed: int, n_users: int, n_items: int) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(1, n_items + 1, int(rng.integers(3, 12))).tolist()
+            for _ in range(n_users)]
+
+
+@pytest.mark.parametrize("window,holdout", [(1, 0), (3, 2), (5, 1)])
+def test_ppmi_matrix_matches_the_dense_loops(window: int, holdout: int) -> None:
+    from h2rec._core import SequenceStore
+    from h2rec.embed import ppmi_matrix
+
+    seqs = _random_sequences(window, 60, 25) + [[3, 3, 3, 4]]  # a repeat is not a pair
+    store = SequenceStore.from_sequences(seqs, n_items=27)  # items 26, 27: never seen
+    got = ppmi_matrix(store, window, holdout)
+    assert got.shape == (27, 27)
+    np.testing.assert_allclose(got.toarray(), _dense_ppmi(seqs, 27, window, holdout),
+                               rtol=1e-12, atol=1e-12)
+    assert (got.data > 0).all()  # only the positive entries are stored
+
+
+def test_behaviour_vectors_are_the_svd_of_the_ppmi_matrix_and_leave_the_targets_out() -> None:
+    from h2rec._core import SequenceStore
+    from h2rec.embed import behaviour_vectors
+
+    seqs = _random_sequences(7, 80, 20)
+    # item 21 only ever appears among the last two items: it co-occurs with nothing
+    seqs = [s + [21] if k % 5 == 0 else s for k, s in enumerate(seqs)]
+    store = SequenceStore.from_sequences(seqs, n_items=21)
+    b = behaviour_vectors(store, dim=20, window=3, holdout=2)
+    assert b.shape == (21, 20) and b.dtype == np.float32
+    assert not b[20].any()  # the held-out-only item: a zero row
+    np.testing.assert_allclose(np.linalg.norm(b[:20], axis=1), 1.0, rtol=1e-5)
+    # oracle: numpy's SVD of the dense PPMI matrix, the same rank (every direction but the
+    # weakest), compared through the Gram matrix of the unit rows (free of sign choices)
+    u, s, _ = np.linalg.svd(_dense_ppmi(seqs, 21, 3, 2))
+    want = u[:, :20] * np.sqrt(s[:20])
+    want = want / np.maximum(np.linalg.norm(want, axis=1, keepdims=True), 1e-300)
+    np.testing.assert_allclose(b[:20] @ b[:20].T, want[:20] @ want[:20].T, atol=2e-5)
+    # the validation and test targets (the last two items) do not change a single bit
+    changed = [s[:-2] + [(s[-2] % 21) + 1, (s[-1] % 21) + 1] for s in seqs]
+    again = behaviour_vectors(SequenceStore.from_sequences(changed, n_items=21), 20, 3, 2)
+    assert np.array_equal(again, b)
+
+
+def test_mix_behaviour_weights_the_cosines() -> None:
+    from h2rec.embed import mix_behaviour
+
+    rng = np.random.default_rng(0)
+    text = l2_normalize(rng.standard_normal((6, 5)))
+    beh = l2_normalize(rng.standard_normal((6, 3)))
+    beh[5] = 0.0  # an item without co-occurrence keeps its text direction
+    x = mix_behaviour(text, beh, 0.3)
+    assert x.shape == (6, 8)
+    np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(x[:5] @ x[:5].T, 0.7 * text[:5] @ text[:5].T
+                               + 0.3 * beh[:5] @ beh[:5].T, atol=1e-6)
+    np.testing.assert_allclose(x[5, :5], text[5], atol=1e-6)
+    assert not x[5, 5:].any()
+    with pytest.raises(DataError, match="must be in"):
+        mix_behaviour(text, beh, 1.0)
+    with pytest.raises(DataError, match="behaviour=1.5"):
+        EmbedOptions(behaviour=1.5)
+
+
+def test_embed_cli_mixes_behaviour_into_the_text_vectors(tmp_path: Path) -> None:
+    from h2rec.cli import main
+    from h2rec.synthetic import SyntheticConfig, generate
+
+    src = tmp_path / "src"
+    generate(src, SyntheticConfig(n_users=200, n_items=120, seed=1))
+    ds = prepare(src / "interactions.csv", tmp_path / "ds", items=src / "items.csv")
+    assert main(["embed", str(ds), "--dim", "16", "--out", str(tmp_path / "t.npy")]) == 0
+    assert main(["embed", str(ds), "--dim", "16", "--behaviour", "0.25", "--behaviour-dim", "8",
+                 "--out", str(tmp_path / "m.npy")]) == 0
+    text, mixed = np.load(tmp_path / "t.npy"), np.load(tmp_path / "m.npy")
+    assert text.shape == (120, 16) and mixed.shape == (120, 24)
+    np.testing.assert_allclose(mixed[:, :16], np.sqrt(0.75) * text, atol=1e-6)
+    assert (tmp_path / "m.npy.h2rec.json").exists()  # the item fingerprint, as for text
+    assert main(["embed", str(ds), "--behaviour", "1", "--out", str(tmp_path / "x.npy")]) != 0
+    assert not (tmp_path / "x.npy").exists()

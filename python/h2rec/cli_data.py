@@ -117,6 +117,14 @@ def register(subparsers: Any) -> None:
                    help="vector for items without text")
     e.add_argument("--no-normalize", action="store_true", help="keep raw vector lengths")
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--behaviour", type=float, default=0.0, metavar="W",
+                   help="share in [0, 1) of each item's vector taken from co-occurrence in the "
+                   "training prefixes (PPMI + SVD; validation and test targets left out): "
+                   "codes built from the mix group items that are used together (0 = text only)")
+    e.add_argument("--behaviour-dim", type=_positive_int, default=64,
+                   help="behaviour: SVD dimensions")
+    e.add_argument("--behaviour-window", type=_positive_int, default=5,
+                   help="behaviour: items at most this many positions apart co-occur")
     e.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     e.add_argument("-v", "--verbose", action="store_true", help="debug logging, tracebacks")
     e.set_defaults(func=run_embed)
@@ -207,6 +215,9 @@ def run_embed(args: argparse.Namespace) -> int:
         normalize=not args.no_normalize,
         empty=args.empty,
         seed=args.seed,
+        behaviour=args.behaviour,
+        behaviour_dim=args.behaviour_dim,
+        behaviour_window=args.behaviour_window,
     )
     path = embed_dataset(
         args.dataset, args.out, options, template=args.template, npy=args.npy,
@@ -215,7 +226,8 @@ def run_embed(args: argparse.Namespace) -> int:
     import numpy as np
 
     shape = np.load(path, mmap_mode="r").shape
-    print(f"{path}: {shape[0]:,} x {shape[1]} float32 ({args.backend})")
+    mix = f", behaviour share {args.behaviour:g}" if args.behaviour > 0 else ""
+    print(f"{path}: {shape[0]:,} x {shape[1]} float32 ({args.backend}{mix})")
     return 0
 
 

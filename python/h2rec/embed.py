@@ -12,6 +12,13 @@ Backends:
   written in numpy on a CSR matrix, so no dense n_items x vocabulary matrix is ever built.
 - ``npy``: a user's own ``(n_items, D)`` array, checked for row count, NaN/inf and zero rows.
 
+Any backend's vectors can take in behaviour (``EmbedOptions.behaviour`` = w, ``h2rec embed
+--behaviour W``): each item's text vector times sqrt(1 - w) beside its co-occurrence vector times
+sqrt(w), where the co-occurrence vectors come from a truncated SVD of the PPMI matrix of items
+used near each other in the training prefixes (:func:`behaviour_vectors`; the validation and test
+targets are left out). Semantic IDs built from the mix group items that are used together, not
+only items that read alike.
+
 Rows are L2-normalised by default. Items whose text is empty (after stripping) carry no signal;
 they get, by ``empty="mean"`` (the default), the normalised mean of the other items' vectors, a
 "generic item" that sits at the centre of the catalogue (so they share one SID tuple, which the
@@ -64,6 +71,18 @@ class EmbedOptions:
     empty: Literal["mean", "random"] = "mean"  # vector for items without text
     seed: int = 0  # tfidf SVD and empty="random"
     n_power_iter: int = 4  # tfidf: randomized SVD power iterations
+    # share of behaviour in each item's vector (embed_dataset): the text vector times
+    # sqrt(1 - w) beside the item's co-occurrence vector (behaviour_vectors) times sqrt(w). 0 = text only
+    behaviour: float = 0.0
+    behaviour_dim: int = 64  # behaviour: SVD dimensions of the PPMI co-occurrence matrix
+    behaviour_window: int = 5  # behaviour: items at most this many positions apart co-occur
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.behaviour < 1.0:
+            raise DataError(f"behaviour={self.behaviour}: must be in [0, 1) (the text keeps a share)")
+        if self.behaviour_dim < 1 or self.behaviour_window < 1:
+            raise DataError(f"behaviour_dim={self.behaviour_dim}, behaviour_window="
+                            f"{self.behaviour_window}: both must be >= 1")
 
 
 # --------------------------------------------------------------------------------------------
@@ -309,6 +328,95 @@ def embed_tfidf(texts: Sequence[str], options: EmbedOptions = EmbedOptions()) ->
 
 
 # --------------------------------------------------------------------------------------------
+# behaviour: co-occurrence vectors, mixed into the text vectors
+# --------------------------------------------------------------------------------------------
+
+
+def _pair_totals(store: Any, window: int, holdout: int) -> np.ndarray:
+    """Per item id (0..n_items), how many ordered pairs (a, b), a != b, within ``window``
+    positions of each other in the training prefixes have a as their first item: the row sums
+    of the whole co-occurrence matrix (the PPMI rows keep only the positive entries)."""
+    offsets = np.asarray(store.offsets, dtype=np.int64)
+    items = np.asarray(store.items, dtype=np.int64)
+    lengths = np.diff(offsets)
+    # each position's end of its user's training prefix; the positions before it
+    end = np.repeat(offsets[:-1] + np.maximum(lengths - holdout, 0), lengths)
+    pos = np.flatnonzero(np.arange(items.size) < end)
+    end = end[pos]
+    totals = np.zeros(store.n_items + 1, dtype=np.int64)
+    for d in range(1, window + 1):
+        i = pos[pos + d < end]
+        a, b = items[i], items[i + d]
+        diff = a != b
+        totals += np.bincount(a[diff], minlength=totals.size)
+        totals += np.bincount(b[diff], minlength=totals.size)
+    return totals
+
+
+def ppmi_matrix(store: Any, window: int = 5, holdout: int = 2) -> Csr:
+    """The (n_items, n_items) PPMI co-occurrence matrix, row r = item r + 1, as CSR.
+
+    Items a and b co-occur when they are at most ``window`` positions apart in a user's
+    training prefix (every sequence without its last ``holdout`` items: 2 leaves the
+    validation and test targets out, so nothing that is evaluated leaks in); with ``n_ab``
+    such ordered pairs, ``n_a`` the pairs that start with a and ``N`` all of them,
+    ``PPMI(a, b) = max(0, ln(n_ab N / (n_a n_b)))``. Pairs are counted by the Rust core
+    (``_core.cooccurrence``); only the positive entries are stored."""
+    from h2rec import _core
+
+    n = int(store.n_items)
+    indptr, indices, _, counts = _core.cooccurrence(
+        store, window=window, top_k=n + 1, min_weight=0.0, max_weight=1.0, holdout=holdout,
+    )
+    totals = _pair_totals(store, window, holdout).astype(np.float64)
+    rows = np.repeat(np.arange(n + 1, dtype=np.int64), np.diff(indptr))
+    pmi = np.log(counts * totals.sum() / (totals[rows] * totals[indices]))
+    # row 0 (padding) is empty: item r + 1's row becomes row r
+    return Csr(np.asarray(indptr[1:] - indptr[1], dtype=np.int64),
+               np.asarray(indices - 1, dtype=np.int64), pmi, (n, n))
+
+
+def behaviour_vectors(
+    store: Any, dim: int = 64, window: int = 5, holdout: int = 2, seed: int = 0,
+    n_power_iter: int = 4,
+) -> np.ndarray:
+    """Item vectors from who-interacts-with-what: (n_items, dim'), row r = item r + 1, float32.
+
+    The rows of ``U sqrt(s)`` of a seeded randomized SVD of :func:`ppmi_matrix` (Levy and
+    Goldberg's factorisation of the PPMI matrix, the count-based twin of item2vec),
+    L2-normalised; an item that co-occurs with nothing gets a zero row. Items close here are
+    items bought or watched near each other, which a text encoder may not see (two films of a
+    genre with different audiences). dim' = min(dim, n_items - 1)."""
+    n = int(store.n_items)
+    rank = min(dim, n - 1)
+    if rank < 1:
+        raise DataError(f"behaviour vectors: {n} items leave no dimension")
+    matrix = ppmi_matrix(store, window, holdout)
+    if matrix.data.size == 0:
+        raise DataError("behaviour vectors: no two distinct items co-occur in the training "
+                        f"prefixes (window {window}, the last {holdout} items of each user held out)")
+    u, s, _ = randomized_svd(matrix, rank, n_power_iter=n_power_iter, seed=seed)
+    logger.info("behaviour: %d items, %d positive pairs (window %d), dim %d; %d items alone",
+                n, matrix.data.size, window, rank, int((np.diff(matrix.indptr) == 0).sum()))
+    return l2_normalize(u * np.sqrt(s))
+
+
+def mix_behaviour(text: np.ndarray, behaviour: np.ndarray, weight: float) -> np.ndarray:
+    """``[sqrt(1 - w) text, sqrt(w) behaviour]`` per item, rows L2-normalised, float32.
+
+    Both parts are unit rows first, so ``w`` is the behaviour's share of the squared norm (and
+    of every cosine between two items that both have a behaviour vector); an item without one
+    (a zero row) keeps its text direction alone."""
+    if not 0.0 <= weight < 1.0:
+        raise DataError(f"behaviour weight {weight}: must be in [0, 1)")
+    if text.shape[0] != behaviour.shape[0]:
+        raise DataError(f"behaviour: {behaviour.shape[0]} rows for {text.shape[0]} items")
+    x = np.concatenate([np.sqrt(1.0 - weight) * l2_normalize(text),
+                        np.sqrt(weight) * l2_normalize(behaviour)], axis=1)
+    return l2_normalize(x)
+
+
+# --------------------------------------------------------------------------------------------
 # sentence-transformers
 # --------------------------------------------------------------------------------------------
 
@@ -542,6 +650,11 @@ def embed_dataset(
         x = load_npy(npy, len(texts), options.normalize)
     else:
         x = embed_texts(texts, options)
+    if options.behaviour > 0:
+        b = behaviour_vectors(load_dataset(dataset).store, options.behaviour_dim,
+                              options.behaviour_window, seed=options.seed,
+                              n_power_iter=options.n_power_iter)
+        x = mix_behaviour(x, b, options.behaviour)
     save_embeddings(x, target, fingerprint)
     logger.info("wrote %s: %d x %d", target, x.shape[0], x.shape[1])
     return target

@@ -409,6 +409,13 @@ def _pipeline_in(
                 seed=cfg.train.seed,
             )
             embeddings = embed_texts(dataset.item_text, options)
+            if cfg.data.behaviour > 0:
+                from h2rec.embed import behaviour_vectors, mix_behaviour
+
+                embeddings = mix_behaviour(
+                    embeddings, behaviour_vectors(dataset.store, seed=cfg.train.seed),
+                    cfg.data.behaviour,
+                )
             save_embeddings(embeddings, emb_path, dataset.item_fingerprint)
         else:
             from h2rec.embed import check_item_fingerprint, read_npy
