@@ -459,3 +459,24 @@ def test_popularity_prior_ranks_as_a_numpy_oracle_and_leaves_the_run_alone(tmp_p
         ex.main([str(tmp_path), "--lambdas", "0,1"])  # not a run folder
     with pytest.raises(SystemExit):
         ex.main([str(run), "--lambdas", "0,x"])
+
+
+def test_sid_coherence_counts_shared_prefixes_by_hand() -> None:
+    """Two users, [1 2 3 4 9 9] and [3 1 2 9 9]: the last two items are held out, so the steps
+    are 1->2, 2->3, 3->4, 3->1, 1->2; items 1, 2 share code 0 and then code 5, item 3 shares
+    only the first code with them, item 4 shares nothing."""
+    import numpy as np
+
+    ex = _example("sid_coherence")
+    offsets = np.array([0, 6, 11])
+    items = np.array([1, 2, 3, 4, 9, 9, 3, 1, 2, 9, 9])
+    a, b = ex.transitions(offsets, items)
+    assert (a + 1).tolist() == [1, 2, 3, 3, 1] and (b + 1).tolist() == [2, 3, 4, 1, 2]
+    codes = np.zeros((9, 2), dtype=np.int64)
+    codes[:, 1] = np.arange(9)
+    codes[1, 1] = 0  # item 2 = (0, 0), item 1 = (0, 0)
+    codes[3] = (7, 3)  # item 4
+    r = ex.coherence(codes, a, b)
+    # first code: 1->2 yes, 2->3 yes, 3->4 no, 3->1 yes, 1->2 yes; both codes: the two 1->2
+    assert r["shared_prefix"] == [4 / 5, 2 / 5]
+    assert len(r["chance"]) == 2 and 0.0 <= r["chance"][1] <= r["chance"][0] <= 1.0
