@@ -59,3 +59,46 @@ def test_shared_sampled_softmax_step(benchmark, impl: str) -> None:
         assert losses[-1] == pytest.approx(float(want), rel=1e-5)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("impl", ["h2rec-fused", "fused, fresh buffers", "plain-autograd"])
+def test_full_softmax_step(benchmark, impl: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # MovieLens-1M's shape when full (21,000 positions of a max_len-200 batch, 3,416 items,
+    # width 128): h2rec's fused function with its buffer pool, the same without the pool (a
+    # fresh 287 MB block each step, page-faulted and zeroed by the kernel), and the plain
+    # F.cross_entropy of the logits
+    from h2rec import losses
+    from h2rec.losses import fused_full_softmax
+
+    v, n, e = (21_000, 3_416, 128) if FULL else (2_000, 1_000, 32)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        g = torch.Generator().manual_seed(0)
+        user = torch.randn(v, e, generator=g).requires_grad_()
+        items = (torch.randn(n, e, generator=g) * 0.1).requires_grad_()
+        targets = torch.randint(0, n, (v,), generator=g)
+        if impl == "fused, fresh buffers":
+            monkeypatch.setattr(losses._POOL, "take", lambda numel, like: None)
+        if impl == "plain-autograd":
+            def fn() -> torch.Tensor:
+                return torch.nn.functional.cross_entropy(user @ items.T, targets)
+        else:
+            def fn() -> torch.Tensor:
+                return fused_full_softmax(user, items, targets, max_logits=128 * 2**20)
+        values: list[float] = []
+
+        def step() -> None:
+            user.grad = items.grad = None
+            loss = fn()
+            loss.backward()
+            values.append(float(loss.detach()))
+
+        benchmark.group = "full softmax, forward + backward"
+        benchmark.pedantic(step, rounds=5 if FULL else 1, iterations=1, warmup_rounds=1)
+        record(benchmark, positions=v, items=n, width=e, loss=values[-1])
+        want = torch.nn.functional.cross_entropy(user.detach() @ items.detach().T, targets)
+        assert values[-1] == pytest.approx(float(want), rel=1e-5)
+    finally:
+        torch.set_num_threads(threads)
+        losses._POOL.clear()

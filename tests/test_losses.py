@@ -538,6 +538,55 @@ def test_fused_full_softmax_with_constant_columns_matches_cross_entropy(max_logi
     torch.testing.assert_close(gt.double(), wt, rtol=1e-4, atol=1e-6)
 
 
+def test_fused_full_softmax_reuses_its_buffers_without_changing_a_bit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # a sequence of steps of varying size, chunked or not, with or without a gradient, through
+    # the buffer pool (buffers written by earlier steps, larger than needed) gives the very
+    # losses and gradients of fresh allocations; the pool holds at most two buffers
+    from h2rec import losses
+
+    g = torch.Generator().manual_seed(5)
+    steps = []
+    for v, n, max_logits, grad in [(30, 50, 10**9, True), (12, 50, 10**9, True),
+                                   (45, 50, 7 * 50, True), (20, 33, 10**9, False),
+                                   (30, 50, 3 * 50, True), (7, 61, 10**9, True)]:
+        steps.append((torch.randn(v, 8, generator=g) * 3, torch.randn(n, 8, generator=g),
+                      torch.randint(0, n, (v,), generator=g), max_logits, grad,
+                      torch.randn(n, generator=g)))
+
+    def run() -> list[tuple[torch.Tensor, ...]]:
+        out = []
+        for k, (user, items, targets, max_logits, grad, bias) in enumerate(steps):
+            u, i = user.clone().requires_grad_(grad), items.clone().requires_grad_(grad)
+            loss = fused_full_softmax(u, i, targets, max_logits, bias if k % 2 else None)
+            if grad:
+                loss.backward()
+                out.append((loss.detach(), u.grad, i.grad))
+            else:
+                out.append((loss.detach(),))
+        return out
+
+    losses._POOL.clear()
+    pooled = run()
+    assert 1 <= len(losses._POOL._free) <= 2
+    monkeypatch.setattr(losses._POOL, "take", lambda numel, like: None)  # fresh every time
+    fresh = run()
+    for a, b in zip(pooled, fresh):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+
+
+def test_fused_full_softmax_refuses_a_second_backward() -> None:
+    # forward's probabilities become the logits' gradient in place: a second pass through the
+    # same graph would read a consumed (and possibly reused) buffer, so it is an error
+    user = torch.randn(4, 3, requires_grad=True)
+    loss = fused_full_softmax(user, torch.randn(5, 3), torch.tensor([0, 1, 2, 3]))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="once only"):
+        loss.backward()
+
+
 def test_fused_full_softmax_of_no_rows_is_zero_with_a_graph() -> None:
     items = torch.randn(5, 3, requires_grad=True)
     loss = fused_full_softmax(torch.zeros(0, 3), items, torch.zeros(0, dtype=torch.long))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from h2rec import _core
+from h2rec import _core, losses
 from h2rec.config import RunConfig, apply_overrides
 from h2rec.data import load_dataset
 from h2rec.errors import CheckpointError, ConfigError, DataError, H2RecError
@@ -358,6 +358,7 @@ def test_thread_count_does_not_change_the_run(
     for threads in ("train.num_threads=1", "train.num_threads=2", "train.num_threads=0"):
         cfg = _cfg("model.kind=h2rec", "train.epochs=2", threads, *settings)
         result = train(cfg, data["store"], data["sids"], run_dir=None)
+        assert not losses._POOL._free  # the full-softmax loss's buffers are freed at the end
         runs.append([(h["loss"], h["valid"]["NDCG@10"]) for h in result.history])
         weights.append(result.model.state_dict())
     assert runs[0] == runs[1] == runs[2]

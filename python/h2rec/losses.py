@@ -16,6 +16,7 @@ Alignment losses:
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable
 from typing import Any, Literal, Protocol
 
@@ -154,27 +155,46 @@ class _FullSoftmaxCE(torch.autograd.Function):
         keep = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         ctx.chunk_rows = chunk_rows
         ctx.bias = bias
+        ctx.buffer = None  # the pooled buffer that backward hands back
         if v <= chunk_rows:
-            probs = _logits(user, items, bias)  # (V, N), turned into probabilities in place
+            buffer = _POOL.take(v * items.shape[0], user)
+            # (V, N), turned into probabilities in place
+            probs = _logits(user, items, bias, buffer)
             top = probs.amax(dim=1, keepdim=True)  # (V, 1)
             total = probs.sub_(top).exp_().sum(dim=1, keepdim=True)  # (V, 1)
             probs.div_(total)
             lse = (total.log_() + top).squeeze(1)  # (V,)
             ctx.save_for_backward(user, items, targets, probs if keep else None)
+            if keep:
+                ctx.buffer = buffer
+            else:
+                _POOL.give(buffer)
         else:
             lse = torch.empty(v, dtype=user.dtype, device=user.device)
+            buffer = _POOL.take(min(v, chunk_rows) * items.shape[0], user)
             for a in range(0, v, chunk_rows):
-                lse[a : a + chunk_rows] = torch.logsumexp(
-                    _logits(user[a : a + chunk_rows], items, bias), dim=1
-                )
+                logits = _logits(user[a : a + chunk_rows], items, bias, buffer)
+                # torch.logsumexp's own steps, in place (the same floats, no temporary)
+                top = logits.amax(dim=1, keepdim=True)
+                top.masked_fill_(top.abs() == float("inf"), 0.0)
+                torch.sum(logits.sub_(top).exp_(), dim=1, out=lse[a : a + chunk_rows])
+                lse[a : a + chunk_rows].log_().add_(top.squeeze(1))
+            _POOL.give(buffer)
             ctx.save_for_backward(user, items, targets, lse)
+        ctx.backward_done = False
         return lse - target_logits
 
     @staticmethod
     @_float32
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        if ctx.backward_done:  # forward's probabilities were consumed in place
+            raise RuntimeError("the fused full-softmax loss can be differentiated once only")
+        ctx.backward_done = True
         user, items, targets, saved = ctx.saved_tensors
         v = user.shape[0]
+        buffer = ctx.buffer if ctx.buffer is not None else (
+            None if v <= ctx.chunk_rows else _POOL.take(ctx.chunk_rows * items.shape[0], user)
+        )
         grad_user = torch.empty_like(user) if ctx.needs_input_grad[0] else None
         e_train = items.shape[1] - ctx.frozen  # columns whose gradient is computed
         grad_items = (
@@ -186,7 +206,8 @@ class _FullSoftmaxCE(torch.autograd.Function):
             if v <= ctx.chunk_rows:
                 g = saved  # (V, N) probabilities from forward
             else:
-                g = _logits(user[rows], items, ctx.bias).sub_(saved[rows, None]).exp_()  # (c, N)
+                g = _logits(user[rows], items, ctx.bias, buffer)
+                g.sub_(saved[rows, None]).exp_()  # (c, N)
             idx = torch.arange(g.shape[0], device=g.device)
             g[idx, targets[rows]] -= 1.0
             g.mul_(grad[rows, None])
@@ -194,15 +215,83 @@ class _FullSoftmaxCE(torch.autograd.Function):
                 grad_user[rows] = g @ items
             if grad_items is not None:
                 grad_items.addmm_(g.T, user[rows, :e_train])
+        ctx.buffer = None
+        if buffer is not None:
+            del g, saved
+            _POOL.give(buffer)
         if grad_items is not None and ctx.frozen:
             grad_items = torch.cat([grad_items, items.new_zeros((items.shape[0], ctx.frozen))], 1)
         return grad_user, grad_items, None, None, None, None
 
 
-def _logits(user: Tensor, items: Tensor, bias: Tensor | None) -> Tensor:
-    """``user @ items.T`` (+ ``bias`` on every row), a fresh (V, N) tensor."""
-    out = user @ items.T
+def _logits(
+    user: Tensor, items: Tensor, bias: Tensor | None, buffer: Tensor | None = None
+) -> Tensor:
+    """``user @ items.T`` (+ ``bias`` on every row): a (V, N) tensor, written into the front of
+    ``buffer`` (flat, at least V * N elements) when given, else fresh. The same floats either way
+    (one matrix product, same kernel)."""
+    if buffer is None:
+        out = user @ items.T
+    else:
+        out = torch.matmul(user, items.T, out=buffer[: user.shape[0] * items.shape[0]].view(
+            user.shape[0], items.shape[0]))
     return out if bias is None else out.add_(bias)
+
+
+class _BufferPool:
+    """Large CPU float buffers of the full-softmax loss, kept from one training step to the next.
+
+    The loss's (V, N) logits are hundreds of MB. Freed, glibc hands such a block back to the
+    kernel at once (it is above the mmap threshold), and the next step's fresh block is
+    page-faulted and zeroed again: at MovieLens-1M's shape (21,000 positions x 3,416 items) that
+    was a sixth of the loss's step on one thread (973 -> 818 ms with the pool,
+    ``benches/test_bench_losses.py``). A buffer taken here is returned by the loss's backward
+    (or its forward when nothing needs a gradient) and reused by the next step. Only CPU
+    tensors are pooled (CUDA has its own caching allocator); at most ``keep`` buffers are held,
+    the largest first; :func:`release_loss_buffers` (called when training ends) frees them. A
+    buffer whose graph is dropped before backward is simply freed by Python, never handed out
+    twice.
+    """
+
+    def __init__(self, keep: int = 2) -> None:
+        self.keep = keep
+        self._free: list[Tensor] = []
+        self._lock = threading.Lock()
+
+    def take(self, numel: int, like: Tensor) -> Tensor | None:
+        """A flat buffer of at least ``numel`` elements of ``like``'s dtype (CPU), or None for
+        tensors on another device (then the caller allocates as before)."""
+        if like.device.type != "cpu":
+            return None
+        with self._lock:
+            fits = [b for b in self._free if b.numel() >= numel and b.dtype == like.dtype]
+            if fits:
+                best = min(fits, key=Tensor.numel)
+                self._free = [b for b in self._free if b is not best]
+                return best
+        return torch.empty(numel, dtype=like.dtype)
+
+    def give(self, buffer: Tensor | None) -> None:
+        """Hand a buffer back for the next ``take``."""
+        if buffer is None:
+            return
+        with self._lock:
+            self._free.append(buffer)
+            self._free.sort(key=Tensor.numel, reverse=True)
+            del self._free[self.keep :]
+
+    def clear(self) -> None:
+        """Free every held buffer."""
+        with self._lock:
+            self._free.clear()
+
+
+_POOL = _BufferPool()
+
+
+def release_loss_buffers() -> None:
+    """Free the buffers the full-softmax loss keeps between steps (see ``_BufferPool``)."""
+    _POOL.clear()
 
 
 def fused_full_softmax(

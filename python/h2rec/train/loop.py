@@ -37,6 +37,7 @@ from h2rec import _core
 from h2rec.config import RunConfig, save_config
 from h2rec.errors import ConfigError, DataError, H2RecError
 from h2rec.evaluate import EvalResult, bucket_labels
+from h2rec.losses import release_loss_buffers
 from h2rec.report import write_report, write_text_atomic
 from h2rec.threads import auto_threads, set_threads
 from h2rec.train.build import _check_embeddings, build_for, check_codes, seed_everything
@@ -176,6 +177,8 @@ def train(
                 "early stop: no better validation NDCG@10 in %d validations", progress.bad_evals
             )
     epochs_run = len(progress.history)  # an early stop leaves the loop one epoch past the last run
+
+    release_loss_buffers()  # the loss's buffers are not needed past the last step
 
     # 4. the best checkpoint on the test split
     test = _test_best(run, best_state, progress, provenance, embeddings, item_text)
