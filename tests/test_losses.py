@@ -577,11 +577,53 @@ def test_fused_full_softmax_reuses_its_buffers_without_changing_a_bit(
             assert torch.equal(x, y)
 
 
-def test_fused_full_softmax_refuses_a_second_backward() -> None:
+def test_shared_sampled_softmax_reuses_its_buffers_without_changing_a_bit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # the same for the shared sampled softmax: whole or chunked, with accidental hits and logQ
+    from h2rec import losses
+
+    g = torch.Generator().manual_seed(6)
+    steps = []
+    for v, s, max_logits in [(40, 30, 10**9), (15, 30, 10**9), (60, 25, 4 * 25),
+                             (40, 30, 7 * 30), (9, 50, 10**9)]:
+        table = torch.randn(20, 8, generator=g)
+        targets = torch.randint(0, 20, (v,), generator=g)
+        negatives = torch.randint(0, 20, (s,), generator=g)  # 20 items: many hits
+        log_q = torch.log(torch.rand(20, generator=g) + 0.05)
+        steps.append((torch.randn(v, 8, generator=g), table, targets, negatives, log_q, max_logits))
+
+    def run() -> list[tuple[torch.Tensor, ...]]:
+        out = []
+        for user, table, targets, negatives, log_q, max_logits in steps:
+            u, t = user.clone().requires_grad_(), table.clone().requires_grad_()
+            loss = shared_sampled_softmax(u, t[targets], t[negatives], targets, negatives,
+                                          log_q[targets], log_q[negatives], max_logits)
+            loss.backward()
+            out.append((loss.detach(), u.grad, t.grad))
+        return out
+
+    losses._POOL.clear()
+    pooled = run()
+    assert 1 <= len(losses._POOL._free) <= 2
+    monkeypatch.setattr(losses._POOL, "take", lambda numel, like: None)
+    fresh = run()
+    for a, b in zip(pooled, fresh):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+
+
+def test_fused_losses_refuse_a_second_backward() -> None:
     # forward's probabilities become the logits' gradient in place: a second pass through the
     # same graph would read a consumed (and possibly reused) buffer, so it is an error
     user = torch.randn(4, 3, requires_grad=True)
     loss = fused_full_softmax(user, torch.randn(5, 3), torch.tensor([0, 1, 2, 3]))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="once only"):
+        loss.backward()
+    items = torch.randn(5, 3)
+    loss = shared_sampled_softmax(user, items[:4], items, torch.tensor([0, 1, 2, 3]),
+                                  torch.arange(5))
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="once only"):
         loss.backward()

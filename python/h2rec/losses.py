@@ -239,18 +239,18 @@ def _logits(
 
 
 class _BufferPool:
-    """Large CPU float buffers of the full-softmax loss, kept from one training step to the next.
+    """Large CPU float buffers of the fused softmax losses, kept from one step to the next.
 
-    The loss's (V, N) logits are hundreds of MB. Freed, glibc hands such a block back to the
+    The losses' logits are tens to hundreds of MB. Freed, glibc hands such a block back to the
     kernel at once (it is above the mmap threshold), and the next step's fresh block is
-    page-faulted and zeroed again: at MovieLens-1M's shape (21,000 positions x 3,416 items) that
-    was a sixth of the loss's step on one thread (973 -> 818 ms with the pool,
-    ``benches/test_bench_losses.py``). A buffer taken here is returned by the loss's backward
-    (or its forward when nothing needs a gradient) and reused by the next step. Only CPU
-    tensors are pooled (CUDA has its own caching allocator); at most ``keep`` buffers are held,
-    the largest first; :func:`release_loss_buffers` (called when training ends) frees them. A
-    buffer whose graph is dropped before backward is simply freed by Python, never handed out
-    twice.
+    page-faulted and zeroed again: a sixth to a fifth of the step on one thread (full softmax at
+    MovieLens-1M's shape 1.01 s -> 836 ms, shared sampled softmax at 2,178 x 4,096 94.7 ->
+    75.6 ms; ``benches/test_bench_losses.py``). A buffer taken here is returned by the backward
+    (or by the full softmax's forward when nothing needs a gradient) and reused by the next
+    step. Only CPU tensors are pooled (CUDA has its own caching allocator); at most ``keep``
+    buffers are held, the largest first; :func:`release_loss_buffers` (called when training
+    ends) frees them. A buffer whose graph is dropped before backward is simply freed by Python,
+    never handed out twice.
     """
 
     def __init__(self, keep: int = 2) -> None:
@@ -290,7 +290,7 @@ _POOL = _BufferPool()
 
 
 def release_loss_buffers() -> None:
-    """Free the buffers the full-softmax loss keeps between steps (see ``_BufferPool``)."""
+    """Free the buffers the fused softmax losses keep between steps (see ``_BufferPool``)."""
     _POOL.clear()
 
 
@@ -360,9 +360,10 @@ class _SharedSoftmaxCE(torch.autograd.Function):
         whole = v <= chunk_rows
         lse = torch.empty_like(p)
         probs = None
+        buffer = _POOL.take(min(v, chunk_rows) * neg.shape[0], user)
         for a in range(0, v, chunk_rows):
             z = min(a + chunk_rows, v)
-            n = _SharedSoftmaxCE._logits(user[a:z], neg, n_bias, hit_rows, hit_cols, a, z)
+            n = _SharedSoftmaxCE._logits(user[a:z], neg, n_bias, hit_rows, hit_cols, a, z, buffer)
             top = torch.maximum(n.amax(dim=1), p[a:z])  # (c,)
             total = n.sub_(top[:, None]).exp_().sum(dim=1) + torch.exp(p[a:z] - top)
             lse[a:z] = total.log() + top
@@ -373,13 +374,18 @@ class _SharedSoftmaxCE(torch.autograd.Function):
         ctx.save_for_backward(user, pos, neg, p, lse, hit_rows, hit_cols,
                               probs if probs is not None else lse.new_empty(0))
         ctx.whole = whole
+        ctx.buffer = buffer if whole else None  # backward hands it back
+        if not whole:
+            _POOL.give(buffer)
+        ctx.backward_done = False
         return lse - p
 
     @staticmethod
     def _logits(user: Tensor, neg: Tensor, n_bias: Tensor | None, hit_rows: Tensor,
-                hit_cols: Tensor, a: int, z: int) -> Tensor:
-        """The negative logits of rows a..z (c, S), accidental hits at -inf."""
-        n = user @ neg.T
+                hit_cols: Tensor, a: int, z: int, buffer: Tensor | None = None) -> Tensor:
+        """The negative logits of rows a..z (c, S), accidental hits at -inf; written into the
+        front of ``buffer`` when given (see ``_logits`` of the full softmax)."""
+        n = _logits(user, neg, None, buffer)
         if n_bias is not None:
             n.add_(n_bias)
         if hit_rows.numel():
@@ -390,8 +396,12 @@ class _SharedSoftmaxCE(torch.autograd.Function):
     @staticmethod
     @_float32
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        if ctx.backward_done:  # forward's probabilities were consumed in place
+            raise RuntimeError("the fused sampled-softmax loss can be differentiated once only")
+        ctx.backward_done = True
         user, pos, neg, p, lse, hit_rows, hit_cols, probs = ctx.saved_tensors
         v = user.shape[0]
+        buffer = ctx.buffer if ctx.whole else _POOL.take(ctx.chunk * neg.shape[0], user)
         gp = (torch.exp(p - lse) - 1.0) * grad  # (V,): d loss / d positive logit
         grad_user = gp[:, None] * pos
         grad_pos = gp[:, None] * user
@@ -401,11 +411,15 @@ class _SharedSoftmaxCE(torch.autograd.Function):
             if ctx.whole:
                 g = probs
             else:
-                g = _SharedSoftmaxCE._logits(user[a:z], neg, ctx.n_bias, hit_rows, hit_cols, a, z)
+                g = _SharedSoftmaxCE._logits(user[a:z], neg, ctx.n_bias, hit_rows, hit_cols, a, z,
+                                             buffer)
                 g = g.sub_(lse[a:z, None]).exp_()
             g = g.mul_(grad[a:z, None])  # (c, S): d loss / d negative logits
             grad_user[a:z] += g @ neg
             grad_neg.addmm_(g.T, user[a:z])
+        ctx.buffer = None
+        del g, probs
+        _POOL.give(buffer)
         return grad_user, grad_pos, grad_neg, None, None, None, None, None
 
 
