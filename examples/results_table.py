@@ -78,6 +78,16 @@ DATASETS: dict[str, dict[str, object]] = {
         "model_sets": {"h2rec": ["model.align_item=false", "model.align_seq=false"]},
     },
 }
+# Amazon sets without item titles (S3Rec's processing): each item's text is its category and
+# brand ids (h2rec prepare reads *_item2attributes.json as the words attr<id>). Beauty's settings;
+# not in the default --datasets (the table is Beauty, Yelp and MovieLens-1M)
+for _name, _file in (("toys", "Toys_and_Games"), ("sports", "Sports_and_Outdoors")):
+    DATASETS[_name] = {
+        "folder": _name,
+        "prepare": [f"{_file}.txt", "--items", f"{_file}_item2attributes.json"],
+        "model_sets": DATASETS["beauty"]["model_sets"],
+    }
+DEFAULT_DATASETS = ("beauty", "yelp", "ml-1m")
 MODELS = ("sasrec", "sid", "fusion", "h2rec")
 COMMON = ["train.patience=5", "train.epochs=60"]
 
@@ -429,7 +439,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shared", default="../shared/data", help="folder of the dataset folders")
     p.add_argument("--work", default="runs/results", help="prepared data and run folders")
     p.add_argument("--results", default="examples/results/test", help="result files")
-    p.add_argument("--datasets", default=",".join(DATASETS))
+    p.add_argument("--datasets", default=",".join(DEFAULT_DATASETS),
+                   help=f"comma-separated, of {', '.join(DATASETS)}")
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--set", action="append", default=[], metavar="K=V",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -249,6 +250,27 @@ def test_item_json_with_offset_like_yelp(tmp_path: Path) -> None:
         id_offset=1, template="{title}. {description}"))
     assert pl.read_parquet(out / "items.parquet").get_column("text").to_list() == [
         "Zero. A, B", "One. C", "Two. D, E"]
+
+
+def test_item_json_of_attribute_ids_like_s3rec(tmp_path: Path) -> None:
+    # S3Rec's item2attributes.json: {"<id>": [attribute ids]}; each id becomes the word attr<id>,
+    # so items that share attributes share words (what TF-IDF reads); an item absent from the
+    # file has no text
+    inter = write(tmp_path / "s.txt", "1 1 2 3\n2 2 3 1\n")
+    items = write(tmp_path / "Toys_item2attributes.json",
+                  json.dumps({"1": [1, 2, 3], "2": [2, 17], "4": ["b7"]}))
+    out = prepare(inter, tmp_path / "ds", items=items)
+    assert pl.read_parquet(out / "items.parquet").get_column("text").to_list() == [
+        "attr1 attr2 attr3", "attr2 attr17", ""]
+    for bad, shown in [([1, [2]], "[2]"), ([1, True], "True"), (["a b"], "'a b'"),
+                       ([1.5], "1.5"), ([""], "''")]:
+        path = write(tmp_path / "bad.json", json.dumps({"1": [3], "2": bad}))
+        with pytest.raises(DataError, match=rf"bad\.json: item '2': attribute {re.escape(shown)} "
+                                            r"is not an attribute id"):
+            read_item_table(path)
+    path = write(tmp_path / "bad2.json", json.dumps({"1": "a title"}))
+    with pytest.raises(DataError, match=r"bad2\.json: item '1': expected an object or a list"):
+        read_item_table(path)
 
 
 def test_item_movies_dat_latin1_with_id_map(tmp_path: Path) -> None:

@@ -2,7 +2,8 @@
 
 Item tables (``ItemTableOptions.format``): ``csv``/``tsv``/``parquet`` with an id column and text
 columns, RecBole ``.item``, MovieLens ``movies.dat`` (title and genres), a JSON object keyed by item
-id (LETTER's ``Yelp.item.json``), or ``beauty`` (``products_lookup.csv`` with
+id (LETTER's ``Yelp.item.json``, or S3Rec's ``*_item2attributes.json``, whose attribute ids
+become the words ``attr<id>`` of an ``attributes`` column), or ``beauty`` (``products_lookup.csv`` with
 ``item_id_to_int.json`` beside it). The text of an item is built from its text columns by a
 template such as ``"{title}. Categories: {description}"``; without a template the non-empty text
 columns are joined with ``"; "``.
@@ -279,9 +280,19 @@ def _read_movies_dat(path: Path, encoding: str) -> pl.DataFrame:
     )
 
 
+def _attribute_id(v: Any) -> bool:
+    """An integer (not a bool) or a non-empty word without whitespace."""
+    if isinstance(v, bool):
+        return False
+    return isinstance(v, int) or (isinstance(v, str) and v != "" and v.split() == [v])
+
+
 def _read_json_items(path: Path) -> pl.DataFrame:
     """``{"<id>": {"title": ..., "description": ...}, ...}`` (LETTER ``*.item.json``) or a list of
-    objects with an ``id`` field. String and list fields become text columns."""
+    objects with an ``id`` field: string and list fields become text columns. Or
+    ``{"<id>": [3, 17, ...], ...}`` (S3Rec ``*_item2attributes.json``: category and brand ids
+    without names): one ``attributes`` column, ``"attr3 attr17 ..."``, words that a text encoder
+    such as TF-IDF matches between items sharing an attribute."""
     try:
         obj = json.loads(path.read_text(encoding="utf8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -289,8 +300,19 @@ def _read_json_items(path: Path) -> pl.DataFrame:
     if isinstance(obj, dict):
         records = []
         for key, value in obj.items():
+            if isinstance(value, list):  # attribute ids
+                bad = [v for v in value if not _attribute_id(v)]
+                if bad:
+                    raise DataError(
+                        f"{path}: item {key!r}: attribute {bad[0]!r:.60} is not an attribute id "
+                        "(an integer, or a word without spaces)"
+                    )
+                value = {"attributes": " ".join(f"attr{v}" for v in value)}
             if not isinstance(value, dict):
-                raise DataError(f"{path}: item {key!r}: expected an object, got {value!r:.60}")
+                raise DataError(
+                    f"{path}: item {key!r}: expected an object or a list of attribute ids, "
+                    f"got {value!r:.60}"
+                )
             records.append({"id": str(key), **value})
     elif isinstance(obj, list):
         records = obj
