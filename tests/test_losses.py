@@ -577,6 +577,27 @@ def test_fused_full_softmax_reuses_its_buffers_without_changing_a_bit(
             assert torch.equal(x, y)
 
 
+def test_the_buffer_pool_reuses_fitting_buffers_and_holds_few() -> None:
+    from h2rec.losses import _BufferPool
+
+    pool, like = _BufferPool(keep=2), torch.zeros(1)
+    a = pool.take(10, like)
+    assert a is not None and a.numel() == 10
+    pool.give(a)
+    assert pool.take(5, like) is a  # a held buffer that fits is reused
+    pool.give(a)
+    b = pool.take(20, like)  # none fits: a new one, and the smaller held one is dropped
+    assert b is not a and b.numel() == 20 and pool._free == []
+    c = pool.take(20, like)  # two in use at once (two losses in a step)
+    pool.give(b)
+    pool.give(c)
+    pool.give(torch.empty(3))
+    assert [x.numel() for x in pool._free] == [20, 20]  # at most keep, the largest
+    assert pool.take(4, torch.zeros(1, dtype=torch.float64)).dtype == torch.float64  # dtype kept
+    pool.clear()
+    assert pool._free == []
+
+
 def test_shared_sampled_softmax_reuses_its_buffers_without_changing_a_bit(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -248,7 +248,7 @@ class _BufferPool:
     75.6 ms; ``benches/test_bench_losses.py``). A buffer taken here is returned by the backward
     (or by the full softmax's forward when nothing needs a gradient) and reused by the next
     step. Only CPU tensors are pooled (CUDA has its own caching allocator); at most ``keep``
-    buffers are held, the largest first; :func:`release_loss_buffers` (called when training
+    buffers are held, the largest first, and those too small for a request are dropped; :func:`release_loss_buffers` (called when training
     ends) frees them. A buffer whose graph is dropped before backward is simply freed by Python,
     never handed out twice.
     """
@@ -269,6 +269,9 @@ class _BufferPool:
                 best = min(fits, key=Tensor.numel)
                 self._free = [b for b in self._free if b is not best]
                 return best
+            # none is large enough: the held ones are smaller than what steps now need, and a
+            # larger one replaces them (held memory stays one buffer per loss of a step)
+            self._free.clear()
         return torch.empty(numel, dtype=like.dtype)
 
     def give(self, buffer: Tensor | None) -> None:
