@@ -346,7 +346,12 @@ def test_checkpoint_from_another_dataset_or_model(
 
 @pytest.mark.parametrize(
     "settings",
-    [(), ("model.align_seq_target=sid", "model.item_score=paired"), ("model.kind=fusion",)],
+    [
+        (),
+        ("model.align_seq_target=sid", "model.item_score=paired"),
+        ("model.kind=fusion",),
+        ("model.kind=sasrec", "train.ema=0.9"),
+    ],
 )
 def test_thread_count_does_not_change_the_run(
     data: dict[str, Any], settings: tuple[str, ...]
@@ -752,3 +757,94 @@ def test_sparse_items_refuses_torchrun() -> None:
     check_sparse_items(cfg, "sampled_softmax", world=1)
     with pytest.raises(ConfigError, match="not available under torchrun \\(world size 2\\)"):
         check_sparse_items(cfg, "sampled_softmax", world=2)
+
+
+def test_weight_average_is_the_decayed_mean_of_the_weights_after_every_step(
+    data: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from h2rec.train import loop
+
+    # a run without the average, its weights recorded after every optimiser step
+    snapshots: list[list[np.ndarray]] = []
+    make = loop.make_optimizer
+
+    def recording(cfg: RunConfig, model: torch.nn.Module, device: torch.device) -> Any:
+        optimizer = make(cfg, model, device)
+        params = [p for p in model.parameters() if p.requires_grad]
+        snapshots.append([p.detach().double().numpy().copy() for p in params])  # the start
+        optimizer.register_step_post_hook(
+            lambda *_: snapshots.append([p.detach().double().numpy().copy() for p in params])
+        )
+        return optimizer
+
+    monkeypatch.setattr(loop, "make_optimizer", recording)
+    plain = _cfg("model.kind=h2rec", "train.epochs=2")
+    train(plain, data["store"], data["sids"], run_dir=tmp_path / "plain")
+    monkeypatch.undo()
+    decay = 0.9
+    averaged = _cfg("model.kind=h2rec", "train.epochs=2", f"train.ema={decay}")
+    result = train(averaged, data["store"], data["sids"], run_dir=tmp_path / "avg")
+
+    # the oracle: avg_0 = the initial weights, avg_{t+1} = d_t avg_t + (1 - d_t) w_{t+1},
+    # d_t = min(decay, (1 + t) / (10 + t))
+    expected = snapshots[0]
+    for t, weights in enumerate(snapshots[1:]):
+        d = min(decay, (1 + t) / (10 + t))
+        expected = [d * a + (1 - d) * w for a, w in zip(expected, weights, strict=True)]
+    last_avg = torch.load(tmp_path / "avg" / "last.pt", weights_only=True)
+    last_plain = torch.load(tmp_path / "plain" / "last.pt", weights_only=True)
+    assert last_avg["ema"]["updates"] == len(snapshots) - 1
+    shadow = last_avg["ema"]["shadow"]
+    assert len(shadow) == len(expected)
+    for got, want in zip(shadow, expected, strict=True):
+        np.testing.assert_allclose(got.double().numpy(), want, rtol=1e-5, atol=1e-6)
+    # training itself goes on from the raw weights: the same bits as without the average
+    for k, v in last_plain["model"].items():
+        assert torch.equal(v, last_avg["model"][k]), k
+    # what is validated is the average: the last epoch's record is its NDCG@10, not the raw one's
+    raw_model, _ = load_checkpoint(tmp_path / "plain" / "last.pt", data["store"], data["sids"])
+    raw = evaluate(raw_model, data["store"], "valid", averaged.eval, averaged.model.max_len).ndcg10
+    model, _ = load_checkpoint(tmp_path / "avg" / "last.pt", data["store"], data["sids"])
+    names = last_avg["ema"]["names"]
+    with torch.no_grad():
+        params = dict(model.named_parameters())
+        for name, value in zip(names, shadow, strict=True):
+            params[name].copy_(value)
+    avg_ndcg = evaluate(model, data["store"], "valid", averaged.eval, averaged.model.max_len).ndcg10
+    assert result.history[-1]["valid"]["NDCG@10"] == pytest.approx(avg_ndcg)
+    assert avg_ndcg != raw
+    # and the best checkpoint holds averaged weights, the model handed back is it
+    best = torch.load(tmp_path / "avg" / "best.pt", weights_only=True)
+    assert best["epoch"] == result.best_epoch
+    if result.best_epoch == 2:
+        for name, value in zip(names, shadow, strict=True):
+            assert torch.equal(best["model"][name], value), name
+    again = evaluate(result.model, data["store"], "valid", averaged.eval, averaged.model.max_len)
+    assert again.ndcg10 == pytest.approx(result.best_valid_ndcg10)
+
+
+def test_resume_continues_the_weight_average_exactly(data: dict[str, Any], tmp_path: Path) -> None:
+    cfg = _cfg("model.kind=sasrec", "train.epochs=3", "train.ema=0.95")
+    full = train(cfg, data["store"], None, run_dir=tmp_path / "full")
+
+    def stop_after_first(epoch: int, record: dict[str, Any]) -> None:
+        if epoch == 1:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        train(cfg, data["store"], None, run_dir=tmp_path / "cut", on_epoch_end=stop_after_first)
+    resumed = train(cfg, data["store"], None, run_dir=tmp_path / "cut", resume=True)
+    assert [h["valid"] for h in full.history] == [h["valid"] for h in resumed.history]
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
+    a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)["ema"]
+    b = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["ema"]
+    assert a["updates"] == b["updates"] > 0
+    for x, y in zip(a["shadow"], b["shadow"], strict=True):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("value", ["1", "1.5", "-0.1", "nan"])
+def test_weight_average_decay_outside_its_range_is_a_config_error(value: str) -> None:
+    with pytest.raises(ConfigError, match="train.ema"):
+        _cfg(f"train.ema={value}")

@@ -125,6 +125,10 @@ class TrainConfig:
     # 0.0752 (seed 2), the validation curve otherwise plateauing noisily from epoch ~9 on
     lr_decay_patience: int = 2
     lr_decay_factor: float = 0.5
+    # an exponential moving average of the weights, updated after every step with this decay
+    # (h2rec.train.average); the averaged model is the one validated, kept as best and tested;
+    # 0 = off (the trained weights themselves)
+    ema: float = 0.0
     # logit adjustment: while training, every item's logit in the recommendation loss gets
     # logit_adjust * log(1 + its training interactions) added, a prior the scores then need not
     # learn, so rarer items rank higher at inference (where no term is added); 0 = off
@@ -182,6 +186,7 @@ class TrainConfig:
                "must be in (0, 1]")
         _check(math.isfinite(self.logit_adjust), "train.logit_adjust", self.logit_adjust,
                "must be finite")
+        _check(0 <= self.ema < 1, "train.ema", self.ema, "must be in [0, 1)")
         _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "must be >= 1")
         _check(self.epochs >= 0, "train.epochs", self.epochs, "must be >= 0")
         _check(self.patience >= 0, "train.patience", self.patience, "must be >= 0")

@@ -23,7 +23,8 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,6 +41,7 @@ from h2rec.evaluate import EvalResult, bucket_labels
 from h2rec.losses import release_loss_buffers
 from h2rec.report import write_report, write_text_atomic
 from h2rec.threads import auto_threads, set_threads
+from h2rec.train.average import WeightAverage
 from h2rec.train.build import _check_embeddings, build_for, check_codes, seed_everything
 from h2rec.train.checkpoint import (
     Progress,
@@ -92,6 +94,7 @@ class _Run:
     shared: SharedNegatives | None  # negatives shared by each batch, when the loss plan has them
     out: Path | None  # the run directory (None: no files)
     hid_table: torch.Tensor | None = None  # the hash-ID table when train.hid_decay > 0
+    average: WeightAverage | None = None  # the weights' moving average when train.ema > 0
 
     @property
     def use_amp(self) -> bool:
@@ -145,6 +148,8 @@ def train(
     start_epoch, progress = 1, Progress()
     if ckpt is not None:
         start_epoch, progress = restore(ckpt, run.model, run.optimizer)
+        if run.average is not None:
+            run.average.load_state_dict(ckpt["ema"], str(run.last_path))
         logger.info("resuming %s after epoch %d", run.last_path, start_epoch - 1)
     if out is not None and run.is_main:
         _prepare_run_dir(out, cfg, resumed=ckpt is not None)
@@ -320,6 +325,7 @@ def _setup(
         shared=shared,
         out=out,
         hid_table=_hid_table(model, cfg.model.kind) if cfg.train.hid_decay > 0 else None,
+        average=WeightAverage(model, cfg.train.ema) if cfg.train.ema > 0 else None,
     )
 
 
@@ -387,6 +393,8 @@ def _train_epoch(run: _Run, epoch: int, t0: float, show_bar: bool) -> dict[str, 
         if run.hid_table is not None:
             with torch.no_grad():
                 run.hid_table.mul_(1.0 - optimizer.param_groups[0]["lr"] * cfg.train.hid_decay)
+        if run.average is not None:
+            run.average.update()
         total += float(loss.detach())
         for k, v in parts.items():
             parts_sum[k] = parts_sum.get(k, 0.0) + float(v.detach())
@@ -420,21 +428,22 @@ def _validate(
     """Validation NDCG@10 into ``record`` and ``progress`` (best so far, patience, early stop);
     ``best.pt`` when it improves. Returns a copy of the weights when they are the new best."""
     model = run.model
-    valid = _evaluate_all(model, run.store, "valid", run.cfg, run.world, run.rank)
-    ndcg = valid.ndcg10
-    record["valid"] = valid.metrics
-    best_state = None
-    if ndcg > progress.best_metric:
-        progress.best_metric, progress.best_epoch, progress.bad_evals = ndcg, epoch, 0
-        # every rank keeps the best weights in memory: runs without a directory, and
-        # ranks that cannot see rank 0's files, test the same model
-        best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        if run.best_path is not None and run.is_main:
-            _save_checkpoint(
-                run.best_path,
-                checkpoint_payload(provenance, epoch, model.state_dict(), run.optimizer, progress),
-            )
-    else:
+    with _averaged(run):  # the weights' moving average, when the run keeps one
+        valid = _evaluate_all(model, run.store, "valid", run.cfg, run.world, run.rank)
+        ndcg = valid.ndcg10
+        record["valid"] = valid.metrics
+        best_state = None
+        if ndcg > progress.best_metric:
+            progress.best_metric, progress.best_epoch, progress.bad_evals = ndcg, epoch, 0
+            # every rank keeps the best weights in memory: runs without a directory, and
+            # ranks that cannot see rank 0's files, test the same model
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            if run.best_path is not None and run.is_main:
+                payload = checkpoint_payload(
+                    provenance, epoch, model.state_dict(), run.optimizer, progress
+                )
+                _save_checkpoint(run.best_path, payload)
+    if best_state is None:
         progress.bad_evals += 1
         if run.cfg.train.patience > 0 and progress.bad_evals >= run.cfg.train.patience:
             progress.stopped = True
@@ -459,13 +468,25 @@ def _validate(
     return best_state
 
 
+@contextmanager
+def _averaged(run: _Run) -> Iterator[None]:
+    """The model holds its averaged weights within the block (train.ema), its own without."""
+    if run.average is None:
+        yield
+    else:
+        with run.average.applied():
+            yield
+
+
 def _end_epoch(run: _Run, epoch: int, progress: Progress, provenance: Provenance) -> None:
     """``last.pt`` and ``metrics.jsonl`` (rank 0), then wait for every rank."""
     if run.out is not None and run.is_main and run.last_path is not None:
-        _save_checkpoint(
-            run.last_path,
-            checkpoint_payload(provenance, epoch, run.model.state_dict(), run.optimizer, progress),
+        payload = checkpoint_payload(
+            provenance, epoch, run.model.state_dict(), run.optimizer, progress
         )
+        if run.average is not None:  # resuming continues the average exactly
+            payload["ema"] = run.average.state_dict()
+        _save_checkpoint(run.last_path, payload)
         lines = "".join(json.dumps(r) + "\n" for r in progress.history)
         write_text_atomic(run.out / "metrics.jsonl", lines)
     if run.world > 1:
