@@ -1,6 +1,11 @@
 //! Training batches: each user's training prefix (all but the last two items), left-padded,
 //! with the next item as target at every position and sampled negatives.
 //!
+//! A row of a batch is one *window* of a user's prefix: its last `max_len` positions (window 0),
+//! and, with `windows`, the `max_len` positions before those (window 1), and so on down to the
+//! first, so that every training interaction of a long history is a target once an epoch;
+//! without `windows` (SASRec's protocol) a user is the one row of window 0.
+//!
 //! Negatives are drawn from the items outside the user's *training prefix*: the held-out
 //! validation and test items are unknown to training, so they may come up as negatives like any
 //! other item (as in SASRec's sampler). Excluding them would tell the model, through the
@@ -31,6 +36,8 @@ pub struct SamplerConfig {
     pub bucket_batches: usize,
     /// Cut every batch to its longest row (left padding kept), instead of `max_len` columns.
     pub trim: bool,
+    /// Every window of `max_len` positions of a long prefix is a row, not only the last one.
+    pub windows: bool,
 }
 
 /// One batch, row-major: inputs and targets `(B, T)`, negatives `(B, T, n)`; `T` is `max_len`,
@@ -49,6 +56,9 @@ pub struct TrainSampler {
     cfg: SamplerConfig,
     /// User rows with at least one training position (prefix of 2 or more items).
     users: Vec<u32>,
+    /// The rows of an epoch before shuffling: (user row, window), window 0 the last positions;
+    /// users in order, each user's windows from 0 up.
+    rows: Vec<(u32, u32)>,
     alias: Option<AliasTable>,
     /// Sorted distinct training-prefix items per user row (CSR), the negatives' exclusions.
     seen_offsets: Vec<usize>,
@@ -90,6 +100,24 @@ impl TrainSampler {
             }
         }
         ensure!(!users.is_empty(), "no user has a training prefix of 2 or more items");
+        let mut rows = Vec::with_capacity(users.len());
+        for &u in &users {
+            let n_windows = if cfg.windows {
+                (store.len(u as usize) - HOLDOUT - 1).div_ceil(cfg.max_len)
+            } else {
+                1
+            };
+            ensure!(
+                n_windows <= u32::MAX as usize,
+                "user row {u} has {n_windows} windows, more than a row index holds"
+            );
+            rows.extend((0..n_windows as u32).map(|w| (u, w)));
+        }
+        ensure!(
+            rows.len() <= u32::MAX as usize,
+            "{} training rows, more than a row index holds",
+            rows.len()
+        );
         let alias = if cfg.popularity {
             let pop = store.popularity(HOLDOUT);
             let w: Vec<f64> = pop[1..].iter().map(|&c| c as f64).collect();
@@ -97,7 +125,7 @@ impl TrainSampler {
         } else {
             None
         };
-        Ok(TrainSampler { cfg, users, alias, seen_offsets, seen })
+        Ok(TrainSampler { cfg, users, rows, alias, seen_offsets, seen })
     }
 
     pub fn config(&self) -> &SamplerConfig {
@@ -106,16 +134,37 @@ impl TrainSampler {
     pub fn n_users(&self) -> usize {
         self.users.len()
     }
+    /// Rows of an epoch: the users, or with `windows` their windows.
+    pub fn n_rows(&self) -> usize {
+        self.rows.len()
+    }
     pub fn n_batches(&self) -> usize {
-        self.users.len().div_ceil(self.cfg.batch_size)
+        self.rows.len().div_ceil(self.cfg.batch_size)
+    }
+    /// The user row of row `r` of an epoch (an entry of `permutation`).
+    pub fn user_of(&self, r: u32) -> u32 {
+        self.rows[r as usize].0
     }
 
-    /// Training positions of user row `u` (its prefix minus one, at most `max_len`).
-    fn positions(&self, store: &SequenceStore, u: u32) -> usize {
-        (store.len(u as usize) - HOLDOUT - 1).min(self.cfg.max_len)
+    /// The first position and the number of positions of window `w` of user row `u`: positions
+    /// are the prefix's transitions 0..P (P = prefix length - 1); window 0 is the last
+    /// `min(P, max_len)` of them, window w the `max_len` before window w - 1 (the first one may
+    /// be shorter).
+    fn window(&self, store: &SequenceStore, u: u32, w: u32) -> (usize, usize) {
+        let p = store.len(u as usize) - HOLDOUT - 1;
+        let end = p - (w as usize * self.cfg.max_len).min(p);
+        let k = end.min(self.cfg.max_len);
+        (end - k, k)
     }
 
-    /// The user rows of one epoch in batch order, shuffled by (seed, epoch).
+    /// Training positions of row `r` (at most `max_len`).
+    fn positions(&self, store: &SequenceStore, r: u32) -> usize {
+        let (u, w) = self.rows[r as usize];
+        self.window(store, u, w).1
+    }
+
+    /// The rows of one epoch (indices into the rows: users, or their windows) in batch order,
+    /// shuffled by (seed, epoch).
     ///
     /// With length buckets, each window of `bucket_batches` batches of the shuffled order is
     /// sorted by training length (longest first, stable), cut into batches, and the full batches
@@ -123,14 +172,14 @@ impl TrainSampler {
     /// batch stays last. Rows in a batch then have similar lengths, so trimmed batches carry
     /// little padding, and the order is still a pure function of (seed, epoch).
     pub fn permutation(&self, store: &SequenceStore, epoch: u64) -> Vec<u32> {
-        let mut p = self.users.clone();
+        let mut p: Vec<u32> = (0..self.rows.len() as u32).collect();
         Rng::stream(self.cfg.seed, TAG_SHUFFLE, epoch, 0).shuffle(&mut p);
         if self.cfg.bucket_batches == 0 {
             return p;
         }
         let bs = self.cfg.batch_size;
         for window in p.chunks_mut(self.cfg.bucket_batches.saturating_mul(bs)) {
-            window.sort_by_key(|&u| std::cmp::Reverse(self.positions(store, u)));
+            window.sort_by_key(|&r| std::cmp::Reverse(self.positions(store, r)));
         }
         let n_full = p.len() / bs;
         let mut order: Vec<usize> = (0..n_full).collect();
@@ -156,10 +205,10 @@ impl TrainSampler {
     pub fn rank_ranges(&self, rank: usize, world_size: usize) -> Result<Vec<(usize, usize)>> {
         ensure!(world_size >= 1, "world_size={world_size} must be at least 1");
         ensure!(rank < world_size, "rank={rank} must be below world_size={world_size}");
-        let (n, bs) = (self.users.len(), self.cfg.batch_size);
+        let (n, bs) = (self.rows.len(), self.cfg.batch_size);
         ensure!(
             n >= world_size,
-            "{n} training users cannot be shared by world_size={world_size} processes"
+            "{n} training rows cannot be shared by world_size={world_size} processes"
         );
         let nb = self.n_batches();
         let mut rounds = nb.div_ceil(world_size);
@@ -211,19 +260,23 @@ impl TrainSampler {
                 .zip(targets.par_chunks_mut(t))
                 .zip(negatives.par_chunks_mut(t * n))
                 .zip(rows.par_iter())
-                .for_each(|(((inp, tgt), neg), &u)| self.fill_row(store, u as usize, epoch, inp, tgt, neg));
+                .for_each(|(((inp, tgt), neg), &r)| self.fill_row(store, r, epoch, inp, tgt, neg));
         }
         Batch { rows: rows.len(), width: t, inputs, targets, negatives }
     }
 
-    fn fill_row(&self, store: &SequenceStore, u: usize, epoch: u64, inp: &mut [i64], tgt: &mut [i64], neg: &mut [i64]) {
+    fn fill_row(&self, store: &SequenceStore, r: u32, epoch: u64, inp: &mut [i64], tgt: &mut [i64], neg: &mut [i64]) {
         let (t, n) = (inp.len(), self.cfg.n_negatives);
+        let (user, w) = self.rows[r as usize];
+        let u = user as usize;
         let s = store.seq(u);
         let prefix = &s[..s.len() - HOLDOUT];
         // positions: input prefix[i] predicts prefix[i + 1]
-        let k = (prefix.len() - 1).min(t); // t >= this row's positions when trimmed
-        let start = prefix.len() - 1 - k;
-        let mut rng = Rng::stream(self.cfg.seed, TAG_TRAIN_NEG, epoch, u as u64);
+        let (start, k) = self.window(store, user, w); // t >= k (max_len, or the batch's longest)
+        // window 0 draws from the user's stream, as before windows existed; window w > 0 from
+        // the stream of (w, user)
+        let key = ((w as u64) << 32) | u as u64;
+        let mut rng = Rng::stream(self.cfg.seed, TAG_TRAIN_NEG, epoch, key);
         let seen = &self.seen[self.seen_offsets[u]..self.seen_offsets[u + 1]];
         for j in 0..k {
             let pos = t - k + j;
@@ -244,7 +297,7 @@ mod tests {
     use super::*;
 
     fn cfg(max_len: usize, batch_size: usize) -> SamplerConfig {
-        SamplerConfig { max_len, batch_size, n_negatives: 2, seed: 5, popularity: false, last_only: false, skip_short: false, bucket_batches: 0, trim: false }
+        SamplerConfig { max_len, batch_size, n_negatives: 2, seed: 5, popularity: false, last_only: false, skip_short: false, bucket_batches: 0, trim: false, windows: false }
     }
 
     #[test]
@@ -360,6 +413,77 @@ mod tests {
                 // some row fills the first column: no column is all padding
                 assert!((0..cut.rows).any(|r| cut.inputs[r * w] != 0));
             }
+        }
+    }
+
+    #[test]
+    fn hand_worked_windows() {
+        // prefix [1..=8] (9, 10 held out): 7 transitions in windows of 3: 4..7, 1..4, 0..1
+        let s = SequenceStore::from_sequences(&[(1..=10).collect::<Vec<i64>>()], Some(20)).unwrap();
+        let mut c = cfg(3, 8);
+        c.windows = true;
+        let smp = TrainSampler::new(&s, c).unwrap();
+        assert_eq!((smp.n_users(), smp.n_rows(), smp.n_batches()), (1, 3, 1));
+        let b = smp.batch(&s, &[0, 1, 2], 0, 0);
+        assert_eq!(b.inputs, vec![5, 6, 7, 2, 3, 4, 0, 0, 1]);
+        assert_eq!(b.targets, vec![6, 7, 8, 3, 4, 5, 0, 0, 2]);
+        assert_eq!(&b.negatives[12..16], &[0, 0, 0, 0]); // the padding of the first window
+    }
+
+    #[test]
+    fn windows_make_every_transition_a_target_once() {
+        // user u: distinct consecutive items, so a target names its position; lengths 3..=25
+        let seqs: Vec<Vec<i64>> =
+            (0..40i64).map(|u| (1 + 30 * u..1 + 30 * u + 3 + (u * 7) % 23).collect()).collect();
+        let s = SequenceStore::from_sequences(&seqs, Some(1300)).unwrap();
+        let last = TrainSampler::new(&s, cfg(4, 5)).unwrap();
+        for (bucket, trim) in [(0, false), (2, true)] {
+            let mut c = cfg(4, 5);
+            c.windows = true;
+            c.bucket_batches = bucket;
+            c.trim = trim;
+            let smp = TrainSampler::new(&s, c).unwrap();
+            let want: usize = seqs.iter().map(|q| (q.len() - 3).div_ceil(4)).sum();
+            assert_eq!(smp.n_rows(), want);
+            for e in 0..3 {
+                let perm = smp.permutation(&s, e);
+                let mut sorted = perm.clone();
+                sorted.sort_unstable();
+                assert_eq!(sorted, (0..want as u32).collect::<Vec<u32>>());
+                let mut targets: Vec<(u32, i64)> = Vec::new();
+                for b in 0..smp.n_batches() {
+                    let batch = smp.batch(&s, &perm, e, b);
+                    let w = batch.width;
+                    for r in 0..batch.rows {
+                        let user = smp.user_of(perm[b * 5 + r]);
+                        for j in 0..w {
+                            let (x, y) = (batch.inputs[r * w + j], batch.targets[r * w + j]);
+                            if y != 0 {
+                                assert_eq!(x + 1, y, "the input is the item before the target");
+                                targets.push((user, y));
+                            }
+                        }
+                    }
+                }
+                // the oracle: every training transition of every user, once
+                let mut expected: Vec<(u32, i64)> = Vec::new();
+                for (u, q) in seqs.iter().enumerate() {
+                    expected.extend(q[1..q.len() - 2].iter().map(|&y| (u as u32, y)));
+                }
+                targets.sort_unstable();
+                expected.sort_unstable();
+                assert_eq!(targets, expected, "epoch {e}");
+            }
+        }
+        // window 0 of a user is its row without windows, negatives included
+        let mut c = cfg(4, 5);
+        c.windows = true;
+        let smp = TrainSampler::new(&s, c).unwrap();
+        let firsts: Vec<u32> = (0..smp.n_rows() as u32).filter(|&r| smp.rows[r as usize].1 == 0).collect();
+        let users: Vec<u32> = (0..last.n_rows() as u32).collect();
+        assert_eq!(firsts.len(), users.len());
+        for b in 0..last.n_batches() {
+            assert_eq!(smp.batch(&s, &firsts, 2, b), last.batch(&s, &users, 2, b));
         }
     }
 }

@@ -329,7 +329,8 @@ pub struct TrainSampler {
 impl TrainSampler {
     #[new]
     #[pyo3(signature = (store, max_len, batch_size, n_negatives=1, seed=0, negative_sampling="uniform",
-                        last_only=false, skip_short=false, n_threads=None, bucket_batches=0, trim=false))]
+                        last_only=false, skip_short=false, n_threads=None, bucket_batches=0, trim=false,
+                        windows=false))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -344,6 +345,7 @@ impl TrainSampler {
         n_threads: Option<i64>,
         bucket_batches: i64,
         trim: bool,
+        windows: bool,
     ) -> PyResult<Self> {
         if bucket_batches < 0 {
             return Err(PyValueError::new_err(format!("bucket_batches={bucket_batches} must be >= 0")));
@@ -367,6 +369,7 @@ impl TrainSampler {
             skip_short,
             bucket_batches: bucket_batches as usize,
             trim,
+            windows,
         };
         let st = store.get().inner.clone();
         let n_threads = threads(n_threads)?;
@@ -377,6 +380,11 @@ impl TrainSampler {
     #[getter]
     fn n_users(&self) -> usize {
         self.inner.n_users()
+    }
+    /// Rows of an epoch: one per training user, or with ``windows`` one per window.
+    #[getter]
+    fn n_rows(&self) -> usize {
+        self.inner.n_rows()
     }
     #[getter]
     fn n_batches(&self) -> usize {
@@ -415,7 +423,8 @@ impl TrainSampler {
         if epoch < 0 {
             return Err(PyValueError::new_err(format!("epoch={epoch} must be >= 0")));
         }
-        let p: Vec<i64> = self.inner.permutation(&self.store, epoch as u64).into_iter().map(|u| u as i64).collect();
+        let perm = self.inner.permutation(&self.store, epoch as u64);
+        let p: Vec<i64> = perm.into_iter().map(|r| self.inner.user_of(r) as i64).collect();
         Ok(p.into_pyarray(py))
     }
 }

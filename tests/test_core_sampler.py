@@ -210,3 +210,70 @@ def test_bucket_batches_must_not_be_negative():
     _, store = random_store(7, n_users=20)
     with pytest.raises(ValueError, match="bucket_batches=-1"):
         TrainSampler(store, 5, 4, bucket_batches=-1)
+
+
+@pytest.mark.parametrize("buckets,trim", [(0, False), (3, True)])
+def test_windows_rows_are_every_window_of_every_long_prefix(buckets: int, trim: bool):
+    seqs, store = random_store(5)
+    L = 6
+    smp = TrainSampler(store, max_len=L, batch_size=32, n_negatives=2, seed=3, windows=True,
+                       bucket_batches=buckets, trim=trim)
+    # the oracle: a prefix of P transitions gives ceil(P / L) windows, the last L transitions,
+    # the L before them, ... (the first may be shorter), each padded on the left to L
+    want: dict[int, list[tuple[list[int], list[int]]]] = {}
+    for u, q in enumerate(seqs):
+        prefix = q[:-2]
+        p = len(prefix) - 1
+        for w in range(-(-p // L)):
+            end = p - w * L
+            start = max(end - L, 0)
+            pad = L - (end - start)
+            want.setdefault(u, []).append(
+                ([0] * pad + prefix[start:end], [0] * pad + prefix[start + 1 : end + 1])
+            )
+    assert smp.n_rows == sum(len(v) for v in want.values()) > smp.n_users
+    for epoch in (0, 1):
+        order = smp.batch_users(epoch)
+        got: dict[int, list[tuple[list[int], list[int]]]] = {}
+        r = 0
+        for inp, tgt, neg in smp.epoch(epoch):
+            width = inp.shape[1]
+            for i in range(inp.shape[0]):
+                u = int(order[r])
+                row = ([0] * (L - width) + inp[i].tolist(), [0] * (L - width) + tgt[i].tolist())
+                got.setdefault(u, []).append(row)
+                hist = set(seqs[u][:-2])
+                real = tgt[i] != 0
+                assert all(1 <= v <= 200 and v not in hist for v in neg[i][real].ravel())
+                assert (neg[i][~real] == 0).all()
+                r += 1
+        assert r == smp.n_rows
+        assert {u: sorted(v) for u, v in got.items()} == {u: sorted(v) for u, v in want.items()}
+
+
+def test_without_windows_a_long_prefix_trains_its_last_positions_only():
+    seqs, store = random_store(6)
+    plain = TrainSampler(store, max_len=6, batch_size=32, seed=3)
+    assert plain.n_rows == plain.n_users
+    # window 0 of each user is its row without windows, negatives included
+    windowed = TrainSampler(store, max_len=6, batch_size=32, seed=3, windows=True)
+    firsts: dict[int, tuple[list[int], list[int], list[list[int]]]] = {}
+    r = 0
+    order = windowed.batch_users(4)
+    for inp, tgt, neg in windowed.epoch(4):
+        for i in range(inp.shape[0]):
+            u = int(order[r])
+            prefix = seqs[u][:-2]
+            k = min(len(prefix) - 1, 6)
+            last = ([0] * (6 - k) + prefix[-k - 1 : -1], [0] * (6 - k) + prefix[-k:])
+            if (inp[i].tolist(), tgt[i].tolist()) == last:  # the window ending the prefix
+                assert u not in firsts
+                firsts[u] = (inp[i].tolist(), tgt[i].tolist(), neg[i].tolist())
+            r += 1
+    r = 0
+    order = plain.batch_users(4)
+    for inp, tgt, neg in plain.epoch(4):
+        for i in range(inp.shape[0]):
+            assert firsts[int(order[r])] == (inp[i].tolist(), tgt[i].tolist(), neg[i].tolist())
+            r += 1
+    assert r == len(firsts)

@@ -350,7 +350,7 @@ def test_checkpoint_from_another_dataset_or_model(
         (),
         ("model.align_seq_target=sid", "model.item_score=paired"),
         ("model.kind=fusion",),
-        ("model.kind=sasrec", "train.ema=0.9"),
+        ("model.kind=sasrec", "train.ema=0.9", "train.windows=true"),
     ],
 )
 def test_thread_count_does_not_change_the_run(
@@ -359,6 +359,9 @@ def test_thread_count_does_not_change_the_run(
     # one thread, two threads, and the per-epoch automatic choice all train the same model, to
     # the bit (MKL's strict reproducible mode, which importing h2rec asks for)
     assert os.environ.get("MKL_CBWR") == "AUTO,STRICT"
+    if "train.windows=true" in settings:  # the data has histories longer than max_len
+        rows = _core.TrainSampler(data["store"], 20, 16, windows=True).n_rows
+        assert rows > _core.TrainSampler(data["store"], 20, 16).n_rows
     runs, weights = [], []
     for threads in ("train.num_threads=1", "train.num_threads=2", "train.num_threads=0"):
         cfg = _cfg("model.kind=h2rec", "train.epochs=2", threads, *settings)

@@ -119,10 +119,16 @@ class TrainSampler:
         n_threads: int | None = None,
         bucket_batches: int = 0,
         trim: bool = False,
+        windows: bool = False,
     ) -> TrainSampler: ...
     @property
     def n_users(self) -> int:
         """Users that contribute at least one training position."""
+    @property
+    def n_rows(self) -> int:
+        """Rows of an epoch: one per training user, or with ``windows=True`` one per window of
+        ``max_len`` positions of each user's training prefix (the last one, the one before it,
+        ... down to the first, which may be shorter)."""
     @property
     def n_batches(self) -> int: ...
     def __len__(self) -> int: ...
@@ -139,9 +145,13 @@ class TrainSampler:
         the stream (seed, epoch, user). With ``bucket_batches=k`` > 0, each window of k
         batches of the shuffled order is sorted by training length and the full batches are
         shuffled again (the partial one stays last); with ``trim=True`` every batch is cut to its
-        longest row, T <= max_len."""
+        longest row, T <= max_len. A row is a user's last ``max_len`` positions, or with
+        ``windows=True`` any window of them (window 0 the last, drawing its negatives from the
+        user's stream as above; window w > 0 from the stream of (w, user)), so that every
+        training interaction is a target once an epoch."""
     def batch_users(self, epoch: int) -> _I64:
-        """The shuffled user rows of one epoch, in batch order."""
+        """The user row of each row of one epoch, in batch order (a user appears once per
+        window)."""
 
 @final
 class EpochIter(Iterator[tuple[_I64, _I64, _I64]]):

@@ -161,6 +161,10 @@ class TrainConfig:
     # "batch": the mean over the batch's positions
     loss_scale: Literal["epoch", "batch"] = "epoch"
     last_only: bool = False  # train on the last position of each sequence only
+    # a history longer than model.max_len trains as its windows of max_len positions (the last,
+    # the one before it, ... down to the first), each a row of the epoch, so every training
+    # interaction is a target once an epoch; False: its last max_len only (SASRec's protocol)
+    windows: bool = False
     grad_clip: float = 0.0  # max gradient norm; 0 = no clipping
     # sparse gradients and a lazy Adam for the item (HID) table: each step updates only the
     # rows the batch touched (Adam's formulas on them), not the whole table, for catalogues of

@@ -300,6 +300,7 @@ def _setup(
             last_only=cfg.train.last_only,
             bucket_batches=cfg.train.length_buckets,
             trim=True,
+            windows=cfg.train.windows,
         )
     except ValueError as err:  # e.g. a user whose training prefix holds every item
         raise DataError(f"dataset: {err}; drop such users or use a larger catalogue") from err
