@@ -244,7 +244,8 @@ def csr_matmul(
 
     Row r adds ``data[j] * dense[indices[j]]`` over its entries one after another in index
     order, from zero, each product rounded before it is added (no fused multiply-add): the bits
-    of that plain loop, of scipy.sparse's and of torch.sparse.mm's CSR product; a row without
+    of that plain loop and of scipy.sparse's CSR product (torch.sparse.mm agrees to rounding:
+    on CPUs where MKL sums with fused multiply-adds its last bits differ); a row without
     entries is zero. Computed in column panels of 64 that stay in cache. Rows are shared among
     ``n_threads`` threads (None: all; 1: the calling thread), each row computed by one, so the
     result does not depend on the thread count. With ``out`` (a writable C-contiguous float32
@@ -269,8 +270,8 @@ def text_scores(
     n_terms) and the users' profiles ``q`` (n_terms, B), column u = ``sum_t w[t] *
     A[seq[u, t]]`` for ``seq`` (B, T) item rows (0: padding, an empty row) and position weights
     ``w`` (T,). Profiles add ``data[j] * w[t]`` in the order (u, t, j) from zero, then are
-    scaled; the product is :func:`csr_matmul`'s: the bits of h2rec.blend's scatter-add and
-    torch.sparse.mm. With ``out`` (writable C-contiguous float32 (rows, B)) the scores are added
+    scaled; the product is :func:`csr_matmul`'s: the bits of h2rec.blend's scatter-add and of
+    the plain loop (torch.sparse.mm to rounding). With ``out`` (writable C-contiguous float32 (rows, B)) the scores are added
     to it and it is returned. Raises ValueError on malformed CSR arrays, a ``seq`` value
     outside 0..rows-1, ``w`` of another length than T, or a wrong ``out``."""
 
