@@ -7,7 +7,7 @@
   (``_core.linear`` against ``F.linear``);
 - ``text blend``: the text blend's term for 256 users of Beauty-sized TF-IDF rows (12,102 rows,
   5,540 terms, ten terms a row): ``_core.text_scores`` against the scatter-add profiles and
-  ``torch.sparse.mm`` it replaces (the same bits).
+  ``torch.sparse.mm`` it replaces (the same scores, to rounding).
 
 Generated inputs of those shapes, so that the figures need no data. ``H2REC_BENCH_FULL=1``
 changes nothing here: the sizes are small either way.
@@ -98,5 +98,7 @@ def test_text_blend(benchmark, impl: str) -> None:
 
     benchmark.group = "evaluation: text blend term, 256 users x 12,102 items"
     benchmark(rust_term if impl == "h2rec" else torch_term)
-    assert np.array_equal(rust_term(), torch_term().numpy())  # the same bits
+    # the same scores; the bits are the plain loop's (tests/test_core_inference.py), which MKL's
+    # CSR product matches on some CPUs and misses in the last bit on others (AVX-512)
+    np.testing.assert_allclose(rust_term(), torch_term().numpy(), rtol=1e-5, atol=1e-5)
     record(benchmark, items=ITEMS, terms=TERMS, users=BLEND_USERS, nnz=int(indices.size))
