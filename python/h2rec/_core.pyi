@@ -271,8 +271,8 @@ def text_scores(
     A[seq[u, t]]`` for ``seq`` (B, T) item rows (0: padding, an empty row) and position weights
     ``w`` (T,). Profiles add ``data[j] * w[t]`` in the order (u, t, j) from zero, then are
     scaled; the product is :func:`csr_matmul`'s: the bits of h2rec.blend's scatter-add and of
-    the plain loop (torch.sparse.mm to rounding). With ``out`` (writable C-contiguous float32 (rows, B)) the scores are added
-    to it and it is returned. Raises ValueError on malformed CSR arrays, a ``seq`` value
+    the plain loop (torch.sparse.mm to rounding). With ``out`` (writable C-contiguous float32
+    (rows, B)) the scores are added to it and it is returned. Raises ValueError on malformed CSR arrays, a ``seq`` value
     outside 0..rows-1, ``w`` of another length than T, or a wrong ``out``."""
 
 def item_scores(items: ArrayLike, states: ArrayLike, out: NDArray[np.float32]) -> NDArray[np.float32]:
